@@ -1,0 +1,164 @@
+"""Typed models of the job store (see DESIGN.md, "Data model")."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from db.states import ChunkState, ItemState, JobState
+
+# SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Deployment(Base):
+    __tablename__ = "deployments"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Capture(Base):
+    __tablename__ = "captures"
+    __table_args__ = (
+        UniqueConstraint("deployment_id", "uri", name="uq_captures_deployment_uri"),
+        Index("ix_captures_deployment_captured_at", "deployment_id", "captured_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE")
+    )
+    uri: Mapped[str] = mapped_column(Text)
+    captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_deployment", "deployment_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
+    pipeline: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    chunk_size: Mapped[int] = mapped_column(Integer)
+    n_captures: Mapped[int] = mapped_column(Integer, default=0)
+    n_chunks: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+
+    deployment: Mapped[Deployment] = relationship()
+
+
+class Chunk(Base):
+    __tablename__ = "chunks"
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_chunks_job_seq"),
+        Index("ix_chunks_job_state", "job_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    seq: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), default=ChunkState.PENDING)
+    n_items: Mapped[int] = mapped_column(Integer, default=0)
+    task_id: Mapped[str | None] = mapped_column(String(64))
+    # attempts: runs started since the last requeue; deliveries: every start, ever.
+    # deliveries past a limit stop a chunk that kills its worker from looping forever.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    n_done: Mapped[int] = mapped_column(Integer, default=0)
+    n_failed: Mapped[int] = mapped_column(Integer, default=0)
+    fetch_s: Mapped[float | None] = mapped_column(Float)
+    gpu_s: Mapped[float | None] = mapped_column(Float)
+    write_s: Mapped[float | None] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class JobCapture(Base):
+    """The work item. Its state changes in the transaction that writes the capture's results."""
+
+    __tablename__ = "job_captures"
+    __table_args__ = (Index("ix_job_captures_chunk_state", "chunk_id", "state"),
+                      Index("ix_job_captures_job_state", "job_id", "state"))
+
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    capture_id: Mapped[int] = mapped_column(
+        ForeignKey("captures.id", ondelete="CASCADE"), primary_key=True
+    )
+    chunk_id: Mapped[int] = mapped_column(ForeignKey("chunks.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16), default=ItemState.PENDING)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_kind: Mapped[str | None] = mapped_column(String(32))
+    error: Mapped[str | None] = mapped_column(Text)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Detection(Base):
+    __tablename__ = "detections"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["job_id", "capture_id"],
+            ["job_captures.job_id", "job_captures.capture_id"],
+            ondelete="CASCADE",
+            name="fk_detections_job_capture",
+        ),
+        Index("ix_detections_job_capture", "job_id", "capture_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    capture_id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    # Box in original-image pixels, (x1, y1) top-left, (x2, y2) bottom-right.
+    x1: Mapped[float] = mapped_column(Float)
+    y1: Mapped[float] = mapped_column(Float)
+    x2: Mapped[float] = mapped_column(Float)
+    y2: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(200))
+
+
+class Classification(Base):
+    __tablename__ = "classifications"
+    __table_args__ = (Index("ix_classifications_detection", "detection_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    detection_id: Mapped[int] = mapped_column(ForeignKey("detections.id", ondelete="CASCADE"))
+    classifier: Mapped[str] = mapped_column(String(200))
+    label: Mapped[str] = mapped_column(String(200))
+    score: Mapped[float] = mapped_column(Float)
+    topk: Mapped[list[Any] | None] = mapped_column(JSON)

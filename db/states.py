@@ -1,0 +1,30 @@
+"""State names stored in the job store, as plain strings so bulk SQL can write them too."""
+
+from enum import StrEnum
+
+
+class JobState(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ChunkState(StrEnum):
+    PENDING = "pending"  # created, message not (yet) sent
+    QUEUED = "queued"  # message on the broker
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ItemState(StrEnum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+CHUNK_ENDED = (ChunkState.DONE, ChunkState.FAILED, ChunkState.CANCELLED)
+JOB_ENDED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)

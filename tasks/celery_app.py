@@ -1,0 +1,60 @@
+"""The Celery app and its configuration, all taken from Settings.
+
+The chunk task lives in tasks.chunk and is imported by the worker only (`include`), so the
+producer and the CLI never import torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from tasks.settings import Settings, get_settings
+
+PROCESS_CHUNK = "trapq.process_chunk"
+
+
+def celery_config(s: Settings) -> dict[str, Any]:
+    transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout_s}
+    if s.broker_url.startswith("sqla+"):
+        transport["polling_interval"] = 0.2
+    return {
+        "broker_url": s.broker_url,
+        "result_backend": s.result_backend,
+        # JSON only: a pickle body is refused, so a forged message cannot run code.
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # One chunk per process slot at a time, acknowledged only after it ends: a killed
+        # worker's chunk goes back to the queue and no worker hoards messages.
+        "worker_prefetch_multiplier": 1,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "broker_transport_options": transport,
+        "result_backend_transport_options": {"visibility_timeout": s.visibility_timeout_s},
+        "visibility_timeout": s.visibility_timeout_s,
+        "task_soft_time_limit": s.chunk_soft_time_limit_s,
+        "task_time_limit": s.chunk_time_limit_s,
+        # Flower
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "task_track_started": True,
+        "result_extended": True,
+        "task_default_queue": s.queue,
+        "task_routes": {PROCESS_CHUNK: {"queue": s.queue}},
+        "broker_connection_retry_on_startup": True,
+        "result_expires": 7 * 24 * 3600,
+        "worker_proc_alive_timeout": 60,
+        "include": ["tasks.chunk"],
+    }
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    celery = Celery("trapq")
+    celery.conf.update(celery_config(settings or get_settings()))
+    return celery
+
+
+app = make_app()

@@ -1,0 +1,1 @@
+"""Command modules of the `trapq` CLI; each registers its commands on tasks.cli_app.app."""

@@ -1,0 +1,148 @@
+"""The one settings object, read from TRAPQ_* environment variables and an optional .env.
+
+Defaults are embedded (SQLite job store, Kombu's SQLAlchemy transport on SQLite as broker) so
+that the demo needs no server; production points the URLs at PostgreSQL and Redis.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ALLOWED_DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
+ALLOWED_BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "amqp", "pyamqp")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TRAPQ_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path(".trapq"), description="Where the embedded defaults keep files.")
+    database_url: str = Field("", description="Job store URL; default: SQLite in data_dir.")
+    broker_url: str = Field("", description="Celery broker; default: SQLAlchemy transport on SQLite.")
+    result_backend: str = Field("", description="Celery result backend; default: SQLite in data_dir.")
+
+    # Queueing
+    queue: str = Field("gpu", description="Celery queue the chunk tasks go to.")
+    chunk_size: int = Field(64, ge=1, le=100_000, description="Captures per chunk (one message).")
+    chunk_soft_time_limit_s: int = Field(1800, ge=10, description="Soft deadline of one chunk.")
+    chunk_time_limit_s: int = Field(2100, ge=10, description="Hard deadline of one chunk.")
+    visibility_timeout_s: int = Field(
+        7200, ge=60, description="Redis redelivery of unacked chunks; above the hard limit."
+    )
+    max_retries: int = Field(5, ge=0, description="Retries of a chunk for transient errors.")
+    retry_backoff_s: int = Field(5, ge=1, description="First retry countdown; doubles each time.")
+    retry_backoff_max_s: int = Field(300, ge=1, description="Longest retry countdown.")
+    max_deliveries: int = Field(
+        5, ge=1, description="Starts of one chunk (since requeue) before it is failed for good."
+    )
+
+    # Worker
+    concurrency: int = Field(2, ge=1, description="Chunk threads per worker process (per GPU).")
+    pool: Literal["threads", "prefork", "solo"] = Field("threads", description="Celery pool.")
+    max_memory_mb: int = Field(
+        0, ge=0, description="Worker RSS past which it restarts between chunks (0: no limit)."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+
+    # Models
+    detector: str = Field("demo_detector", description="Registry name of the detector.")
+    detector_weights: str = Field("", description="Path or URL; default: the registry's.")
+    detector_labels: str = Field("", description="Label file (text or JSON).")
+    detector_sha256: str = Field("", description="Expected sha256 of the detector weights.")
+    box_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Detector score threshold.")
+    classifier: str = Field("demo_classifier", description="Registry name of the classifier.")
+    classifier_weights: str = Field("", description="Path or URL; default: the registry's.")
+    classifier_labels: str = Field("", description="Label file (text or JSON).")
+    classifier_sha256: str = Field("", description="Expected sha256 of the classifier weights.")
+    filter_classifier: str = Field("", description="Optional first classifier (e.g. moth/non-moth).")
+    filter_weights: str = Field("", description="Weights of the filter classifier.")
+    filter_labels: str = Field("", description="Labels of the filter classifier.")
+    filter_negative: str = Field(
+        "nonmoth", description="Filter label whose crops skip the second classifier."
+    )
+    top_k: int = Field(5, ge=1, le=100, description="Classifier top-k stored per detection.")
+    weights_cache_dir: Path = Field(
+        Path.home() / ".cache" / "trapq" / "weights", description="Downloaded weights."
+    )
+
+    # Engine
+    batch_size: int = Field(8, ge=1, description="Most images in one detector forward.")
+    batch_wait_ms: int = Field(20, ge=0, description="Longest wait to fill a detector batch.")
+    crop_batch_size: int = Field(256, ge=1, description="Most crops in one classifier forward.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Autocast dtype: auto is bf16 on CUDA, fp32 on CPU."
+    )
+    compile: bool = Field(False, description="torch.compile the models.")
+    gpu_decode: bool = Field(True, description="Decode JPEGs with nvJPEG on CUDA.")
+    fetch_threads: int = Field(8, ge=1, description="Concurrent fetches per worker process.")
+    decode_threads: int = Field(2, ge=1, description="CPU decode threads per worker process.")
+    max_images_in_flight: int = Field(
+        16, ge=1, description="Decoded images held per worker process (backpressure bound)."
+    )
+    max_bytes_in_flight_mb: int = Field(
+        512, ge=16, description="Decoded bytes held per worker process (backpressure bound)."
+    )
+
+    # Bad input
+    max_image_bytes: int = Field(64 * 2**20, ge=1024, description="Largest file fetched.")
+    max_image_pixels: int = Field(100_000_000, ge=1, description="Largest image decoded.")
+    http_connect_timeout_s: float = Field(5.0, gt=0, description="HTTP connect timeout.")
+    http_read_timeout_s: float = Field(30.0, gt=0, description="HTTP read timeout.")
+    http_max_redirects: int = Field(5, ge=0, description="Redirects followed per fetch.")
+    allowed_schemes: list[str] = Field(
+        ["file", "http", "https", "s3"], description="URI schemes a capture may use."
+    )
+    allowed_roots: list[Path] = Field(
+        [], description="If set, local captures must lie under one of these folders."
+    )
+    allowed_hosts: list[str] = Field([], description="If set, HTTP captures must be on these hosts.")
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_db(cls, v: str) -> str:
+        if v and v.split(":", 1)[0] not in ALLOWED_DB_SCHEMES:
+            raise ValueError(f"TRAPQ_DATABASE_URL must start with one of {ALLOWED_DB_SCHEMES}")
+        return v
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, v: str) -> str:
+        if v and v.split(":", 1)[0] not in ALLOWED_BROKER_SCHEMES:
+            raise ValueError(f"TRAPQ_BROKER_URL must start with one of {ALLOWED_BROKER_SCHEMES}")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_embedded_defaults(self) -> Settings:
+        data = self.data_dir.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{data / 'trapq.db'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
+        if not self.result_backend:
+            self.result_backend = f"db+sqlite:///{data / 'results.db'}"
+        if self.postgres_plain_scheme:
+            self.database_url = "postgresql+psycopg" + self.database_url[len("postgresql") :]
+        if self.visibility_timeout_s <= self.chunk_time_limit_s:
+            raise ValueError(
+                "TRAPQ_VISIBILITY_TIMEOUT_S must exceed TRAPQ_CHUNK_TIME_LIMIT_S, "
+                "or Redis redelivers chunks that are still running"
+            )
+        return self
+
+    @property
+    def postgres_plain_scheme(self) -> bool:
+        return self.database_url.startswith("postgresql://")
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is the SQLite transport, i.e. a single-machine setup."""
+        return self.broker_url.startswith("sqla+sqlite")
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
