@@ -16,9 +16,11 @@ PROCESS_CHUNK = "trapq.process_chunk"
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
-    transport: dict[str, Any] = {"visibility_timeout": s.visibility_timeout_s}
-    if s.broker_url.startswith("sqla+"):
-        transport["polling_interval"] = 0.2
+    # Kombu's SQLAlchemy transport hands every transport option to create_engine(), and has
+    # no visibility timeout to set: the options below are for Redis only.
+    redis_opts = {"visibility_timeout": s.visibility_timeout_s}
+    broker_opts = redis_opts if s.broker_url.startswith("redis") else {}
+    backend_opts = redis_opts if s.result_backend.startswith("redis") else {}
     return {
         "broker_url": s.broker_url,
         "result_backend": s.result_backend,
@@ -32,9 +34,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "broker_transport_options": transport,
-        "result_backend_transport_options": {"visibility_timeout": s.visibility_timeout_s},
-        "visibility_timeout": s.visibility_timeout_s,
+        "broker_transport_options": broker_opts,
+        "result_backend_transport_options": backend_opts,
         "task_soft_time_limit": s.chunk_soft_time_limit_s,
         "task_time_limit": s.chunk_time_limit_s,
         # Flower
