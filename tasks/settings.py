@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     chunk_soft_time_limit_s: int = Field(1800, ge=10, description="Soft deadline of one chunk.")
     chunk_time_limit_s: int = Field(2100, ge=10, description="Hard deadline of one chunk.")
     visibility_timeout_s: int = Field(
-        7200, ge=60, description="Redis redelivery of unacked chunks; above the hard limit."
+        7200, ge=10, description="Redis redelivery of unacked chunks; above the hard limit."
     )
     max_retries: int = Field(5, ge=0, description="Retries of a chunk for transient errors.")
     retry_backoff_s: int = Field(5, ge=1, description="First retry countdown; doubles each time.")
@@ -47,6 +47,12 @@ class Settings(BaseSettings):
         0, ge=0, description="Worker RSS past which it restarts between chunks (0: no limit)."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    heartbeat_s: float = Field(
+        5.0, gt=0, description="Seconds between a running chunk's heartbeats and progress reports."
+    )
+    write_batch_size: int = Field(
+        128, ge=1, description="Captures whose results are written in one transaction."
+    )
 
     # Models
     detector: str = Field("demo_detector", description="Registry name of the detector.")
@@ -54,6 +60,9 @@ class Settings(BaseSettings):
     detector_labels: str = Field("", description="Label file (text or JSON).")
     detector_sha256: str = Field("", description="Expected sha256 of the detector weights.")
     box_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Detector score threshold.")
+    random_weights: bool = Field(
+        False, description="Build the models with seeded random weights (tests, benchmarks)."
+    )
     classifier: str = Field("demo_classifier", description="Registry name of the classifier.")
     classifier_weights: str = Field("", description="Path or URL; default: the registry's.")
     classifier_labels: str = Field("", description="Label file (text or JSON).")
