@@ -1,0 +1,207 @@
+"""Bytes of one capture from a local path, file://, http(s):// or s3://.
+
+Every problem of the item alone is raised as an ItemFailure whose kind says whether a retry can
+help and whose message names the URI, so one bad capture never fails the chunk around it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+from urllib.request import url2pathname
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from inference.types import ErrorKind, ItemFailure
+
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """What a fetch may touch and how long it may take; mirrors the TRAPQ_* bad-input settings."""
+
+    max_image_bytes: int = 64 * 2**20
+    http_connect_timeout_s: float = 5.0
+    http_read_timeout_s: float = 30.0
+    http_max_redirects: int = 5
+    allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3")
+    allowed_roots: tuple[Path, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    pool_size: int = 8
+    s3_options: dict[str, Any] = field(default_factory=dict)
+
+
+class Fetcher:
+    """Fetches with one pooled HTTP session (and one S3 filesystem) per calling thread.
+
+    requests.Session is not documented as thread-safe, so each fetch thread keeps its own.
+    """
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self.policy = policy
+        self._roots = tuple(Path(r).resolve() for r in policy.allowed_roots)
+        self._local = threading.local()
+
+    def fetch(self, uri: str) -> bytes:
+        scheme = _scheme(uri)
+        if scheme not in self.policy.allowed_schemes:
+            allowed = ", ".join(self.policy.allowed_schemes)
+            raise ItemFailure(
+                ErrorKind.FORBIDDEN, f"scheme {scheme}:// is not allowed ({allowed}) for {uri}"
+            )
+        if scheme == "file":
+            return self._fetch_file(uri)
+        if scheme in ("http", "https"):
+            return self._fetch_http(uri)
+        if scheme == "s3":
+            return self._fetch_s3(uri)
+        raise ItemFailure(ErrorKind.FORBIDDEN, f"scheme {scheme}:// is not supported for {uri}")
+
+    def _fetch_file(self, uri: str) -> bytes:
+        path = Path(url2pathname(urlsplit(uri).path)) if uri.startswith("file:") else Path(uri)
+        path = path.expanduser().resolve()
+        if self._roots and not any(path.is_relative_to(root) for root in self._roots):
+            raise ItemFailure(ErrorKind.FORBIDDEN, f"{path} is outside the allowed roots for {uri}")
+        try:
+            with path.open("rb") as f:
+                size = _file_size(f)
+                if size > self.policy.max_image_bytes:
+                    raise _too_large(size, self.policy.max_image_bytes, uri)
+                return f.read()
+        except FileNotFoundError:
+            raise ItemFailure(ErrorKind.MISSING, f"no such file: {path}") from None
+        except IsADirectoryError:
+            raise ItemFailure(ErrorKind.MISSING, f"is a directory, not a file: {path}") from None
+        except PermissionError:
+            raise ItemFailure(ErrorKind.FORBIDDEN, f"permission denied reading {path}") from None
+
+    def _session(self) -> requests.Session:
+        session = getattr(self._local, "session", None)
+        if session is None:
+            session = requests.Session()
+            adapter = HTTPAdapter(pool_connections=4, pool_maxsize=self.policy.pool_size)
+            session.mount("http://", adapter)
+            session.mount("https://", adapter)
+            self._local.session = session
+        return session
+
+    def _check_host(self, url: str, original: str) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or parts.scheme not in self.policy.allowed_schemes:
+            raise ItemFailure(
+                ErrorKind.FORBIDDEN, f"redirect to scheme {parts.scheme}:// refused for {original}"
+            )
+        hosts = self.policy.allowed_hosts
+        if hosts and parts.hostname not in hosts:
+            raise ItemFailure(
+                ErrorKind.FORBIDDEN, f"host {parts.hostname} is not allowed for {original}"
+            )
+
+    def _fetch_http(self, uri: str) -> bytes:
+        """Follows redirects by hand so that every hop is checked against the allowed hosts."""
+        timeout = (self.policy.http_connect_timeout_s, self.policy.http_read_timeout_s)
+        url = uri
+        for _ in range(self.policy.http_max_redirects + 1):
+            self._check_host(url, uri)
+            try:
+                with self._session().get(
+                    url, stream=True, allow_redirects=False, timeout=timeout
+                ) as resp:
+                    if resp.is_redirect:
+                        url = urljoin(url, resp.headers["location"])
+                        continue
+                    _raise_for_status(resp, uri)
+                    return self._read_body(resp, uri)
+            except requests.Timeout as e:
+                raise ItemFailure(
+                    ErrorKind.TIMEOUT, f"timed out ({_reason(e)}) for {uri}"
+                ) from None
+            except requests.ConnectionError as e:
+                if "timed out" in str(e).lower():
+                    raise ItemFailure(ErrorKind.TIMEOUT, f"read timed out for {uri}") from None
+                raise ItemFailure(
+                    ErrorKind.NETWORK, f"connection failed ({_reason(e)}) for {uri}"
+                ) from None
+            except requests.RequestException as e:
+                raise ItemFailure(
+                    ErrorKind.NETWORK, f"HTTP request failed ({_reason(e)}) for {uri}"
+                ) from None
+        raise ItemFailure(
+            ErrorKind.NETWORK,
+            f"more than {self.policy.http_max_redirects} redirects (loop?) for {uri}",
+        )
+
+    def _read_body(self, resp: requests.Response, uri: str) -> bytes:
+        limit = self.policy.max_image_bytes
+        declared = resp.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit, uri)
+        body = bytearray()
+        for block in resp.iter_content(_CHUNK):
+            body += block
+            if len(body) > limit:
+                raise ItemFailure(
+                    ErrorKind.TOO_LARGE, f"more than {limit} bytes streamed for {uri}"
+                )
+        return bytes(body)
+
+    def _fetch_s3(self, uri: str) -> bytes:
+        fs = getattr(self._local, "s3", None)
+        if fs is None:
+            try:
+                import fsspec
+            except ImportError:
+                raise ItemFailure(
+                    ErrorKind.FORBIDDEN,
+                    f"s3:// needs the optional extra: pip install 'trapq[s3]' (for {uri})",
+                ) from None
+            fs = fsspec.filesystem("s3", **self.policy.s3_options)
+            self._local.s3 = fs
+        try:
+            size = fs.size(uri)
+            if size is not None and size > self.policy.max_image_bytes:
+                raise _too_large(size, self.policy.max_image_bytes, uri)
+            return fs.cat_file(uri)
+        except FileNotFoundError:
+            raise ItemFailure(ErrorKind.MISSING, f"no such object: {uri}") from None
+        except PermissionError:
+            raise ItemFailure(ErrorKind.FORBIDDEN, f"access denied to {uri}") from None
+        except TimeoutError:
+            raise ItemFailure(ErrorKind.TIMEOUT, f"timed out reading {uri}") from None
+        except OSError as e:
+            raise ItemFailure(ErrorKind.NETWORK, f"S3 read failed ({e}) for {uri}") from None
+
+
+def _scheme(uri: str) -> str:
+    scheme = urlsplit(uri).scheme.lower()
+    # A one-letter scheme is a Windows drive ("C:\\..."), i.e. a local path.
+    return "file" if len(scheme) <= 1 else scheme
+
+
+def _file_size(f: Any) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def _too_large(size: int, limit: int, uri: str) -> ItemFailure:
+    return ItemFailure(ErrorKind.TOO_LARGE, f"{size} bytes is over the limit of {limit} for {uri}")
+
+
+def _raise_for_status(resp: requests.Response, uri: str) -> None:
+    code = resp.status_code
+    if code < 400:
+        return
+    host = urlsplit(resp.url).hostname
+    message = f"HTTP {code} from {host} for {uri}"
+    if code >= 500 or code == 429:
+        raise ItemFailure(ErrorKind.HTTP_SERVER, message)
+    raise ItemFailure(ErrorKind.HTTP_STATUS, message)
+
+
+def _reason(e: Exception) -> str:
+    return type(e).__name__
