@@ -5,7 +5,9 @@
 # driver and the NVIDIA Container Toolkit.
 FROM python:3.11-slim
 
-ENV PYTHONUNBUFFERED=1 \
+# compute: CUDA itself; utility: nvidia-smi, which `trapq worker` uses to count the GPUs.
+ENV NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import click
 import pytest
 import typer
 import yaml
@@ -54,20 +53,23 @@ def interpolate(text: str, env: Mapping[str, str]) -> str:
     return VARIABLE.sub(one, text)
 
 
-def trapq_leaf(argv: list[str]) -> click.Command:
-    """The click command `trapq *argv` runs; its arguments and options are parsed, not run."""
+def trapq_leaf(argv: list[str]) -> Any:
+    """The command `trapq *argv` runs, its arguments and options parsed (not run).
+
+    Typer ships its own click, so groups are recognised by their `commands`, not their type.
+    """
     import tasks.cli
 
-    command: click.Command = typer.main.get_command(tasks.cli.app)
+    command = typer.main.get_command(tasks.cli.app)
     args = list(argv)
     path = ["trapq"]
-    while isinstance(command, click.Group):
+    while hasattr(command, "commands"):
         assert args, f"`{' '.join(path)}` needs a subcommand"
         name = args.pop(0)
         sub = command.commands.get(name)
         assert sub is not None, f"`{' '.join(path)}` has no command {name!r}"
         command, path = sub, [*path, name]
-    with command.make_context(" ".join(path), args) as _ctx:
+    with command.make_context(" ".join(path), args):
         return command
 
 
