@@ -1,0 +1,219 @@
+"""Read-only queries behind `trapq status` and `trapq deployments`.
+
+Capture counts come from the work items (the truth, written with the results); timings
+come from the chunk rows the workers fill.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Capture, Chunk, Deployment, Job, JobCapture
+from db.states import CHUNK_ENDED, ItemState
+
+
+@dataclass(frozen=True)
+class JobRow:
+    id: int
+    deployment: str
+    state: str
+    n_captures: int
+    n_chunks: int
+    done: int
+    failed: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class ChunkTimings:
+    """Means over the chunks that have ended and reported timings."""
+
+    n_chunks: int
+    fetch_s: float
+    gpu_s: float
+    write_s: float
+    wall_s: float
+    images_per_s: float  # per chunk: its items over its wall time, averaged
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    job: JobRow
+    started_at: datetime | None
+    finished_at: datetime | None
+    captures: dict[str, int] = field(default_factory=dict)  # work items by state
+    chunks: dict[str, int] = field(default_factory=dict)  # chunks by state
+    timings: ChunkTimings | None = None
+    throughput: float | None = None  # captures ended per second since the first chunk started
+
+    @property
+    def ended(self) -> int:
+        return self.captures.get(ItemState.DONE, 0) + self.captures.get(ItemState.FAILED, 0)
+
+
+@dataclass(frozen=True)
+class DeploymentRow:
+    name: str
+    n_captures: int
+    first: datetime | None
+    last: datetime | None
+    n_jobs: int
+
+
+def recent_jobs(session: Session, limit: int = 20) -> list[JobRow]:
+    jobs = session.execute(
+        select(Job, Deployment.name)
+        .join(Deployment, Deployment.id == Job.deployment_id)
+        .order_by(Job.id.desc())
+        .limit(limit)
+    ).all()
+    counts = _item_counts(session, [job.id for job, _ in jobs])
+    return [_job_row(job, name, counts.get(job.id, {})) for job, name in jobs]
+
+
+def job_status(session: Session, job_id: int, now: datetime | None = None) -> JobStatus | None:
+    found = session.execute(
+        select(Job, Deployment.name)
+        .join(Deployment, Deployment.id == Job.deployment_id)
+        .where(Job.id == job_id)
+    ).first()
+    if found is None:
+        return None
+    job, name = found
+    items = _item_counts(session, [job_id]).get(job_id, {})
+    chunk_states = dict(
+        session.execute(
+            select(Chunk.state, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.state)
+        ).all()
+    )
+    first_start, last_end = session.execute(
+        select(func.min(Chunk.started_at), func.max(Chunk.finished_at)).where(
+            Chunk.job_id == job_id
+        )
+    ).one()
+    started = _aware(job.started_at or first_start)
+    finished = _aware(job.finished_at)
+    row = _job_row(job, name, items)
+    throughput = None
+    if started is not None:
+        all_ended = sum(chunk_states.values()) == sum(
+            n for state, n in chunk_states.items() if state in CHUNK_ENDED
+        )
+        end = finished or (_aware(last_end) if all_ended else None) or now or datetime.now(UTC)
+        elapsed = (end - started).total_seconds()
+        throughput = (row.done + row.failed) / elapsed if elapsed > 0 else None
+    return JobStatus(
+        job=row,
+        started_at=started,
+        finished_at=finished,
+        captures=items,
+        chunks=chunk_states,
+        timings=chunk_timings(session, job_id),
+        throughput=throughput,
+    )
+
+
+def chunk_timings(session: Session, job_id: int) -> ChunkTimings | None:
+    rows = session.execute(
+        select(
+            Chunk.n_items,
+            Chunk.started_at,
+            Chunk.finished_at,
+            Chunk.fetch_s,
+            Chunk.gpu_s,
+            Chunk.write_s,
+        ).where(
+            Chunk.job_id == job_id,
+            Chunk.state.in_(CHUNK_ENDED),
+            Chunk.started_at.is_not(None),
+            Chunk.finished_at.is_not(None),
+            Chunk.gpu_s.is_not(None),
+        )
+    ).tuples()
+    n = 0
+    fetch = gpu = write = wall = rate = 0.0
+    for items, started, finished, fetch_s, gpu_s, write_s in rows:
+        seconds = (_as_utc(finished) - _as_utc(started)).total_seconds()
+        n += 1
+        fetch += fetch_s or 0.0
+        gpu += gpu_s or 0.0
+        write += write_s or 0.0
+        wall += seconds
+        rate += items / seconds if seconds > 0 else 0.0
+    if n == 0:
+        return None
+    return ChunkTimings(n, fetch / n, gpu / n, write / n, wall / n, rate / n)
+
+
+def deployments(session: Session) -> list[DeploymentRow]:
+    captures = (
+        select(
+            Capture.deployment_id,
+            func.count().label("n"),
+            func.min(Capture.captured_at).label("first"),
+            func.max(Capture.captured_at).label("last"),
+        )
+        .group_by(Capture.deployment_id)
+        .subquery()
+    )
+    jobs = (
+        select(Job.deployment_id, func.count().label("n"))
+        .group_by(Job.deployment_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(
+            Deployment.name,
+            func.coalesce(captures.c.n, 0),
+            captures.c.first,
+            captures.c.last,
+            func.coalesce(jobs.c.n, 0),
+        )
+        .outerjoin(captures, captures.c.deployment_id == Deployment.id)
+        .outerjoin(jobs, jobs.c.deployment_id == Deployment.id)
+        .order_by(Deployment.name)
+    ).tuples()
+    return [
+        DeploymentRow(name, n, _aware(first), _aware(last), n_jobs)
+        for name, n, first, last, n_jobs in rows
+    ]
+
+
+def _item_counts(session: Session, job_ids: list[int]) -> dict[int, dict[str, int]]:
+    counts: dict[int, dict[str, int]] = {}
+    if not job_ids:
+        return counts
+    rows = session.execute(
+        select(JobCapture.job_id, JobCapture.state, func.count())
+        .where(JobCapture.job_id.in_(job_ids))
+        .group_by(JobCapture.job_id, JobCapture.state)
+    ).tuples()
+    for job_id, state, n in rows:
+        counts.setdefault(job_id, {})[state] = n
+    return counts
+
+
+def _job_row(job: Job, deployment: str, items: dict[str, int]) -> JobRow:
+    return JobRow(
+        id=job.id,
+        deployment=deployment,
+        state=job.state,
+        n_captures=job.n_captures,
+        n_chunks=job.n_chunks,
+        done=items.get(ItemState.DONE, 0),
+        failed=items.get(ItemState.FAILED, 0),
+        created_at=_as_utc(job.created_at),
+    )
+
+
+def _as_utc(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; everything stored is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    return None if value is None else _as_utc(value)
