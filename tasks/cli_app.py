@@ -24,4 +24,4 @@ class UserError(Exception):
 
 def fail(message: str) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
+    raise SystemExit(1)  # also outside a running Typer app (tasks.cli.main)

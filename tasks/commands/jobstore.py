@@ -1,0 +1,288 @@
+"""Job-store commands: db upgrade, import, enqueue, status, deployments."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+
+import migrations
+from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState
+from db.status import JobRow, JobStatus, deployments, job_status, recent_jobs
+from tasks.cli_app import UserError, app, console, err_console
+from tasks.importer import BadRow, import_source
+from tasks.producer import enqueue as enqueue_job
+from tasks.settings import Settings, get_settings
+from tasks.store import database_errors, ready_session_factory, redact
+from tasks.timestamps import parse_timestamp
+
+db_app = typer.Typer(help="The job store's schema.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+
+WARN_AT_MOST = 20  # bad manifest rows printed one by one; the rest are counted
+
+
+def settings() -> Settings:
+    try:
+        return get_settings()
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise UserError(f"bad setting {where}: {first['msg']}") from None
+
+
+def timestamp(text: str | None, option: str) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        return parse_timestamp(text)
+    except ValueError as e:
+        raise UserError(f"{option}: {e}") from None
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the job store's schema to the newest revision."""
+    s = settings()
+    with database_errors(s.database_url):
+        migrations.upgrade(s.database_url)
+    console.print(f"job store at {redact(s.database_url)} is up to date")
+
+
+@app.command("import")
+def import_(
+    source: Annotated[
+        Path,
+        typer.Argument(help="A folder of images, a CSV manifest uri[,captured_at] or a URL list."),
+    ],
+    deployment: Annotated[str, typer.Option("--deployment", "-d", help="Deployment name.")],
+) -> None:
+    """Record a deployment's captures; importing the same ones again adds nothing."""
+    shown = 0
+
+    def warn(row: BadRow) -> None:
+        nonlocal shown
+        shown += 1
+        if shown <= WARN_AT_MOST:
+            err_console.print(
+                f"[yellow]warning:[/] {source}:{row.line}: {row.reason}",
+                highlight=False,
+                soft_wrap=True,
+            )
+
+    report = import_source(settings(), source, deployment, on_bad_row=warn)
+    console.print(
+        f"{deployment}: {report.added} captures added, {report.skipped} already recorded",
+        highlight=False,
+    )
+    if report.bad_rows:
+        lines = ", ".join(str(b.line) for b in report.bad_rows[:WARN_AT_MOST])
+        more = "…" if len(report.bad_rows) > WARN_AT_MOST else ""
+        raise UserError(
+            f"{len(report.bad_rows)} bad rows of {source} were skipped (lines {lines}{more}); "
+            "fix them and import again"
+        )
+
+
+@app.command("enqueue")
+def enqueue(
+    deployment: Annotated[str, typer.Argument(help="Deployment name.")],
+    since: Annotated[str | None, typer.Option(help="Captures taken from (ISO 8601).")] = None,
+    until: Annotated[str | None, typer.Option(help="Captures taken before (ISO 8601).")] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many captures.")] = None,
+    chunk_size: Annotated[
+        int | None, typer.Option(help="Captures per chunk (default TRAPQ_CHUNK_SIZE).")
+    ] = None,
+    only_unprocessed: Annotated[
+        bool, typer.Option(help="Skip captures done by an earlier job with the same pipeline.")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option(help="Count, create nothing, send nothing.")] = False,
+) -> None:
+    """Create a job over a deployment's captures and send one message per chunk.
+
+    Prints the job id on stdout (the summary goes to stderr), so JOB=$(trapq enqueue D) works.
+    """
+    s = settings()
+    result = enqueue_job(
+        s,
+        deployment,
+        since=timestamp(since, "--since"),
+        until=timestamp(until, "--until"),
+        limit=limit,
+        chunk_size=chunk_size,
+        only_unprocessed=only_unprocessed,
+        dry_run=dry_run,
+    )
+    if result.job_id is None:
+        console.print(
+            f"dry run: {result.n_captures} captures of {deployment} in {result.n_chunks} chunks",
+            highlight=False,
+        )
+        return
+    console.print(result.job_id, highlight=False)
+    err_console.print(
+        f"job {result.job_id}: {result.n_captures} captures of {deployment} in "
+        f"{result.n_chunks} chunks, {result.sent} sent to queue {s.queue!r}",
+        highlight=False,
+    )
+    if result.failed:
+        raise UserError(
+            f"job {result.job_id}: {result.failed} of {result.n_chunks} chunks could not be sent "
+            f"({result.error}); they stay pending: run `trapq requeue {result.job_id}` "
+            "once the broker answers"
+        )
+
+
+@app.command("status")
+def status(
+    job: Annotated[int | None, typer.Argument(help="Job id; without it, recent jobs.")] = None,
+    watch: Annotated[bool, typer.Option(help="Follow the job until it ends.")] = False,
+    interval: Annotated[float, typer.Option(help="Seconds between refreshes.")] = 1.0,
+    limit: Annotated[int, typer.Option(help="How many recent jobs to list.")] = 20,
+) -> None:
+    """Show recent jobs, or one job's captures and chunks by state, throughput and timings."""
+    s = settings()
+    factory = ready_session_factory(s)
+
+    def load(job_id: int) -> JobStatus:
+        with database_errors(s.database_url), factory() as session:
+            found = job_status(session, job_id)
+        if found is None:
+            raise UserError(f"no job {job_id}; `trapq status` lists recent jobs")
+        return found
+
+    if job is None:
+        if watch:
+            raise UserError("--watch needs a JOB")
+        with database_errors(s.database_url), factory() as session:
+            rows = recent_jobs(session, limit)
+        print_jobs(rows)
+        return
+    current = load(job)
+    if watch:
+        current = follow(current, load, interval)
+    print_job(current)
+
+
+def follow(
+    current: JobStatus, load: Callable[[int], JobStatus], interval: float
+) -> JobStatus:
+    """A live progress bar of ended captures until the job (or every chunk) has ended."""
+    columns = (
+        TextColumn("[bold]job {task.fields[job]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=False) as progress:
+        bar = progress.add_task("", total=current.job.n_captures, job=current.job.id)
+        while True:
+            progress.update(
+                bar,
+                completed=current.ended,
+                failed=current.job.failed,
+                rate=f"{current.throughput:.1f} img/s" if current.throughput else "",
+            )
+            if has_ended(current):
+                return current
+            time.sleep(interval)
+            current = load(current.job.id)
+
+
+def has_ended(st: JobStatus) -> bool:
+    chunks_ended = sum(n for state, n in st.chunks.items() if state in CHUNK_ENDED)
+    return st.job.state in JOB_ENDED or chunks_ended == st.job.n_chunks
+
+
+def print_jobs(rows: list[JobRow]) -> None:
+    if not rows:
+        console.print("no jobs yet; `trapq enqueue DEPLOYMENT` creates one")
+        return
+    table = Table(title="recent jobs")
+    for name in ("job", "deployment", "state", "captures", "done", "failed", "chunks", "created"):
+        text = name in ("deployment", "state", "created")
+        table.add_column(name, justify="left" if text else "right")
+    for r in rows:
+        table.add_row(
+            str(r.id),
+            r.deployment,
+            r.state,
+            str(r.n_captures),
+            str(r.done),
+            str(r.failed),
+            str(r.n_chunks),
+            f"{r.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+
+
+def print_job(st: JobStatus) -> None:
+    j = st.job
+    console.print(
+        f"job {j.id} · deployment {j.deployment} · {j.state} · "
+        f"created {j.created_at:%Y-%m-%d %H:%M:%S} UTC",
+        highlight=False,
+    )
+    table = Table(box=None)
+    table.add_column("state")
+    table.add_column("captures", justify="right")
+    table.add_column("chunks", justify="right")
+    for state in ChunkState:
+        items = str(st.captures.get(state, 0)) if state in ItemState.__members__.values() else ""
+        table.add_row(state.value, items, str(st.chunks.get(state, 0)))
+    table.add_row("total", str(j.n_captures), str(j.n_chunks))
+    console.print(table)
+    if st.throughput is not None:
+        console.print(f"throughput: {st.throughput:.1f} images/s", highlight=False)
+    t = st.timings
+    if t is not None:
+        console.print(
+            f"per chunk ({t.n_chunks} timed): fetch+decode {t.fetch_s:.2f} s, "
+            f"GPU {t.gpu_s:.2f} s, write {t.write_s:.2f} s, wall {t.wall_s:.2f} s, "
+            f"{t.images_per_s:.1f} images/s",
+            highlight=False,
+        )
+
+
+@app.command("deployments")
+def deployments_() -> None:
+    """List deployments with their capture counts."""
+    s = settings()
+    factory = ready_session_factory(s)
+    with database_errors(s.database_url), factory() as session:
+        rows = deployments(session)
+    if not rows:
+        console.print("no deployments yet; `trapq import SOURCE --deployment NAME` creates one")
+        return
+    table = Table(title="deployments")
+    table.add_column("deployment")
+    table.add_column("captures", justify="right")
+    table.add_column("first capture")
+    table.add_column("last capture")
+    table.add_column("jobs", justify="right")
+    for r in rows:
+        table.add_row(
+            r.name,
+            str(r.n_captures),
+            f"{r.first:%Y-%m-%d %H:%M}" if r.first else "",
+            f"{r.last:%Y-%m-%d %H:%M}" if r.last else "",
+            str(r.n_jobs),
+        )
+    console.print(table)

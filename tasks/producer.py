@@ -1,0 +1,227 @@
+"""The producer: plan a job in the job store, then send one Celery message per chunk.
+
+The job, its work items and its chunks are committed before any message goes out (a worker
+cannot see uncommitted rows). A chunk whose message could not be sent stays `pending`, which
+is what `trapq requeue` looks for; nothing else is needed to recover from a broker outage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from celery import Celery
+from celery.utils import uuid
+from kombu.exceptions import KombuError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.imports import find_deployment
+from db.jobs import count_captures, create_job, mark_chunks_queued
+from tasks.celery_app import PROCESS_CHUNK, make_app
+from tasks.cli_app import UserError
+from tasks.settings import Settings
+from tasks.store import database_errors, ready_session_factory
+
+MARK_EVERY = 1000  # chunks recorded as queued per transaction while sending
+GIVE_UP_AFTER = 3  # consecutive failed sends that mean the broker is gone
+
+
+@dataclass(frozen=True)
+class SendResult:
+    sent: int
+    failed: int
+    error: str = ""  # the last send error, when any send failed
+
+
+@dataclass(frozen=True)
+class EnqueueResult:
+    job_id: int | None  # None for a dry run
+    deployment: str
+    n_captures: int
+    n_chunks: int
+    sent: int = 0
+    failed: int = 0
+    error: str = ""
+
+
+def producer_app(settings: Settings) -> Celery:
+    """A Celery app for sending only.
+
+    Its result backend is disabled: the producer never waits for a result, and the Redis
+    backend would otherwise subscribe to every sent task's result channel.
+    """
+    app = make_app(settings)
+    app.conf.result_backend = "disabled"
+    return app
+
+
+def broker_label(app: Celery) -> str:
+    """The broker URL with its password masked."""
+    return str(app.connection_for_write().as_uri())
+
+
+def check_broker(app: Celery) -> None:
+    with app.connection_for_write() as conn:
+        try:
+            conn.ensure_connection(max_retries=1, timeout=5)
+        except (KombuError, OSError) as e:
+            raise UserError(
+                f"cannot reach the broker at {broker_label(app)}: {e} "
+                "(check that it runs and TRAPQ_BROKER_URL)"
+            ) from None
+
+
+def send_chunks(
+    settings: Settings, session_factory: sessionmaker[Session], chunk_ids: Sequence[int]
+) -> SendResult:
+    """Send one message per chunk (body: the chunk id) over one producer connection.
+
+    Sent chunks get their task id and, if still `pending`, the state `queued`, in batches.
+    A chunk whose send fails stays `pending`; after a few failures in a row the broker is
+    taken to be gone and the remaining chunks are left `pending` without trying. Callers that
+    resend a chunk (requeue) set it back to `pending` first.
+    """
+    app = producer_app(settings)
+    sent: list[tuple[int, str]] = []
+    n_sent = n_failed = in_a_row = 0
+    error = ""
+
+    def mark() -> None:
+        with database_errors(settings.database_url), session_factory.begin() as session:
+            mark_chunks_queued(session, sent, datetime.now(UTC))
+        sent.clear()
+
+    with app.producer_or_acquire() as producer:
+        for i, chunk_id in enumerate(chunk_ids):
+            task_id = uuid()
+            try:
+                app.send_task(
+                    PROCESS_CHUNK,
+                    args=[chunk_id],
+                    queue=settings.queue,
+                    task_id=task_id,
+                    producer=producer,
+                )
+            except (OperationalError, KombuError, OSError) as e:
+                n_failed += 1
+                in_a_row += 1
+                error = str(e) or type(e).__name__
+                if in_a_row >= GIVE_UP_AFTER:
+                    n_failed += len(chunk_ids) - i - 1
+                    break
+                continue
+            in_a_row = 0
+            n_sent += 1
+            sent.append((chunk_id, task_id))
+            if len(sent) >= MARK_EVERY:
+                mark()
+    mark()
+    return SendResult(sent=n_sent, failed=n_failed, error=error)
+
+
+def pipeline_of(settings: Settings) -> dict[str, Any]:
+    """What makes two jobs' results comparable: models, weights and thresholds, no secrets."""
+
+    def model(name: str, weights: str, labels: str, sha256: str = "") -> dict[str, str]:
+        return {
+            "name": name,
+            "weights": _public(weights),
+            "labels": _public(labels),
+            "sha256": sha256,
+        }
+
+    pipeline: dict[str, Any] = {
+        "detector": model(
+            settings.detector,
+            settings.detector_weights,
+            settings.detector_labels,
+            settings.detector_sha256,
+        ),
+        "classifier": model(
+            settings.classifier,
+            settings.classifier_weights,
+            settings.classifier_labels,
+            settings.classifier_sha256,
+        ),
+        "box_threshold": settings.box_threshold,
+        "top_k": settings.top_k,
+    }
+    if settings.filter_classifier:
+        pipeline["filter"] = model(
+            settings.filter_classifier, settings.filter_weights, settings.filter_labels
+        ) | {"negative": settings.filter_negative}
+    return pipeline
+
+
+def enqueue(
+    settings: Settings,
+    deployment_name: str,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    limit: int | None = None,
+    chunk_size: int | None = None,
+    only_unprocessed: bool = False,
+    dry_run: bool = False,
+) -> EnqueueResult:
+    """Plan a job over a deployment's captures and send its chunks.
+
+    Counting and planning share one snapshot (REPEATABLE READ on PostgreSQL), so an import
+    running meanwhile cannot make the count and the chunks disagree. Nothing is created
+    when no capture matches or the broker does not answer.
+    """
+    size = chunk_size or settings.chunk_size
+    if size < 1:
+        raise UserError("--chunk-size must be at least 1")
+    if limit is not None and limit < 1:
+        raise UserError("--limit must be at least 1")
+    factory = ready_session_factory(settings)
+    pipeline = pipeline_of(settings)
+    selection = {
+        "pipeline": pipeline,
+        "since": since,
+        "until": until,
+        "limit": limit,
+        "only_unprocessed": only_unprocessed,
+    }
+    app = None if dry_run else producer_app(settings)
+    if app is not None:
+        check_broker(app)
+    with database_errors(settings.database_url), factory.begin() as session:
+        if session.get_bind().dialect.name == "postgresql":
+            session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
+        deployment_id = find_deployment(session, deployment_name)
+        if deployment_id is None:
+            raise UserError(
+                f"unknown deployment {deployment_name!r}; `trapq deployments` lists them"
+            )
+        n = count_captures(session, deployment_id, **selection)
+        if n == 0:
+            raise UserError(f"no captures of {deployment_name!r} match; nothing to enqueue")
+        if dry_run:
+            return EnqueueResult(None, deployment_name, n, -(-n // size))
+        plan = create_job(session, deployment_id, chunk_size=size, **selection)
+    result = send_chunks(settings, factory, plan.chunk_ids)
+    return EnqueueResult(
+        job_id=plan.job_id,
+        deployment=deployment_name,
+        n_captures=plan.n_captures,
+        n_chunks=len(plan.chunk_ids),
+        sent=result.sent,
+        failed=result.failed,
+        error=result.error,
+    )
+
+
+def _public(location: str) -> str:
+    """A weights location without credentials or query (presigned URLs carry secrets)."""
+    parts = urlsplit(location)
+    if not parts.scheme or len(parts.scheme) == 1:
+        return location
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
