@@ -1,0 +1,178 @@
+"""Checkpoints saved every usual way load, with their class count read from the file; URL weights
+are downloaded once; a wrong sha256 is refused."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from inference.registry import REGISTRY, load_model, load_pipeline
+from inference.weights import WeightsError, sha256_of
+from tests.inference_fixtures import http_server
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def classifier_state() -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_large(num_classes=7).state_dict()
+
+
+def _raw(sd: dict[str, torch.Tensor]) -> object:
+    return sd
+
+
+def _model_state_dict(sd: dict[str, torch.Tensor]) -> object:
+    return {"model_state_dict": sd, "epoch": 3, "optimizer": {}}
+
+
+def _state_dict(sd: dict[str, torch.Tensor]) -> object:
+    return {"state_dict": sd, "best_acc": 0.9}
+
+
+def _data_parallel(sd: dict[str, torch.Tensor]) -> object:
+    return {f"module.{k}": v for k, v in sd.items()}
+
+
+@pytest.mark.parametrize("wrap", [_raw, _model_state_dict, _state_dict, _data_parallel])
+def test_each_checkpoint_shape_loads_with_its_class_count(
+    tmp_path: Path, classifier_state: dict[str, torch.Tensor], wrap: Callable[..., object]
+) -> None:
+    path = tmp_path / "cls.pt"
+    torch.save(wrap(classifier_state), path)
+    model = load_model("mobilenet_v3_large", "classifier", CPU, weights=str(path))
+    assert model.num_classes == 7
+    assert model.version == sha256_of(path)[:12]
+    loaded = model.module.state_dict()
+    assert torch.equal(loaded["classifier.3.weight"], classifier_state["classifier.3.weight"])
+
+
+def test_torchscript_classifier_is_accepted(
+    tmp_path: Path, classifier_state: dict[str, torch.Tensor]
+) -> None:
+    net = torchvision.models.mobilenet_v3_large(num_classes=7).eval()
+    net.load_state_dict(classifier_state)
+    path = tmp_path / "cls.torchscript.pt"
+    x = torch.rand(2, 3, 64, 64)
+    torch.jit.trace(net, x).save(str(path))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("\n".join(f"species {i}" for i in range(7)))
+    model = load_model(
+        "mobilenet_v3_large", "classifier", CPU, weights=str(path), labels=str(labels)
+    )
+    assert isinstance(model.module, torch.jit.ScriptModule)
+    assert model.num_classes == 7 and model.label(6) == "species 6"
+    with torch.inference_mode():
+        assert torch.allclose(model.module(x), net(x), atol=1e-5)
+
+
+def test_detector_class_counts_from_checkpoints(tmp_path: Path) -> None:
+    frcnn = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3
+    )
+    torch.save({"model_state_dict": frcnn.state_dict()}, tmp_path / "frcnn.pt")
+    model = load_model(
+        "fasterrcnn_mobilenet_v3_large_320_fpn", "detector", CPU, weights=str(tmp_path / "frcnn.pt")
+    )
+    assert model.num_classes == 3
+    ssd = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=5
+    )
+    torch.save(ssd.state_dict(), tmp_path / "ssd.pt")
+    model = load_model(
+        "ssdlite320_mobilenet_v3_large", "detector", CPU, weights=str(tmp_path / "ssd.pt")
+    )
+    assert model.num_classes == 5  # 6 anchors x 5 classes in the head's rows
+
+
+def test_labels_from_text_json_list_and_json_mapping(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("background\nmoth\n\nbeetle\n")
+    (tmp_path / "b.json").write_text(json.dumps(["background", "moth", "beetle"]))
+    (tmp_path / "c.json").write_text(json.dumps({"2": "beetle", "0": "background", "1": "moth"}))
+    for name in ("a.txt", "b.json", "c.json"):
+        model = load_model("constant_boxes", "detector", CPU, labels=str(tmp_path / name))
+        assert model.labels == ["background", "moth", "beetle"]
+
+
+def test_detector_labels_without_background_are_shifted(tmp_path: Path) -> None:
+    (tmp_path / "l.txt").write_text("moth\n")
+    model = load_model("constant_boxes", "detector", CPU, labels=str(tmp_path / "l.txt"))
+    assert model.num_classes == 2 and model.label(1) == "moth"
+
+
+def test_url_weights_are_fetched_once_then_served_from_cache(
+    tmp_path: Path, classifier_state: dict[str, torch.Tensor]
+) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(classifier_state, path)
+    digest = sha256_of(path)
+    cache = tmp_path / "cache"
+    with http_server() as server:
+        server.files["w.pt"] = path.read_bytes()
+        url = f"{server.base}/file/w.pt"
+        for _ in range(2):
+            model = load_model(
+                "mobilenet_v3_large",
+                "classifier",
+                CPU,
+                weights=url,
+                sha256=digest,
+                cache_dir=cache,
+            )
+            assert model.num_classes == 7
+        assert server.hits["/file/w.pt"] == 1
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] != []
+    assert not [p for p in cache.iterdir() if p.name.startswith(".download-")]
+
+
+def test_wrong_sha256_is_refused(tmp_path: Path, classifier_state: dict[str, torch.Tensor]) -> None:
+    path = tmp_path / "w.pt"
+    torch.save(classifier_state, path)
+    with pytest.raises(WeightsError, match="sha256 mismatch"):
+        load_model("mobilenet_v3_large", "classifier", CPU, weights=str(path), sha256="0" * 64)
+
+
+def test_checkpoint_of_another_architecture_is_refused(
+    tmp_path: Path, classifier_state: dict[str, torch.Tensor]
+) -> None:
+    torch.save(classifier_state, tmp_path / "w.pt")
+    with pytest.raises(WeightsError, match="fc.weight"):
+        load_model("resnet50", "classifier", CPU, weights=str(tmp_path / "w.pt"))
+
+
+def test_unknown_model_and_wrong_role_are_named() -> None:
+    with pytest.raises(WeightsError, match="unknown model 'yolo'"):
+        load_model("yolo", "detector", CPU, random_weights=True)
+    with pytest.raises(WeightsError, match="is a classifier, not a detector"):
+        load_model("resnet50", "detector", CPU, random_weights=True)
+
+
+def test_every_registered_torchvision_model_builds_without_downloading() -> None:
+    for name in ("ssdlite320_mobilenet_v3_large", "mobilenet_v3_large"):
+        spec = REGISTRY[name]
+        assert load_model(name, spec.role, CPU, random_weights=True).version == "random"
+
+
+def test_pipeline_describe_names_models_versions_device_and_precision() -> None:
+    pipeline = load_pipeline(
+        "constant_boxes", "mobilenet_v3_large", device="cpu", random_weights=True
+    )
+    described = pipeline.describe()
+    assert described["detector"]["name"] == "constant_boxes"
+    assert described["classifier"]["version"] == "random"
+    assert described["device"] == "cpu" and described["precision"] == "fp32"
+
+
+def test_constant_boxes_gives_n_boxes_inside_each_image() -> None:
+    model = load_model("constant_boxes", "detector", CPU, boxes=7)
+    out = model.module([torch.zeros(3, 50, 80), torch.zeros(3, 120, 30)])
+    for o, (h, w) in zip(out, [(50, 80), (120, 30)], strict=True):
+        assert o["boxes"].shape == (7, 4)
+        assert (o["boxes"][:, 2] <= w + 1e-4).all() and (o["boxes"][:, 3] <= h + 1e-4).all()
