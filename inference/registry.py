@@ -173,18 +173,17 @@ REGISTRY: dict[str, ModelSpec] = {
             default_labels=None,
             builder_kwargs={"boxes": 20},
         ),
-        ModelSpec(
+        ModelSpec(  # FCOS: no background class; sizes as in inference/architectures.py
             "demo_detector",
             "detector",
             "tiny_detector",
-            (320, 640),
+            (540, 960),
             2,
-            _FRCNN_KEY,
+            "head.classification_head.cls_logits.weight",
             mean=None,
             std=None,
             default_weights=str(CHECKPOINTS / "demo_detector.pt"),
             default_labels=str(CHECKPOINTS / "demo_detector_labels.txt"),
-            threshold_kwarg="box_score_thresh",
         ),
         ModelSpec(
             "demo_classifier",

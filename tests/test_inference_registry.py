@@ -176,3 +176,12 @@ def test_constant_boxes_gives_n_boxes_inside_each_image() -> None:
     for o, (h, w) in zip(out, [(50, 80), (120, 30)], strict=True):
         assert o["boxes"].shape == (7, 4)
         assert (o["boxes"][:, 2] <= w + 1e-4).all() and (o["boxes"][:, 3] <= h + 1e-4).all()
+
+
+def test_demo_models_build_and_run_with_random_weights() -> None:
+    pipeline = load_pipeline("demo_detector", "demo_classifier", device="cpu", random_weights=True)
+    assert pipeline.classifier.spec.input_size == (64, 64)
+    with torch.inference_mode():
+        out = pipeline.detector.module([torch.rand(3, 60, 80)])
+        logits = pipeline.classifier.module(torch.rand(2, 3, 64, 64))
+    assert out[0]["boxes"].shape[1] == 4 and logits.shape == (2, 2)

@@ -1,0 +1,414 @@
+"""The engine: one device thread fed by caller-side fetch and decode pools, bounded end to end.
+
+Several chunk threads call run() at once; their items meet in one queue, so the device thread
+forms full batches across chunks and chunk boundaries never drain the pipeline. While a batch is
+on the device, the pools fetch and decode the next images, up to the in-flight bound.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.decode import Header, decode, decode_jpegs_on_device, read_header
+from inference.fetch import Fetcher, FetchPolicy
+from inference.forward import BatchForward, ForwardOptions
+from inference.inflight import InFlight
+from inference.registry import Pipeline, resolve_precision
+from inference.types import Detection, ErrorKind, ItemFailure, ItemResult, WorkItem
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Field names follow tasks/settings.py (max_bytes_in_flight is in bytes here)."""
+
+    batch_size: int = 8
+    batch_wait_ms: int = 20
+    crop_batch_size: int = 256
+    precision: str = "auto"  # auto: the pipeline's (bf16 on CUDA, fp32 on CPU)
+    compile: bool = False
+    gpu_decode: bool = True
+    fetch_threads: int = 8
+    decode_threads: int = 2
+    max_images_in_flight: int = 16
+    max_bytes_in_flight: int = 512 * 2**20
+    max_image_bytes: int = 64 * 2**20
+    max_image_pixels: int = 100_000_000
+    http_connect_timeout_s: float = 5.0
+    http_read_timeout_s: float = 30.0
+    http_max_redirects: int = 5
+    allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3")
+    allowed_roots: tuple[Path, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    top_k: int = 5
+    filter_negative: str = "nonmoth"
+
+    def fetch_policy(self) -> FetchPolicy:
+        return FetchPolicy(
+            max_image_bytes=self.max_image_bytes,
+            http_connect_timeout_s=self.http_connect_timeout_s,
+            http_read_timeout_s=self.http_read_timeout_s,
+            http_max_redirects=self.http_max_redirects,
+            allowed_schemes=tuple(self.allowed_schemes),
+            allowed_roots=tuple(Path(r) for r in self.allowed_roots),
+            allowed_hosts=tuple(self.allowed_hosts),
+            pool_size=self.fetch_threads,
+        )
+
+
+@dataclass
+class _Pending:
+    """An item between decode and the end of its batch; holds its share of the bound."""
+
+    run: Run
+    item: WorkItem
+    header: Header
+    charge: int
+    image: torch.Tensor | None = None  # decoded on the CPU (pinned on CUDA)
+    encoded: bytes | None = None  # a JPEG left for the GPU decoder
+
+
+@dataclass
+class _Done:
+    submitted: int
+    error: BaseException | None = None
+
+
+class Run:
+    """One caller's items: iterate it for ItemResults in completion order.
+
+    Leaving the loop early (break or exception) cancels what has not started and frees its
+    share of the bound; results already on the device are dropped when they come back.
+    """
+
+    def __init__(self, engine: Engine, items: Iterable[WorkItem]) -> None:
+        self._engine = engine
+        self._items = items
+        self._results: queue.SimpleQueue[ItemResult | _Done] = queue.SimpleQueue()
+        self._window = threading.Semaphore(2 * engine.config.max_images_in_flight)
+        self._lock = threading.Lock()
+        self.cancelled = False
+        self.fetch_decode_s = 0.0
+        self.gpu_s = 0.0
+        self._feeder = threading.Thread(target=self._feed, name="trapq-feed", daemon=True)
+        self._feeder.start()
+
+    def _feed(self) -> None:
+        """Submits items as the bounds allow: the caller's window of unread results, then the
+        engine-wide in-flight bound."""
+        submitted = 0
+        error: BaseException | None = None
+        try:
+            for item in self._items:
+                self._window.acquire()
+                if self.cancelled:
+                    break
+                self._engine._inflight.acquire_image()
+                if self.cancelled:
+                    self._engine._inflight.release(0, decoded=False)
+                    break
+                submitted += 1
+                self._engine._fetch_pool.submit(self._engine._fetch_stage, self, item)
+        except BaseException as e:  # the caller's iterable failed; report it after the results
+            error = e
+        self._results.put(_Done(submitted, error))
+
+    def add_times(self, fetch_decode_s: float = 0.0, gpu_s: float = 0.0) -> None:
+        with self._lock:
+            self.fetch_decode_s += fetch_decode_s
+            self.gpu_s += gpu_s
+
+    def deliver(self, result: ItemResult) -> None:
+        self._results.put(result)
+
+    def __iter__(self) -> Iterator[ItemResult]:
+        received, total, error = 0, None, None
+        try:
+            while total is None or received < total:
+                got = self._results.get()
+                if isinstance(got, _Done):
+                    total, error = got.submitted, got.error
+                    continue
+                received += 1
+                self._window.release()
+                yield got
+        finally:
+            if total is None or received < total:
+                self.close()
+        if error is not None:
+            raise error
+
+    def close(self) -> None:
+        self.cancelled = True
+        self._window.release(2 * self._engine.config.max_images_in_flight)
+
+
+class Engine:
+    def __init__(self, pipeline: Pipeline, config: EngineConfig | None = None) -> None:
+        self.pipeline = pipeline
+        self.config = config or EngineConfig()
+        self.device = pipeline.device
+        precision = (
+            pipeline.precision
+            if self.config.precision == "auto"
+            else resolve_precision(self.config.precision, self.device)
+        )
+        pipeline.precision = precision
+        self._options = ForwardOptions(
+            precision=precision,
+            crop_batch_size=self.config.crop_batch_size,
+            top_k=self.config.top_k,
+            filter_negative=self.config.filter_negative,
+            compile=self.config.compile,
+        )
+        self._forward: BatchForward | None = None
+        self._fetcher = Fetcher(self.config.fetch_policy())
+        self._inflight = InFlight(self.config.max_images_in_flight, self.config.max_bytes_in_flight)
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(self.config.max_images_in_flight)
+        self._fetch_pool: ThreadPoolExecutor
+        self._decode_pool: ThreadPoolExecutor
+        self._thread: threading.Thread | None = None
+        self._gpu_decode = self.config.gpu_decode and self.device.type == "cuda"
+        self._stats_lock = threading.Lock()
+        self._images = self._batches = self._crops = self._errors = 0
+        self._busy_s = 0.0
+        self._started_at = 0.0
+
+    def start(self) -> None:
+        """Builds the forward (compiles if asked), starts the pools and the device thread."""
+        if self._thread is not None:
+            return
+        self._forward = BatchForward(self.pipeline, self._options)
+        self._fetch_pool = ThreadPoolExecutor(self.config.fetch_threads, "trapq-fetch")
+        self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, "trapq-decode")
+        self._started_at = time.perf_counter()
+        self._thread = threading.Thread(target=self._loop, name="trapq-engine", daemon=True)
+        self._thread.start()
+
+    def run(self, items: Iterable[WorkItem]) -> Run:
+        if self._thread is None:
+            raise RuntimeError("Engine.start() first")
+        return Run(self, items)
+
+    def close(self) -> None:
+        if self._thread is None:
+            return
+        self._queue.put(None)
+        self._thread.join()
+        self._thread = None
+        self._fetch_pool.shutdown(wait=True, cancel_futures=False)
+        self._decode_pool.shutdown(wait=True, cancel_futures=False)
+
+    def __enter__(self) -> Engine:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def stats(self) -> dict[str, Any]:
+        with self._stats_lock:
+            elapsed = time.perf_counter() - self._started_at if self._started_at else 0.0
+            inflight = self._inflight
+            return {
+                "images": self._images,
+                "errors": self._errors,
+                "batches": self._batches,
+                "mean_batch_size": self._images / self._batches if self._batches else 0.0,
+                "crops": self._crops,
+                "gpu_busy_fraction": self._busy_s / elapsed if elapsed else 0.0,
+                "images_in_flight": inflight.images,
+                "decoded_in_flight": inflight.decoded,
+                "bytes_in_flight": inflight.bytes,
+                "images_in_flight_peak": inflight.images_peak,
+                "decoded_in_flight_peak": inflight.decoded_peak,
+                "bytes_in_flight_peak": inflight.bytes_peak,
+                "max_images_in_flight": inflight.max_images,
+                "max_bytes_in_flight": inflight.max_bytes,
+            }
+
+    # caller side: fetch and decode pools
+
+    def _fetch_stage(self, run: Run, item: WorkItem) -> None:
+        if run.cancelled:
+            return self._finish(run, None, 0, False)
+        t0 = time.perf_counter()
+        try:
+            data = self._fetcher.fetch(item.uri)
+        except ItemFailure as e:
+            return self._fail(run, item, e.kind, e.message, 0, False)
+        except Exception as e:  # an unforeseen fetch failure is the network's until shown otherwise
+            return self._fail(run, item, ErrorKind.NETWORK, f"fetch failed ({e!r}) for {item.uri}")
+        run.add_times(fetch_decode_s=time.perf_counter() - t0)
+        self._decode_pool.submit(self._decode_stage, run, item, data)
+
+    def _decode_stage(self, run: Run, item: WorkItem, data: bytes) -> None:
+        if run.cancelled:
+            return self._finish(run, None, 0, False)
+        t0 = time.perf_counter()
+        try:
+            header = read_header(data, self.config.max_image_pixels, item.uri)
+        except ItemFailure as e:
+            return self._fail(run, item, e.kind, e.message, 0, False)
+        charge = header.decoded_bytes
+        self._inflight.acquire_bytes(charge)
+        pending = _Pending(run, item, header, charge)
+        try:
+            if self._gpu_decode and header.format == "JPEG":
+                pending.encoded = data
+            else:
+                image = decode(data, header, item.uri)
+                pending.image = image.pin_memory() if self.device.type == "cuda" else image
+        except ItemFailure as e:
+            return self._fail(run, item, e.kind, e.message, charge, False)
+        except Exception as e:
+            msg = f"cannot decode ({e!r}): {item.uri}"
+            return self._fail(run, item, ErrorKind.UNDECODABLE, msg, charge, False)
+        self._inflight.mark_decoded()
+        run.add_times(fetch_decode_s=time.perf_counter() - t0)
+        self._queue.put(pending)
+
+    def _fail(
+        self,
+        run: Run,
+        item: WorkItem,
+        kind: ErrorKind,
+        message: str,
+        charge: int = 0,
+        decoded: bool = False,
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        width, height = size or (None, None)
+        result = ItemResult(item.key, item.uri, width, height, error_kind=kind, error=message)
+        with self._stats_lock:
+            self._errors += 1
+        self._finish(run, result, charge, decoded)
+
+    def _finish(self, run: Run, result: ItemResult | None, charge: int, decoded: bool) -> None:
+        """Frees the item's share of the bound before the result is handed over, so a slow
+        reader never holds decoded frames; a cancelled run's results are dropped."""
+        self._inflight.release(charge, decoded)
+        if result is not None and not run.cancelled:
+            run.deliver(result)
+
+    # device side
+
+    def _loop(self) -> None:
+        wait_s = self.config.batch_wait_ms / 1000
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.perf_counter() + wait_s
+            stop = False
+            while len(batch) < self.config.batch_size:
+                remaining = deadline - time.perf_counter()
+                try:
+                    nxt = (
+                        self._queue.get(timeout=remaining)
+                        if remaining > 0
+                        else (self._queue.get_nowait())
+                    )
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        """Never raises: every item of the batch gets a result, whatever the model does."""
+        t0 = time.perf_counter()
+        for pending in [p for p in batch if p.run.cancelled]:
+            self._finish(pending.run, None, pending.charge, True)
+        batch = [p for p in batch if not p.run.cancelled]
+        if not batch:
+            return
+        ready: list[tuple[_Pending, torch.Tensor]] = []
+        for pending, image in zip(batch, self._to_device(batch), strict=True):
+            if isinstance(image, ItemFailure):
+                self._fail(
+                    pending.run, pending.item, image.kind, image.message, pending.charge, True
+                )
+            else:
+                ready.append((pending, image))
+        outcomes = self._detect_splitting(ready)
+        elapsed = time.perf_counter() - t0
+        with self._stats_lock:
+            self._busy_s += elapsed
+            self._batches += 1
+            self._images += len(batch)
+        share = elapsed / max(1, len(batch))
+        for (pending, image), outcome in zip(ready, outcomes, strict=True):
+            pending.run.add_times(gpu_s=share)
+            h, w = image.shape[-2:]
+            if isinstance(outcome, str):
+                self._fail(
+                    pending.run,
+                    pending.item,
+                    ErrorKind.MODEL,
+                    outcome,
+                    pending.charge,
+                    True,
+                    (w, h),
+                )
+                continue
+            with self._stats_lock:
+                self._crops += len(outcome)
+            result = ItemResult(pending.item.key, pending.item.uri, w, h, outcome)
+            self._finish(pending.run, result, pending.charge, True)
+
+    def _to_device(self, batch: list[_Pending]) -> list[torch.Tensor | ItemFailure]:
+        images: list[torch.Tensor | ItemFailure | None] = [None] * len(batch)
+        encoded = [i for i, p in enumerate(batch) if p.encoded is not None]
+        if encoded:
+            decoded = decode_jpegs_on_device(
+                [batch[i].encoded for i in encoded],  # type: ignore[misc]
+                [batch[i].header for i in encoded],
+                self.device,
+            )
+            for i, image in zip(encoded, decoded, strict=True):
+                images[i] = image
+        for i, p in enumerate(batch):
+            if images[i] is not None:
+                continue
+            try:
+                if p.image is None:  # the GPU decoder refused it: decode on the CPU instead
+                    p.image = decode(p.encoded or b"", p.header, p.item.uri).pin_memory()
+                images[i] = p.image.to(self.device, non_blocking=True)
+            except ItemFailure as e:
+                images[i] = e
+            p.encoded = None
+        return images  # type: ignore[return-value]
+
+    def _detect_splitting(
+        self, ready: list[tuple[_Pending, torch.Tensor]]
+    ) -> list[list[Detection] | str]:
+        """On any model failure (CUDA out-of-memory above all) halve the batch and retry, so
+        that only an item that fails alone is reported as the model's failure."""
+        if not ready:
+            return []
+        assert self._forward is not None
+        try:
+            return list(self._forward([image for _, image in ready]))
+        except Exception as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(ready) == 1:
+                kind = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else "failed"
+                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+                return [f"model {kind} on this image alone ({first}): {ready[0][0].item.uri}"]
+            mid = len(ready) // 2
+            return self._detect_splitting(ready[:mid]) + self._detect_splitting(ready[mid:])
