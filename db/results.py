@@ -1,0 +1,449 @@
+"""What a worker does to the job store: claim a chunk, write results exactly once, end it.
+
+Every function here runs its own transaction, so a crash between two calls leaves the store
+consistent: a capture's detections, classifications and its work item's state change
+together, and a redelivered chunk only sees the captures still pending.
+
+Works on PostgreSQL and SQLite. Row locks (FOR UPDATE) are what make two deliveries of the
+same chunk harmless on PostgreSQL; SQLite serialises writers anyway and ignores them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.models import Capture, Chunk, Classification, Detection, Job, JobCapture
+from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState, JobState
+
+chunks_t = Chunk.__table__
+jobs_t = Job.__table__
+items_t = JobCapture.__table__
+captures_t = Capture.__table__
+detections_t = Detection.__table__
+classifications_t = Classification.__table__
+
+# error_kind of work items failed because their whole chunk was given up.
+CHUNK_FAILED_KIND = "chunk_failed"
+
+
+class ClassificationLike(Protocol):
+    classifier: str
+    label: str
+    score: float
+    topk: Sequence[Sequence[Any]]
+
+
+class DetectionLike(Protocol):
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    label: str
+    classifications: Sequence[ClassificationLike]
+
+
+class ResultLike(Protocol):
+    """One capture's outcome; `key` is the capture id (inference.types.ItemResult fits)."""
+
+    key: int
+    width: int | None
+    height: int | None
+    detections: Sequence[DetectionLike]
+    error_kind: Any
+    error: str | None
+
+
+class Outcome(StrEnum):
+    RUN = "run"  # claimed: process the pending items
+    SKIP = "skip"  # already ended or cancelled (or unknown): acknowledge and do nothing
+    EXHAUSTED = "exhausted"  # delivered too often without finishing: now failed
+
+
+@dataclass(frozen=True)
+class Claim:
+    outcome: Outcome
+    chunk_id: int
+    job_id: int | None = None
+    state: str | None = None  # the chunk's state after the claim
+    n_items: int = 0
+    n_done: int = 0
+    n_failed: int = 0
+    deliveries: int = 0
+
+
+@dataclass(frozen=True)
+class PendingItem:
+    capture_id: int
+    uri: str
+
+
+@dataclass(frozen=True)
+class WriteCounts:
+    done: int
+    failed: int
+    skipped: int  # no longer pending (written by another delivery): left untouched
+    detections: int
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def claim_chunk(
+    factory: sessionmaker[Session],
+    chunk_id: int,
+    *,
+    worker: str,
+    retries: int,
+    max_deliveries: int,
+) -> Claim:
+    """Mark the chunk running (one more attempt and delivery), or say why not to run it.
+
+    `retries` is the Celery retry count of the message. Every start counts as a delivery;
+    the starts that no retry explains (deliveries - retries) are redeliveries of a run that
+    never ended, e.g. a chunk that kills its worker by running out of memory. Past
+    `max_deliveries` of those the chunk is failed for good instead of looping forever.
+    """
+    with factory.begin() as s:
+        row = s.execute(
+            select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items)
+            .where(Chunk.id == chunk_id)
+            .with_for_update()
+        ).first()
+        if row is None:
+            return Claim(Outcome.SKIP, chunk_id)
+        job_id, state, deliveries, n_items = row
+        if state in CHUNK_ENDED:
+            return Claim(Outcome.SKIP, chunk_id, job_id, state, n_items, deliveries=deliveries)
+        deliveries += 1
+        at = now()
+        if deliveries - retries > max_deliveries:
+            error = (
+                f"delivered {deliveries} times without finishing (last on {worker}); "
+                "its worker probably died on it (out of memory?)"
+            )
+            s.execute(
+                update(chunks_t)
+                .where(chunks_t.c.id == chunk_id)
+                .values(deliveries=deliveries, worker=worker, heartbeat_at=at)
+            )
+            _fail_chunk(s, chunk_id, job_id, error)
+            return Claim(Outcome.EXHAUSTED, chunk_id, job_id, ChunkState.FAILED.value, n_items,
+                         deliveries=deliveries)
+        s.execute(
+            update(chunks_t)
+            .where(chunks_t.c.id == chunk_id)
+            .values(
+                state=ChunkState.RUNNING.value,
+                worker=worker,
+                started_at=at,
+                heartbeat_at=at,
+                finished_at=None,
+                attempts=chunks_t.c.attempts + 1,
+                deliveries=deliveries,
+            )
+        )
+        s.execute(
+            update(jobs_t)
+            .where(jobs_t.c.id == job_id, jobs_t.c.started_at.is_(None))
+            .values(started_at=at)
+        )
+        s.execute(
+            update(jobs_t)
+            .where(jobs_t.c.id == job_id, jobs_t.c.state == JobState.PENDING.value)
+            .values(state=JobState.RUNNING.value)
+        )
+        counts = _item_counts(s, chunk_id)
+        return Claim(
+            Outcome.RUN,
+            chunk_id,
+            job_id,
+            ChunkState.RUNNING.value,
+            n_items,
+            n_done=counts.get(ItemState.DONE.value, 0),
+            n_failed=counts.get(ItemState.FAILED.value, 0),
+            deliveries=deliveries,
+        )
+
+
+def pending_items(factory: sessionmaker[Session], chunk_id: int) -> list[PendingItem]:
+    """The chunk's captures still pending, in capture order: a redelivery skips what is done."""
+    with factory() as s:
+        rows = s.execute(
+            select(JobCapture.capture_id, Capture.uri)
+            .join(Capture, Capture.id == JobCapture.capture_id)
+            .where(JobCapture.chunk_id == chunk_id, JobCapture.state == ItemState.PENDING.value)
+            .order_by(JobCapture.capture_id)
+        )
+        return [PendingItem(cid, uri) for cid, uri in rows]
+
+
+def write_results(
+    factory: sessionmaker[Session], job_id: int, results: Sequence[ResultLike]
+) -> WriteCounts:
+    """Write a batch of captures' results and mark their work items, in one transaction.
+
+    Only items still pending are written (locked first, so a second delivery of the chunk
+    waits here and then skips them); their old detections are deleted before the insert,
+    so a capture's results are replaced, never appended. Detection ids come back from a
+    multi-row INSERT ... RETURNING only when classifications need to point at them.
+    """
+    if not results:
+        return WriteCounts(0, 0, 0, 0)
+    by_key = {r.key: r for r in results}
+    at = now()
+    with factory.begin() as s:
+        jc = items_t.c
+        locked = s.execute(
+            select(jc.capture_id, captures_t.c.width)
+            .join(captures_t, captures_t.c.id == jc.capture_id)
+            .where(
+                jc.job_id == job_id,
+                jc.capture_id.in_(list(by_key)),
+                jc.state == ItemState.PENDING.value,
+            )
+            .order_by(jc.capture_id)
+            .with_for_update(of=items_t)
+        ).all()
+        todo = [by_key[cid] for cid, _ in locked]
+        size_unknown = {cid for cid, width in locked if width is None}
+        conn = s.connection()
+        conn.execute(
+            delete(detections_t).where(
+                detections_t.c.job_id == job_id,
+                detections_t.c.capture_id.in_([r.key for r in todo]),
+            )
+        )
+        n_det = _insert_detections(conn, job_id, [r for r in todo if r.error_kind is None])
+        _record_sizes(conn, [r for r in todo if r.key in size_unknown and r.width])
+        done = [r.key for r in todo if r.error_kind is None]
+        failed = [r for r in todo if r.error_kind is not None]
+        if done:
+            conn.execute(
+                update(items_t)
+                .where(jc.job_id == job_id, jc.capture_id.in_(done))
+                .values(
+                    state=ItemState.DONE.value,
+                    attempts=jc.attempts + 1,
+                    error_kind=None,
+                    error=None,
+                    finished_at=at,
+                )
+            )
+        if failed:
+            conn.execute(
+                update(items_t)
+                .where(jc.job_id == job_id, jc.capture_id == bindparam("cid"))
+                .values(
+                    state=ItemState.FAILED.value,
+                    attempts=jc.attempts + 1,
+                    error_kind=bindparam("kind"),
+                    error=bindparam("err"),
+                    finished_at=at,
+                ),
+                [
+                    {"cid": r.key, "kind": str(r.error_kind), "err": r.error or str(r.error_kind)}
+                    for r in failed
+                ],
+            )
+    return WriteCounts(len(done), len(failed), len(results) - len(todo), n_det)
+
+
+def _insert_detections(conn: Any, job_id: int, results: Sequence[ResultLike]) -> int:
+    rows = [
+        {
+            "job_id": job_id,
+            "capture_id": r.key,
+            "x1": float(d.x1),
+            "y1": float(d.y1),
+            "x2": float(d.x2),
+            "y2": float(d.y2),
+            "score": float(d.score),
+            "label": d.label,
+        }
+        for r in results
+        for d in r.detections
+    ]
+    if not rows:
+        return 0
+    dets = [d for r in results for d in r.detections]
+    if not any(d.classifications for d in dets):
+        conn.execute(insert(detections_t), rows)
+        return len(rows)
+    ids = conn.execute(
+        insert(detections_t).returning(detections_t.c.id, sort_by_parameter_order=True), rows
+    ).scalars().all()
+    classes = [
+        {
+            "detection_id": det_id,
+            "classifier": c.classifier,
+            "label": c.label,
+            "score": float(c.score),
+            "topk": [[label, float(score)] for label, score in c.topk] or None,
+        }
+        for det_id, d in zip(ids, dets, strict=True)
+        for c in d.classifications
+    ]
+    conn.execute(insert(classifications_t), classes)
+    return len(rows)
+
+
+def _record_sizes(conn: Any, results: Sequence[ResultLike]) -> None:
+    if results:
+        conn.execute(
+            update(captures_t)
+            .where(captures_t.c.id == bindparam("cid"))
+            .values(width=bindparam("w"), height=bindparam("h")),
+            [{"cid": r.key, "w": r.width, "h": r.height} for r in results],
+        )
+
+
+def heartbeat(factory: sessionmaker[Session], chunk_id: int) -> str | None:
+    """Refresh the chunk's heartbeat and live counts; returns its state.
+
+    A run that reads back `cancelled` stops.
+    """
+    with factory.begin() as s:
+        counts = _item_counts(s, chunk_id)
+        s.execute(
+            update(chunks_t)
+            .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
+            .values(
+                heartbeat_at=now(),
+                n_done=counts.get(ItemState.DONE.value, 0),
+                n_failed=counts.get(ItemState.FAILED.value, 0),
+            )
+        )
+        return s.scalar(select(Chunk.state).where(Chunk.id == chunk_id))
+
+
+def finish_chunk(
+    factory: sessionmaker[Session],
+    chunk_id: int,
+    *,
+    fetch_s: float,
+    gpu_s: float,
+    write_s: float,
+    metrics: dict[str, Any],
+) -> str | None:
+    """End a chunk `done` with its timings, and the job too if it was its last chunk.
+
+    Returns the job's state when this call ended the job, else None.
+    """
+    with factory.begin() as s:
+        job_id = _lock_job_of(s, chunk_id)
+        if job_id is None:
+            return None
+        counts = _item_counts(s, chunk_id)
+        s.execute(
+            update(chunks_t)
+            .where(chunks_t.c.id == chunk_id, chunks_t.c.state.not_in(CHUNK_ENDED))
+            .values(
+                state=ChunkState.DONE.value,
+                finished_at=now(),
+                heartbeat_at=now(),
+                n_done=counts.get(ItemState.DONE.value, 0),
+                n_failed=counts.get(ItemState.FAILED.value, 0),
+                fetch_s=fetch_s,
+                gpu_s=gpu_s,
+                write_s=write_s,
+                metrics=metrics,
+                error=None,
+            )
+        )
+        return _finish_job_if_ended(s, job_id)
+
+
+def fail_chunk(factory: sessionmaker[Session], chunk_id: int, error: str) -> str | None:
+    """Give a chunk up: it and its pending work items become `failed` with `error`.
+
+    Returns the job's state when this call ended the job, else None.
+    """
+    with factory.begin() as s:
+        job_id = _lock_job_of(s, chunk_id)
+        if job_id is None:
+            return None
+        return _fail_chunk(s, chunk_id, job_id, error)
+
+
+def mark_retrying(factory: sessionmaker[Session], chunk_id: int, error: str) -> None:
+    """A running chunk whose retry was scheduled goes back to `queued`, with the reason."""
+    with factory.begin() as s:
+        s.execute(
+            update(chunks_t)
+            .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
+            .values(state=ChunkState.QUEUED.value, error=error, heartbeat_at=now())
+        )
+
+
+def _fail_chunk(s: Session, chunk_id: int, job_id: int, error: str) -> str | None:
+    at = now()
+    jc = items_t.c
+    s.execute(
+        update(items_t)
+        .where(jc.chunk_id == chunk_id, jc.state == ItemState.PENDING.value)
+        .values(
+            state=ItemState.FAILED.value,
+            error_kind=CHUNK_FAILED_KIND,
+            error=error,
+            finished_at=at,
+        )
+    )
+    counts = _item_counts(s, chunk_id)
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id, chunks_t.c.state.not_in(CHUNK_ENDED))
+        .values(
+            state=ChunkState.FAILED.value,
+            finished_at=at,
+            error=error,
+            n_done=counts.get(ItemState.DONE.value, 0),
+            n_failed=counts.get(ItemState.FAILED.value, 0),
+        )
+    )
+    return _finish_job_if_ended(s, job_id)
+
+
+def _lock_job_of(s: Session, chunk_id: int) -> int | None:
+    # The job row is locked first, so two chunks ending at once cannot both see the other
+    # still running and leave the job unfinished.
+    job_id = s.scalar(select(Chunk.job_id).where(Chunk.id == chunk_id))
+    if job_id is not None:
+        s.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    return job_id
+
+
+def _finish_job_if_ended(s: Session, job_id: int) -> str | None:
+    by_state = dict(
+        s.execute(
+            select(Chunk.state, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.state)
+        ).all()
+    )
+    if any(state not in CHUNK_ENDED for state in by_state):
+        return None
+    state = JobState.FAILED.value if by_state.get(ChunkState.FAILED.value) else JobState.DONE.value
+    ended = s.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id == job_id, jobs_t.c.state.not_in(JOB_ENDED))
+        .values(state=state, finished_at=now()),
+        execution_options={"preserve_rowcount": True},
+    ).rowcount
+    return state if ended else None
+
+
+def _item_counts(s: Session, chunk_id: int) -> dict[str, int]:
+    return dict(
+        s.execute(
+            select(JobCapture.state, func.count())
+            .where(JobCapture.chunk_id == chunk_id)
+            .group_by(JobCapture.state)
+        ).all()
+    )

@@ -1,0 +1,246 @@
+"""The chunk task: claim a chunk, run its pending captures through the engine, write back.
+
+Exactly once: results are written per batch of captures in one transaction that also marks
+their work items (db.results.write_results), and a redelivered or retried chunk only loads
+the captures still pending. Progress goes to Celery (state PROGRESS, shown by Flower) and to
+the chunk row (heartbeat, live counts).
+
+Deadline: the default threads pool (and solo) ignore Celery's soft and hard time limits, so
+the task enforces settings.chunk_soft_time_limit_s itself, checked as results come back: past
+it the run stops, what is written stays written, and the chunk is retried for the rest. In
+the prefork pool Celery's own limits apply as well.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import kombu.exceptions
+import redis.exceptions
+from celery import Task
+from celery.exceptions import SoftTimeLimitExceeded
+from celery.utils.log import get_task_logger
+from celery.utils.time import get_exponential_backoff_interval
+from sqlalchemy import exc as sa_exc
+
+from db.results import (
+    Outcome,
+    claim_chunk,
+    fail_chunk,
+    finish_chunk,
+    heartbeat,
+    mark_retrying,
+    pending_items,
+    write_results,
+)
+from db.states import ChunkState
+from inference.types import ItemResult, WorkItem
+from tasks.celery_app import PROCESS_CHUNK, app
+from tasks.worker_boot import Runtime, memory_guard, runtime
+
+log = get_task_logger(__name__)
+
+FLUSH_AFTER_S = 1.0  # longest a finished capture waits in the write buffer
+
+
+class ChunkRetry(Exception):
+    """Not the chunk's own fault and worth another try: every capture failed transiently
+    (the image host is down), or the chunk ran past its deadline."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors of the database, broker or network, not of the chunk: retry with backoff."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(
+        exc,
+        (
+            ChunkRetry,
+            SoftTimeLimitExceeded,
+            sa_exc.OperationalError,
+            kombu.exceptions.OperationalError,
+            redis.exceptions.ConnectionError,
+            redis.exceptions.TimeoutError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
+
+
+@app.task(bind=True, name=PROCESS_CHUNK)
+def process_chunk(self: Task, chunk_id: int) -> dict[str, Any]:
+    """Process one chunk; transient failures retry with exponential backoff and full jitter.
+
+    After settings.max_retries retries the chunk is `failed` with the error text (its
+    pending captures too), and `trapq requeue --failed` can send it again. Any other error
+    fails the chunk at once. Both re-raise, so Flower shows the task as failed.
+    """
+    rt = runtime()
+    s = rt.settings
+    try:
+        return _ChunkRun(self, rt, chunk_id).execute()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}".strip()
+        retries = self.request.retries
+        if is_transient(exc) and retries < s.max_retries:
+            countdown = get_exponential_backoff_interval(
+                s.retry_backoff_s, retries, s.retry_backoff_max_s, full_jitter=True
+            )
+            log.warning("chunk %s: %s; retry %d/%d in %ds", chunk_id, error, retries + 1,
+                        s.max_retries, countdown)
+            _best_effort(mark_retrying, rt, chunk_id, f"retry {retries + 1}: {error}")
+            raise self.retry(exc=exc, countdown=countdown, max_retries=s.max_retries) from None
+        if is_transient(exc):
+            error = f"gave up after {retries} retries: {error}"
+        log.error("chunk %s failed: %s", chunk_id, error, exc_info=not is_transient(exc))
+        _best_effort(fail_chunk, rt, chunk_id, error)
+        raise
+    finally:
+        memory_guard()
+
+
+def _best_effort(fn: Any, rt: Runtime, chunk_id: int, error: str) -> None:
+    # Recording why may fail for the very reason we are here (the database is gone); the
+    # chunk then stays `running` with an old heartbeat, which `trapq requeue --stuck-after`
+    # finds.
+    try:
+        fn(rt.sessions, chunk_id, error)
+    except Exception as e:
+        log.warning("chunk %s: could not record %r: %s", chunk_id, error, e)
+
+
+@dataclass
+class _ChunkRun:
+    task: Task
+    rt: Runtime
+    chunk_id: int
+    buffer: list[ItemResult] = field(default_factory=list)
+    held: list[ItemResult] = field(default_factory=list)  # transient failures, all so far
+    write_s: float = 0.0
+    n_written: int = 0
+    n_detections: int = 0
+    job_id: int = 0
+    progress: dict[str, int] = field(default_factory=dict)
+
+    def execute(self) -> dict[str, Any]:
+        s = self.rt.settings
+        started = time.monotonic()
+        claim = claim_chunk(
+            self.rt.sessions,
+            self.chunk_id,
+            worker=self.task.request.hostname or "unknown",
+            retries=self.task.request.retries,
+            max_deliveries=s.max_deliveries,
+        )
+        if claim.outcome is not Outcome.RUN:
+            log.info("chunk %s not run: %s (state %s)", self.chunk_id, claim.outcome, claim.state)
+            return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
+        assert claim.job_id is not None
+        self.job_id = claim.job_id
+        items = pending_items(self.rt.sessions, self.chunk_id)
+        self.progress = {
+            "chunk_id": self.chunk_id,
+            "job_id": claim.job_id,
+            "total": claim.n_items,
+            "done": claim.n_done,
+            "failed": claim.n_failed,
+        }
+        self._report()
+        deadline = started + s.chunk_soft_time_limit_s
+        last_flush = last_beat = time.monotonic()
+        state: str | None = ChunkState.RUNNING.value
+        run = self.rt.engine.run(WorkItem(i.capture_id, i.uri) for i in items)
+        for result in run:
+            self._take(result)
+            t = time.monotonic()
+            if len(self.buffer) >= s.write_batch_size or (
+                self.buffer and t - last_flush >= FLUSH_AFTER_S
+            ):
+                self._flush()
+                last_flush = t
+            if t - last_beat >= s.heartbeat_s:
+                self._flush()
+                state = heartbeat(self.rt.sessions, self.chunk_id)
+                self._report()
+                last_beat = time.monotonic()
+                if state != ChunkState.RUNNING.value:
+                    break
+            if t > deadline:
+                self._flush()
+                raise ChunkRetry(
+                    f"past its deadline of {s.chunk_soft_time_limit_s}s "
+                    f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {len(items) - self.n_written} "
+                    "captures left; the retry goes on from there"
+                )
+        self._flush()
+        if state != ChunkState.RUNNING.value:
+            log.info("chunk %s stopped: it is %s", self.chunk_id, state)
+            return {"chunk_id": self.chunk_id, "state": state}
+        if self.held:
+            self._give_up_on_held()
+        elapsed = time.monotonic() - started
+        engine_stats = self.rt.engine.stats()
+        metrics = {
+            "captures": self.n_written,
+            "detections": self.n_detections,
+            "wall_s": round(elapsed, 3),
+            "images_per_s": round(self.n_written / elapsed, 2) if elapsed else None,
+            "mean_batch_size": engine_stats.get("mean_batch_size"),
+            "gpu_busy_fraction": engine_stats.get("gpu_busy_fraction"),
+            "images_in_flight_peak": engine_stats.get("images_in_flight_peak"),
+            "worker": self.task.request.hostname,
+            "delivery": claim.deliveries,
+        }
+        job_state = finish_chunk(
+            self.rt.sessions,
+            self.chunk_id,
+            fetch_s=round(run.fetch_decode_s, 4),
+            gpu_s=round(run.gpu_s, 4),
+            write_s=round(self.write_s, 4),
+            metrics=metrics,
+        )
+        self._report()
+        if job_state:
+            log.info("job %s ended %s with chunk %s", self.job_id, job_state, self.chunk_id)
+        return {**self.progress, "state": ChunkState.DONE.value, "metrics": metrics}
+
+    def _take(self, result: ItemResult) -> None:
+        """Transient failures are held back while nothing else has come back: if the whole
+        chunk fails that way the host is down and the chunk retries with them still pending."""
+        if result.transient and self.n_written == 0 and not self.buffer:
+            self.held.append(result)
+            return
+        if self.held:
+            self.buffer.extend(self.held)
+            self.held.clear()
+        self.buffer.append(result)
+
+    def _give_up_on_held(self) -> None:
+        first = self.held[0]
+        reason = f"every capture failed transiently, e.g. {first.uri}: {first.error}"
+        if self.task.request.retries >= self.rt.settings.max_retries:
+            # Last try: the captures end failed with their own reasons, then the chunk.
+            self.buffer.extend(self.held)
+            self.held.clear()
+            self._flush()
+        raise ChunkRetry(reason)
+
+    def _flush(self) -> None:
+        if not self.buffer:
+            return
+        t0 = time.perf_counter()
+        counts = write_results(self.rt.sessions, self.job_id, self.buffer)
+        self.write_s += time.perf_counter() - t0
+        self.n_written += len(self.buffer)
+        self.n_detections += counts.detections
+        self.progress["done"] += counts.done
+        self.progress["failed"] += counts.failed
+        self.buffer.clear()
+
+    def _report(self) -> None:
+        try:
+            self.task.update_state(state="PROGRESS", meta=dict(self.progress))
+        except Exception as e:  # progress is for people watching; never fail a chunk for it
+            log.warning("chunk %s: progress not reported: %s", self.chunk_id, e)

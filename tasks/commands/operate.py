@@ -1,0 +1,150 @@
+"""Running and repairing jobs: `trapq worker`, `requeue`, `cancel` and `export`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tasks.cli_app import UserError, app, console
+from tasks.commands.jobstore import settings as get_settings
+from tasks.store import database_errors, ready_session_factory
+
+
+@app.command()
+def worker(
+    gpus: Annotated[
+        str, typer.Option(help="all (every visible GPU, else the CPU), cpu, or indices like 0,1.")
+    ] = "all",
+    concurrency: Annotated[
+        int | None, typer.Option(min=1, help="Chunk slots per worker; default TRAPQ_CONCURRENCY.")
+    ] = None,
+    pool: Annotated[
+        str | None, typer.Option(help="threads, prefork or solo; default TRAPQ_POOL.")
+    ] = None,
+    loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+) -> None:
+    """Start one Celery worker per GPU on the chunk queue; Ctrl-C stops them warmly."""
+    from tasks.supervisor import Supervisor, plan_workers
+
+    s = get_settings()
+    chosen_pool = pool or s.pool
+    if chosen_pool not in ("threads", "prefork", "solo"):
+        raise UserError(f"--pool {chosen_pool!r}: use threads, prefork or solo")
+    try:
+        specs = plan_workers(gpus)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/trapq] %(message)s")
+    supervisor = Supervisor.build(
+        s, specs, pool=chosen_pool, concurrency=concurrency or s.concurrency, loglevel=loglevel
+    )
+    raise typer.Exit(supervisor.run())
+
+
+@app.command()
+def requeue(
+    job: Annotated[int, typer.Argument(help="Job id.")],
+    failed: Annotated[
+        bool, typer.Option("--failed", help="Also send failed chunks again.")
+    ] = False,
+    stuck_after: Annotated[
+        float | None,
+        typer.Option(min=0, help="Also send running/queued chunks without a heartbeat for "
+                     "this many minutes."),
+    ] = None,
+    chunk: Annotated[int | None, typer.Option(help="Only this chunk (failed or not).")] = None,
+) -> None:
+    """Send a job's chunks again: never-sent pending ones, failed ones, stuck ones.
+
+    Requeued chunks start over with attempts and deliveries at zero.
+    """
+    from db.repair import JobCancelled, JobNotFound, plan_requeue
+    from tasks.producer import send_chunks
+
+    s = get_settings()
+    factory = ready_session_factory(s)
+    try:
+        with database_errors(s):
+            plan = plan_requeue(
+                factory,
+                job,
+                failed=failed,
+                stuck_after=timedelta(minutes=stuck_after) if stuck_after is not None else None,
+                chunk_id=chunk,
+            )
+    except JobNotFound:
+        raise UserError(f"no job {job}; `trapq status` lists jobs") from None
+    except JobCancelled:
+        raise UserError(f"job {job} is cancelled; enqueue its deployment again instead") from None
+    result = send_chunks(s, factory, plan.chunk_ids)
+    console.print(
+        f"job {job}: requeued {len(plan.failed)} failed, {len(plan.pending)} pending, "
+        f"{len(plan.stuck)} stuck chunk(s); sent {result.sent}, not sent {result.failed}"
+    )
+    if result.failed:
+        raise UserError(
+            f"{result.failed} chunk(s) could not be sent ({result.error}); they stay pending, "
+            "run `trapq requeue` again once the broker answers"
+        )
+
+
+@app.command()
+def cancel(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Cancel a job: revoke its outstanding chunk tasks and mark it cancelled."""
+    from db.repair import JobNotFound, cancel_job
+    from tasks.producer import producer_app
+
+    s = get_settings()
+    factory = ready_session_factory(s)
+    try:
+        with database_errors(s):
+            done = cancel_job(factory, job)
+    except JobNotFound:
+        raise UserError(f"no job {job}; `trapq status` lists jobs") from None
+    if done.previous_state in ("done", "failed", "cancelled"):
+        console.print(f"job {job} had already ended ({done.previous_state}); nothing cancelled")
+        return
+    if done.task_ids:
+        producer_app(s).control.revoke(done.task_ids)
+    console.print(
+        f"job {job} cancelled: {done.n_chunks} chunk(s) cancelled, "
+        f"{len(done.task_ids)} task(s) revoked"
+    )
+
+
+@app.command()
+def export(
+    job: Annotated[int, typer.Argument(help="Job id.")],
+    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="File to write; default stdout.")
+    ] = None,
+) -> None:
+    """Write one row per detection: capture, box in pixels, scores and labels."""
+    from sqlalchemy import select
+
+    from db.models import Job
+    from tasks.export import export_job
+
+    if fmt not in ("csv", "jsonl"):
+        raise UserError(f"--format {fmt!r}: use csv or jsonl")
+    s = get_settings()
+    factory = ready_session_factory(s)
+    with database_errors(s):
+        with factory() as session:
+            if session.scalar(select(Job.id).where(Job.id == job)) is None:
+                raise UserError(f"no job {job}; `trapq status` lists jobs")
+        if output is None:
+            export_job(factory, job, fmt, sys.stdout)  # type: ignore[arg-type]
+            return
+        try:
+            with output.open("w", newline="", encoding="utf-8") as out:
+                n = export_job(factory, job, fmt, out)  # type: ignore[arg-type]
+        except OSError as e:
+            raise UserError(f"cannot write {output}: {e.strerror}") from None
+    console.print(f"{n} detection(s) of job {job} written to {output}", highlight=False)

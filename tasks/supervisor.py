@@ -1,0 +1,192 @@
+"""`trapq worker`: one Celery worker process per GPU, pinned, named, and kept running.
+
+The parent never imports torch or touches CUDA (a CUDA context in a parent breaks what it
+starts); it counts GPUs from CUDA_VISIBLE_DEVICES or `nvidia-smi -L`. Each child is a plain
+`celery -A tasks worker` with CUDA_VISIBLE_DEVICES set to its GPU and the node name
+`gpu<N>@%h` (`cpu@%h` without a GPU). Ctrl-C or SIGTERM is forwarded as SIGTERM, Celery's
+warm shutdown: chunks in flight finish, or go back to the queue if a second signal (SIGQUIT,
+cold) cuts them short. A child that stops itself for the memory guard is started again at
+once; one that crashes is started again after a pause, unless it keeps crashing at start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+
+from tasks.settings import Settings
+from tasks.worker_boot import MEMORY_RESTART_EXIT
+
+log = logging.getLogger("trapq.supervisor")
+
+CRASH_PAUSE_S = 5.0
+FAST_CRASH_S = 60.0  # a child that dies sooner than this after its start crashed at start
+MAX_FAST_CRASHES = 5
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    node: str  # Celery node name; %h becomes the host name
+    gpu: str | None  # CUDA device index as the parent sees it; None: CPU worker
+
+
+def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
+    """GPU indices this machine offers, without initialising CUDA here."""
+    pinned = environ.get("CUDA_VISIBLE_DEVICES")
+    if pinned is not None:
+        return [g.strip() for g in pinned.split(",") if g.strip() and g.strip() != "-1"]
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(out.splitlines()) if line.startswith("GPU ")]
+
+
+def plan_workers(gpus: str, environ: Mapping[str, str] = os.environ) -> list[WorkerSpec]:
+    """`all`: every visible GPU (or one CPU worker if there is none); `cpu`; or `0,1`."""
+    choice = gpus.strip().lower()
+    if choice == "cpu":
+        return [WorkerSpec("cpu@%h", None)]
+    if choice == "all":
+        found = visible_gpus(environ)
+        return [WorkerSpec(f"gpu{g}@%h", g) for g in found] or [WorkerSpec("cpu@%h", None)]
+    wanted = [g.strip() for g in choice.split(",") if g.strip()]
+    if not wanted or not all(g.isdigit() for g in wanted):
+        raise ValueError(f"--gpus {gpus!r}: use all, cpu, or GPU indices like 0,1")
+    return [WorkerSpec(f"gpu{g}@%h", g) for g in wanted]
+
+
+def celery_argv(
+    queue: str, node: str, *, pool: str, concurrency: int, loglevel: str = "INFO"
+) -> list[str]:
+    """The worker command line: the chunk queue, task events on for Flower."""
+    return [
+        sys.executable, "-m", "celery", "-A", "tasks", "worker",
+        "--queues", queue,
+        "--hostname", node,
+        "--pool", pool,
+        "--concurrency", str(concurrency),
+        "--task-events",
+        "--loglevel", loglevel,
+    ]
+
+
+def child_env(spec: WorkerSpec, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    env = dict(environ)
+    name = spec.node.split("@", 1)[0]
+    env["PGAPPNAME"] = f"trapq-worker-{name}"
+    if spec.gpu is None:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        env["TRAPQ_DEVICE"] = "cpu"
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = spec.gpu
+        if env.get("TRAPQ_DEVICE", "auto") in ("auto", "cpu", ""):
+            env["TRAPQ_DEVICE"] = "cuda"
+    return env
+
+
+@dataclass
+class _Child:
+    spec: WorkerSpec
+    argv: list[str]
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    fast_crashes: int = 0
+    restart_at: float | None = None
+
+    def start(self) -> None:
+        # Own session: the terminal's Ctrl-C reaches the supervisor only, which forwards it.
+        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        self.started = time.monotonic()
+        self.restart_at = None
+        log.info("started %s (pid %d, GPU %s)", self.spec.node, self.proc.pid,
+                 self.spec.gpu if self.spec.gpu is not None else "none")
+
+
+@dataclass
+class Supervisor:
+    children: list[_Child]
+    stopping: int = 0  # signals received
+    exit_code: int = 0
+    _poll_s: float = field(default=0.5)
+
+    @classmethod
+    def build(
+        cls, settings: Settings, specs: list[WorkerSpec], *, pool: str, concurrency: int,
+        loglevel: str = "INFO",
+    ) -> Supervisor:
+        return cls([
+            _Child(s, celery_argv(settings.queue, s.node, pool=pool, concurrency=concurrency,
+                                  loglevel=loglevel), child_env(s))
+            for s in specs
+        ])
+
+    def run(self) -> int:
+        """Start every child and wait until all have stopped; returns the exit code."""
+        previous = {sig: signal.signal(sig, self._on_signal)
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for child in self.children:
+                child.start()
+            while any(c.proc is not None or c.restart_at is not None for c in self.children):
+                for child in self.children:
+                    self._tend(child)
+                time.sleep(self._poll_s)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+        return self.exit_code
+
+    def _tend(self, child: _Child) -> None:
+        now = time.monotonic()
+        if child.proc is None:
+            if child.restart_at is not None and now >= child.restart_at and not self.stopping:
+                child.start()
+            elif self.stopping:
+                child.restart_at = None
+            return
+        code = child.proc.poll()
+        if code is None:
+            return
+        child.proc = None
+        if self.stopping:
+            log.info("%s stopped (exit %d)", child.spec.node, code)
+            return
+        if code == MEMORY_RESTART_EXIT:
+            log.warning("%s stopped itself for the memory guard; starting it again",
+                        child.spec.node)
+            child.fast_crashes = 0
+            child.start()
+            return
+        child.fast_crashes = child.fast_crashes + 1 if now - child.started < FAST_CRASH_S else 1
+        if child.fast_crashes >= MAX_FAST_CRASHES:
+            log.error("%s exited %d, %d times right after start; not starting it again",
+                      child.spec.node, code, child.fast_crashes)
+            self.exit_code = code or 1
+            return
+        log.error("%s exited %d; starting it again in %.0fs", child.spec.node, code,
+                  CRASH_PAUSE_S)
+        child.restart_at = now + CRASH_PAUSE_S
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.stopping += 1
+        # First signal: warm shutdown (finish chunks in hand); second: cold (they return
+        # to the queue, delivered again by the broker).
+        forward = signal.SIGTERM if self.stopping == 1 else signal.SIGQUIT
+        log.warning("%s: %s shutdown of %d worker(s)", signal.Signals(signum).name,
+                    "warm" if forward == signal.SIGTERM else "cold", len(self.children))
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                child.proc.send_signal(forward)

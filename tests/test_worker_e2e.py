@@ -1,0 +1,55 @@
+"""A real worker processes a job end to end on real Redis and PostgreSQL."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine, select
+
+from db.models import Capture, Classification, Detection
+from tests.worker_jobs import (
+    BOXES_PER_IMAGE,
+    ENDED,
+    chunk_rows,
+    detections_per_capture,
+    item_states,
+    job_state,
+    make_job,
+    send,
+    worker_env,
+    write_jpegs,
+)
+from tests.worker_process import wait_for, worker_factory  # noqa: F401
+
+
+def test_job_processed_end_to_end_with_boxes_inside_their_images(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory  # noqa: F811
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 10, 160, 120)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=4)
+    env = worker_env(service_env)
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    wait_for(lambda: job_state(clean_pg, job.job_id) in ENDED, 120, "job end",
+             on_timeout=worker.tail)
+    assert job_state(clean_pg, job.job_id) == "done", worker.tail()
+
+    assert item_states(clean_pg, job.job_id) == {"done": 10}
+    assert detections_per_capture(clean_pg, job.job_id) == {
+        cid: BOXES_PER_IMAGE for cid in detections_per_capture(clean_pg, job.job_id)
+    }
+    with clean_pg.connect() as conn:
+        sizes = dict(conn.execute(select(Capture.id, Capture.width)).all())
+        assert set(sizes.values()) == {160}
+        boxes = conn.execute(
+            select(Detection.x1, Detection.y1, Detection.x2, Detection.y2)
+        ).all()
+        n_classified = conn.scalar(select(Classification.id).limit(1))
+    assert len(boxes) == 10 * BOXES_PER_IMAGE
+    for x1, y1, x2, y2 in boxes:
+        assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
+    assert n_classified is not None
+    for chunk in chunk_rows(clean_pg, job.job_id):
+        assert chunk.state == "done" and chunk.n_done == chunk.n_items
+        assert chunk.gpu_s is not None and chunk.write_s is not None and chunk.metrics

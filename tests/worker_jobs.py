@@ -1,0 +1,134 @@
+"""Jobs for worker tests: small generated JPEGs, captures and a job in PostgreSQL, messages sent.
+
+Rows go in through the job store's own functions (db.imports, db.jobs) and messages through
+the producer's send_chunks, so a worker test sees exactly what `trapq enqueue` would send.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+from sqlalchemy import Engine, func, select
+
+from db.imports import get_or_create_deployment, insert_captures
+from db.jobs import create_job
+from db.models import Chunk, Detection, Job, JobCapture
+from db.session import make_sessionmaker
+from tasks.producer import send_chunks
+from tasks.settings import Settings
+
+BOXES_PER_IMAGE = 20  # the constant_boxes detector's grid
+ENDED = ("done", "failed", "cancelled")
+
+
+def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
+    """The zero-cost detector, a random tiny classifier, fast heartbeats and short retries."""
+    env = dict(service_env)
+    env.update(
+        TRAPQ_DETECTOR="constant_boxes",
+        TRAPQ_CLASSIFIER="demo_classifier",
+        TRAPQ_RANDOM_WEIGHTS="true",
+        TRAPQ_HEARTBEAT_S="0.5",
+        TRAPQ_WRITE_BATCH_SIZE="4",
+        TRAPQ_BATCH_SIZE="4",
+        TRAPQ_FETCH_THREADS="2",
+        TRAPQ_DECODE_THREADS="1",
+        TRAPQ_RETRY_BACKOFF_S="1",
+        TRAPQ_RETRY_BACKOFF_MAX_S="2",
+        MKL_NUM_THREADS="1",
+    )
+    env.update(overrides)
+    return env
+
+
+def settings_of(env: dict[str, str]) -> Settings:
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        data_dir=Path(env["TRAPQ_DATA_DIR"]),
+        database_url=env["TRAPQ_DATABASE_URL"],
+        broker_url=env["TRAPQ_BROKER_URL"],
+        result_backend=env["TRAPQ_RESULT_BACKEND"],
+        queue=env["TRAPQ_QUEUE"],
+    )
+
+
+def jpeg_bytes(width: int = 160, height: int = 120, seed: int = 0) -> bytes:
+    rng = random.Random(seed)
+    image = Image.new("RGB", (width, height), tuple(rng.randrange(256) for _ in range(3)))
+    for _ in range(6):
+        x, y = rng.randrange(width - 20), rng.randrange(height - 20)
+        image.paste(tuple(rng.randrange(256) for _ in range(3)), (x, y, x + 20, y + 20))
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=85)
+    return out.getvalue()
+
+
+def write_jpegs(folder: Path, n: int, width: int = 160, height: int = 120) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"img{i:05d}.jpg"
+        path.write_bytes(jpeg_bytes(width, height, seed=i))
+        paths.append(path)
+    return paths
+
+
+@dataclass(frozen=True)
+class TestJob:
+    job_id: int
+    chunk_ids: list[int]
+    n_captures: int
+
+
+def make_job(
+    engine: Engine, uris: list[str], *, chunk_size: int, deployment: str = "test-deployment"
+) -> TestJob:
+    factory = make_sessionmaker(engine)
+    with factory.begin() as s:
+        dep = get_or_create_deployment(s, deployment)
+        insert_captures(
+            s, dep, [{"uri": u, "captured_at": None, "width": None, "height": None} for u in uris]
+        )
+        plan = create_job(s, dep, pipeline={"test": True}, chunk_size=chunk_size)
+    return TestJob(plan.job_id, plan.chunk_ids, plan.n_captures)
+
+
+def send(env: dict[str, str], engine: Engine, chunk_ids: list[int]) -> None:
+    result = send_chunks(settings_of(env), make_sessionmaker(engine), chunk_ids)
+    assert result.sent == len(chunk_ids), result
+
+
+def item_states(engine: Engine, job_id: int) -> dict[str, int]:
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(
+                select(JobCapture.state, func.count())
+                .where(JobCapture.job_id == job_id)
+                .group_by(JobCapture.state)
+            ).all()
+        )
+
+
+def chunk_rows(engine: Engine, job_id: int) -> list[Chunk]:
+    with make_sessionmaker(engine)() as s:
+        return list(s.scalars(select(Chunk).where(Chunk.job_id == job_id).order_by(Chunk.seq)))
+
+
+def detections_per_capture(engine: Engine, job_id: int) -> dict[int, int]:
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(
+                select(Detection.capture_id, func.count())
+                .where(Detection.job_id == job_id)
+                .group_by(Detection.capture_id)
+            ).all()
+        )
+
+
+def job_state(engine: Engine, job_id: int) -> str:
+    with engine.connect() as conn:
+        return conn.scalar(select(Job.state).where(Job.id == job_id)) or ""
