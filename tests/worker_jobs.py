@@ -78,7 +78,7 @@ def write_jpegs(folder: Path, n: int, width: int = 160, height: int = 120) -> li
 
 
 @dataclass(frozen=True)
-class TestJob:
+class MadeJob:
     job_id: int
     chunk_ids: list[int]
     n_captures: int
@@ -86,7 +86,7 @@ class TestJob:
 
 def make_job(
     engine: Engine, uris: list[str], *, chunk_size: int, deployment: str = "test-deployment"
-) -> TestJob:
+) -> MadeJob:
     factory = make_sessionmaker(engine)
     with factory.begin() as s:
         dep = get_or_create_deployment(s, deployment)
@@ -94,7 +94,7 @@ def make_job(
             s, dep, [{"uri": u, "captured_at": None, "width": None, "height": None} for u in uris]
         )
         plan = create_job(s, dep, pipeline={"test": True}, chunk_size=chunk_size)
-    return TestJob(plan.job_id, plan.chunk_ids, plan.n_captures)
+    return MadeJob(plan.job_id, plan.chunk_ids, plan.n_captures)
 
 
 def send(env: dict[str, str], engine: Engine, chunk_ids: list[int]) -> None:
