@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import io
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +45,15 @@ def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
+
+
+def trapq(
+    env: dict[str, str], *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run the `trapq` command line as a user would."""
+    exe = Path(sys.executable).parent / "trapq"
+    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def settings_of(env: dict[str, str]) -> Settings:

@@ -1,0 +1,260 @@
+"""A real worker under faults: killed mid-chunk, database writes failing, bad input, pickle."""
+
+from __future__ import annotations
+
+import pickle
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import redis
+from kombu import Connection, Exchange, Queue
+from sqlalchemy import Engine, func, select, text
+
+from db.models import Detection, JobCapture
+from tasks.celery_app import PROCESS_CHUNK
+from tests.worker_jobs import (
+    BOXES_PER_IMAGE,
+    ENDED,
+    chunk_rows,
+    detections_per_capture,
+    item_states,
+    job_state,
+    jpeg_bytes,
+    make_job,
+    send,
+    trapq,
+    worker_env,
+    write_jpegs,
+)
+from tests.worker_process import wait_for, worker_factory  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _wait_job_end(engine: Engine, job_id: int, worker: object, timeout: float = 120) -> str:
+    wait_for(lambda: job_state(engine, job_id) in ENDED, timeout, f"job {job_id} to end",
+             on_timeout=worker.tail)  # type: ignore[attr-defined]
+    return job_state(engine, job_id)
+
+
+def _assert_every_capture_once(engine: Engine, job_id: int, n: int) -> None:
+    assert item_states(engine, job_id) == {"done": n}
+    per_capture = detections_per_capture(engine, job_id)
+    assert len(per_capture) == n
+    assert set(per_capture.values()) == {BOXES_PER_IMAGE}
+
+
+@pytest.fixture
+def slow_image_server() -> Iterator[str]:
+    """HTTP server of small JPEGs that takes 0.25 s per image, so a chunk lasts seconds."""
+    body = jpeg_bytes(160, 120)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            time.sleep(0.25)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_worker_killed_mid_chunk_then_restarted_loses_and_doubles_nothing(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, slow_image_server: str,  # noqa: F811
+) -> None:
+    # Redis hands an unacknowledged message out again once it is older than the visibility
+    # timeout; a short one keeps this test short.
+    env = worker_env(
+        service_env,
+        TRAPQ_VISIBILITY_TIMEOUT_S="12",
+        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
+        TRAPQ_CHUNK_TIME_LIMIT_S="11",
+        TRAPQ_FETCH_THREADS="1",
+        TRAPQ_WRITE_BATCH_SIZE="2",
+    )
+    n = 24
+    job = make_job(clean_pg, [f"{slow_image_server}/img{i}.jpg" for i in range(n)], chunk_size=n)
+    first = worker_factory(env, concurrency=1).start()
+    send(env, clean_pg, job.chunk_ids)
+    wait_for(lambda: item_states(clean_pg, job.job_id).get("done", 0) >= 4, 60,
+             "some captures done", on_timeout=first.tail)
+    first.kill()
+    killed_at = time.monotonic()
+    done_at_kill = item_states(clean_pg, job.job_id).get("done", 0)
+    assert done_at_kill < n, "the chunk ended before the kill; slow the server down"
+
+    time.sleep(max(0.0, killed_at + 13 - time.monotonic()))
+    second = worker_factory(env, concurrency=1).start()
+    assert _wait_job_end(clean_pg, job.job_id, second) == "done"
+
+    _assert_every_capture_once(clean_pg, job.job_id, n)
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert chunk.state == "done" and chunk.deliveries == 2
+
+
+@pytest.fixture
+def failing_detection_writes(clean_pg: Engine) -> Iterator[callable]:
+    """A trigger that makes every INSERT into detections fail as a serialization failure,
+    the error PostgreSQL asks clients to retry; the returned function removes it."""
+    with clean_pg.begin() as conn:
+        conn.execute(text(
+            "CREATE FUNCTION trapq_test_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'injected write failure' USING ERRCODE = '40001'; END $$"
+        ))
+        conn.execute(text(
+            "CREATE TRIGGER trapq_test_fail BEFORE INSERT ON detections "
+            "FOR EACH STATEMENT EXECUTE FUNCTION trapq_test_fail()"
+        ))
+
+    def heal() -> None:
+        with clean_pg.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS trapq_test_fail ON detections"))
+            conn.execute(text("DROP FUNCTION IF EXISTS trapq_test_fail()"))
+
+    yield heal
+    heal()
+
+
+def test_chunk_whose_writes_fail_for_a_while_retries_and_succeeds(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    failing_detection_writes,
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 4)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=4)
+    env = worker_env(service_env, TRAPQ_MAX_RETRIES="10")
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    wait_for(lambda: "retry 2" in (chunk_rows(clean_pg, job.job_id)[0].error or ""), 60,
+             "a second retry", on_timeout=worker.tail)
+    failing_detection_writes()
+    assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
+
+    _assert_every_capture_once(clean_pg, job.job_id, 4)
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert chunk.attempts >= 3 and chunk.error is None
+
+
+def test_chunk_failing_past_its_retries_is_failed_then_requeued_to_done(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    failing_detection_writes,
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 4)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=4)
+    env = worker_env(service_env, TRAPQ_MAX_RETRIES="1")
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    assert _wait_job_end(clean_pg, job.job_id, worker) == "failed"
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert chunk.state == "failed" and chunk.attempts == 2
+    assert "gave up after 1 retries" in chunk.error and "injected write failure" in chunk.error
+    assert item_states(clean_pg, job.job_id) == {"failed": 4}
+
+    failing_detection_writes()
+    out = trapq(env, "requeue", str(job.job_id), "--failed")
+    assert out.returncode == 0, out.stderr
+    assert "requeued 1 failed, 0 pending, 0 stuck" in out.stdout
+    assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
+    _assert_every_capture_once(clean_pg, job.job_id, 4)
+
+
+def test_corrupt_and_missing_images_fail_alone_while_their_chunk_is_done(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+) -> None:
+    good = write_jpegs(tmp_path / "images", 4)
+    truncated = tmp_path / "images" / "truncated.jpg"
+    truncated.write_bytes(jpeg_bytes()[:300])
+    text_file = tmp_path / "images" / "notes.jpg"
+    text_file.write_text("not an image at all")
+    empty = tmp_path / "images" / "empty.jpg"
+    empty.write_bytes(b"")
+    missing = tmp_path / "images" / "missing.jpg"
+    bad = [truncated, text_file, empty, missing]
+    job = make_job(clean_pg, [str(p) for p in good + bad], chunk_size=8)
+    env = worker_env(service_env)
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert (chunk.state, chunk.n_done, chunk.n_failed) == ("done", 4, 4)
+    with clean_pg.connect() as conn:
+        from db.models import Capture
+
+        rows = conn.execute(
+            select(Capture.uri, JobCapture.state, JobCapture.error_kind, JobCapture.error)
+            .join(Capture, Capture.id == JobCapture.capture_id)
+        ).all()
+    by_uri = {uri: (state, kind, error) for uri, state, kind, error in rows}
+    for path in good:
+        assert by_uri[str(path)][0] == "done"
+    for path in bad:
+        state, kind, error = by_uri[str(path)]
+        assert state == "failed" and error, (path, by_uri[str(path)])
+    assert by_uri[str(missing)][1] == "missing"
+    assert {by_uri[str(p)][1] for p in (truncated, text_file, empty)} == {"undecodable"}
+    assert set(detections_per_capture(clean_pg, job.job_id).values()) == {BOXES_PER_IMAGE}
+
+
+class _RunsOnUnpickle:
+    """Unpickling this creates a file: proof that a pickle body would have run code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        return (Path.touch, (self.marker,))
+
+
+def test_task_message_with_a_pickle_body_is_refused(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    redis_url: str, queue_name: str,
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 2)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
+    env = worker_env(service_env)
+    worker = worker_factory(env).start()
+    marker = tmp_path / "unpickled"
+    task_id = str(uuid.uuid4())
+    body = pickle.dumps(([job.chunk_ids[0], _RunsOnUnpickle(marker)], {}, {}))
+    exchange = Exchange(queue_name, "direct")
+    with Connection(redis_url) as conn:
+        conn.Producer().publish(
+            body,
+            exchange=exchange,
+            routing_key=queue_name,
+            declare=[Queue(queue_name, exchange, routing_key=queue_name)],
+            content_type="application/x-python-serialize",
+            content_encoding="binary",
+            headers={"lang": "py", "task": PROCESS_CHUNK, "id": task_id, "root_id": task_id,
+                     "retries": 0, "argsrepr": "", "kwargsrepr": ""},
+        )
+    wait_for(lambda: "untrusted content" in worker.log_text(), 30, "the refusal",
+             on_timeout=worker.tail)
+    client = redis.Redis.from_url(redis_url)
+    assert client.llen(queue_name) == 0
+    client.close()
+    assert not marker.exists()
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert (chunk.state, chunk.deliveries) == ("pending", 0)
+
+    send(env, clean_pg, job.chunk_ids)  # the worker is still alive and takes JSON
+    assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
+    with clean_pg.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Detection)) == 2 * BOXES_PER_IMAGE
