@@ -345,15 +345,20 @@ class Engine:
             else:
                 ready.append((pending, image))
         outcomes = self._detect_splitting(ready)
+        # Frames go before their share of the bound does: else a finished batch's frames live
+        # on (here, and in _loop's batch while it waits) beside the new ones that the released
+        # shares let in, up to bound + batch_size decoded frames.
+        sizes = [(image.shape[-1], image.shape[-2]) for _, image in ready]
+        done = [pending for pending, _ in ready]
+        del ready, image
         elapsed = time.perf_counter() - t0
         with self._stats_lock:
             self._busy_s += elapsed
             self._batches += 1
             self._images += len(batch)
         share = elapsed / max(1, len(batch))
-        for (pending, image), outcome in zip(ready, outcomes, strict=True):
+        for pending, (w, h), outcome in zip(done, sizes, outcomes, strict=True):
             pending.run.add_times(gpu_s=share)
-            h, w = image.shape[-2:]
             if isinstance(outcome, str):
                 self._fail(
                     pending.run,
@@ -390,7 +395,7 @@ class Engine:
                 images[i] = p.image.to(self.device, non_blocking=True)
             except ItemFailure as e:
                 images[i] = e
-            p.encoded = None
+            p.encoded = p.image = None  # the batch's list holds the frame from here
         return images  # type: ignore[return-value]
 
     def _detect_splitting(
