@@ -25,6 +25,7 @@ from tasks.settings import Settings
 
 BOXES_PER_IMAGE = 20  # the constant_boxes detector's grid
 ENDED = ("done", "failed", "cancelled")
+TRAPQ = str(Path(sys.executable).parent / "trapq")  # the console script of this environment
 
 
 def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
@@ -51,8 +52,7 @@ def trapq(
     env: dict[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     """Run the `trapq` command line as a user would."""
-    exe = Path(sys.executable).parent / "trapq"
-    return subprocess.run([str(exe), *args], env=env, capture_output=True, text=True,
+    return subprocess.run([TRAPQ, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -1,0 +1,156 @@
+"""`trapq worker`, `export` and `cancel` as a user runs them, against real services."""
+
+from __future__ import annotations
+
+import csv
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import redis
+from sqlalchemy import Engine, select
+
+from db.models import Capture, Chunk, Classification, Detection
+from tasks.supervisor import plan_workers
+from tests.worker_jobs import (
+    ENDED,
+    TRAPQ,
+    chunk_rows,
+    item_states,
+    job_state,
+    make_job,
+    send,
+    trapq,
+    worker_env,
+    write_jpegs,
+)
+from tests.worker_process import WorkerProcess, wait_for, worker_factory  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+def _db_rows(engine: Engine, job_id: int) -> list[tuple]:
+    with engine.connect() as conn:
+        dets = conn.execute(
+            select(Detection.id, Capture.uri, Detection.x1, Detection.y1, Detection.x2,
+                   Detection.y2, Detection.score, Detection.label)
+            .join(Capture, Capture.id == Detection.capture_id)
+            .where(Detection.job_id == job_id)
+        ).all()
+        classes = {
+            det_id: (label, score)
+            for det_id, label, score in conn.execute(
+                select(Classification.detection_id, Classification.label, Classification.score)
+            )
+        }
+    return sorted(
+        (uri, x1, y1, x2, y2, score, label, *classes[det_id])
+        for det_id, uri, x1, y1, x2, y2, score, label in dets
+    )
+
+
+def test_export_csv_and_jsonl_match_the_rows_in_the_database(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 3)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=3)
+    env = worker_env(service_env)
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+    wait_for(lambda: job_state(clean_pg, job.job_id) == "done", 120, "job done",
+             on_timeout=worker.tail)
+    expected = _db_rows(clean_pg, job.job_id)
+    assert len(expected) == 3 * 20
+
+    out_csv, out_jsonl = tmp_path / "d.csv", tmp_path / "d.jsonl"
+    for fmt, out in (("csv", out_csv), ("jsonl", out_jsonl)):
+        done = trapq(env, "export", str(job.job_id), "--format", fmt, "-o", str(out))
+        assert done.returncode == 0, done.stderr
+
+    with out_csv.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(
+        (r["uri"], float(r["x1"]), float(r["y1"]), float(r["x2"]), float(r["y2"]),
+         float(r["score"]), r["label"], r["demo_classifier_label"],
+         float(r["demo_classifier_score"]))
+        for r in rows
+    ) == expected
+    records = [json.loads(line) for line in out_jsonl.read_text().splitlines()]
+    assert sorted(
+        (r["uri"], *r["box"], r["score"], r["label"],
+         r["classifications"]["demo_classifier"]["label"],
+         r["classifications"]["demo_classifier"]["score"])
+        for r in records
+    ) == expected
+
+
+def test_export_of_an_unknown_job_is_one_line_error(service_env: dict[str, str]) -> None:
+    done = trapq(service_env, "export", "999", "--format", "csv")
+    assert done.returncode == 1
+    assert "no job 999" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cancelled_job_is_revoked_and_its_chunks_are_skipped(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    redis_url: str, queue_name: str,
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 4)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
+    env = worker_env(service_env)
+    send(env, clean_pg, job.chunk_ids)
+
+    done = trapq(env, "cancel", str(job.job_id))
+    assert done.returncode == 0, done.stderr
+    assert "2 chunk(s) cancelled, 2 task(s) revoked" in done.stdout
+
+    worker = worker_factory(env).start()
+    client = redis.Redis.from_url(redis_url)
+    wait_for(lambda: client.llen(queue_name) == 0 and worker.log_text().count("not run") == 2,
+             60, "both messages taken and skipped", on_timeout=worker.tail)
+    client.close()
+    assert job_state(clean_pg, job.job_id) == "cancelled"
+    assert {c.state for c in chunk_rows(clean_pg, job.job_id)} == {"cancelled"}
+    assert item_states(clean_pg, job.job_id) == {"pending": 4}
+
+
+def test_gpus_option_plans_one_pinned_worker_per_gpu_without_touching_cuda() -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "2,3"}
+    assert [(w.node, w.gpu) for w in plan_workers("all", env)] == [
+        ("gpu2@%h", "2"), ("gpu3@%h", "3")
+    ]
+    assert [w.node for w in plan_workers("cpu", env)] == ["cpu@%h"]
+    assert [w.node for w in plan_workers("all", {"CUDA_VISIBLE_DEVICES": ""})] == ["cpu@%h"]
+    assert [w.gpu for w in plan_workers("0,1", env)] == ["0", "1"]
+    with pytest.raises(ValueError):
+        plan_workers("first", env)
+
+
+def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on_ctrl_c(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine,
+) -> None:
+    paths = write_jpegs(tmp_path / "images", 6)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
+    # Any real worker is past 1 MB, so each one stops after its first chunk.
+    env = worker_env(service_env, TRAPQ_MAX_MEMORY_MB="1")
+    argv = [TRAPQ, "worker", "--gpus", "cpu", "--concurrency", "1"]
+    supervisor = WorkerProcess(env, tmp_path / "trapq-worker.log", argv=argv)
+    try:
+        supervisor.start()
+        send(env, clean_pg, job.chunk_ids)
+        wait_for(lambda: job_state(clean_pg, job.job_id) in ENDED, 180, "job end",
+                 on_timeout=supervisor.tail)
+        assert job_state(clean_pg, job.job_id) == "done"
+        assert supervisor.log_text().count("memory guard; starting it again") >= 2
+        assert "cpu@" in supervisor.log_text()
+
+        supervisor.signal(signal.SIGINT)
+        assert supervisor.wait(60) == 0
+    finally:
+        supervisor.kill()
+    with clean_pg.connect() as conn:
+        workers = set(conn.scalars(select(Chunk.worker)))
+    assert all(w.startswith("cpu@") for w in workers)
+    leftover = subprocess.run(["pgrep", "-f", "--", f"--queues {env['TRAPQ_QUEUE']}"])
+    assert leftover.returncode == 1, "a worker outlived trapq worker"
