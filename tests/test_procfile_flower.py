@@ -4,7 +4,7 @@ Real processes against the real PostgreSQL and Redis: honcho starts `worker` and
 operator would, the job is imported and enqueued through the `trapq` CLI, and everything is read
 back through Flower's HTTP API with basic auth: the worker online, every chunk task SUCCESS,
 the PROGRESS events the chunks sent, Prometheus metrics, and re-sending one chunk through
-`/api/task/send-task` as the README shows.
+`/api/task/async-apply` as the README shows.
 """
 
 from __future__ import annotations
@@ -122,10 +122,15 @@ def procfile_env(service_env: dict[str, str]) -> dict[str, str]:
         FLOWER_PASSWORD=AUTH[1],
         FLOWER_PORT=str(free_port()),
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
-        # Small models with seeded random weights: this test is about the processes, not
-        # accuracy; frequent heartbeats so even a short chunk reports progress.
+        # A zero-cost detector and a small random classifier: this test is about the
+        # processes, not accuracy; frequent heartbeats so even a short chunk reports progress.
+        TRAPQ_DETECTOR="constant_boxes",
+        TRAPQ_CLASSIFIER="demo_classifier",
         TRAPQ_RANDOM_WEIGHTS="true",
         TRAPQ_HEARTBEAT_S="0.2",
+        TRAPQ_BATCH_SIZE="2",
+        TRAPQ_FETCH_THREADS="2",
+        TRAPQ_DECODE_THREADS="1",
     )
     return env
 
@@ -210,23 +215,10 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
     listed = flower.api("/api/tasks", taskname=PROCESS_CHUNK)
     assert {task_id for _, task_id in chunks} <= listed.keys()
 
-    # /metrics is open to Prometheus; the API is not open without the password.
-    metrics = flower.get("/metrics", auth=None)
-    assert metrics.status_code == 200
-    progress = [
-        line for line in metrics.text.splitlines()
-        if line.startswith("flower_events_total{")
-        and 'type="task-progress"' in line and f'task="{PROCESS_CHUNK}"' in line
-        and any(f'worker="{w}"' in line for w in workers)
-    ]
-    assert sum(float(line.rsplit(" ", 1)[1]) for line in progress) >= len(chunks), metrics.text
-    assert flower.get("/api/workers", auth=None).status_code == 401
-    assert flower.get("/api/tasks", auth=("operator", "wrong")).status_code == 401
-
     # Re-send one chunk from Flower's API, as the README shows: it runs again and succeeds.
     chunk_id, _ = chunks[0]
     sent = requests.post(
-        f"{flower.base}/api/task/send-task/{PROCESS_CHUNK}",
+        f"{flower.base}/api/task/async-apply/{PROCESS_CHUNK}",
         json={"args": [chunk_id]}, auth=AUTH, timeout=10,
     )
     assert sent.status_code == 200, sent.text
@@ -237,3 +229,17 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
         return response.status_code == 200 and response.json()["state"] == "SUCCESS" or None
 
     wait_for(resent_succeeded, JOB_S, "SUCCESS of the re-sent chunk", honcho)
+
+    # /metrics is open to Prometheus; the API is not open without the password.
+    assert flower.get("/api/workers", auth=None).status_code == 401
+    assert flower.get("/api/tasks", auth=("operator", "wrong")).status_code == 401
+    metrics = flower.get("/metrics", auth=None)
+    assert metrics.status_code == 200
+    # Each chunk's progress reports reach Flower as task-progress events (state PROGRESS).
+    progress = [
+        line for line in metrics.text.splitlines()
+        if line.startswith("flower_events_total{")
+        and 'type="task-progress"' in line and f'task="{PROCESS_CHUNK}"' in line
+        and any(f'worker="{w}"' in line for w in workers)
+    ]
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in progress) >= len(chunks), progress
