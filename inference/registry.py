@@ -284,7 +284,10 @@ def load_model(
     if spec.num_classes_key is None or random_weights or not source:
         if spec.num_classes_key is not None and not random_weights:
             raise W.WeightsError(f"'{name}' needs weights: give a file or URL")
-        module = builder(num_classes=spec.num_classes, **build_kwargs)
+        # Seeded, so every worker process of a job builds the same random model.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = builder(num_classes=spec.num_classes, **build_kwargs)
         version = "builtin" if spec.num_classes_key is None else "random"
         return _ready(LoadedModel(module, spec, label_list, version, spec.num_classes), device)
     ckpt = W.load_checkpoint(W.resolve(source, cache_dir), sha256)
