@@ -8,6 +8,7 @@ dependencies, GPU reservation and Flower credentials that production relies on.
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shlex
 import tomllib
@@ -243,3 +244,20 @@ def test_dockerfile_installs_the_torch_builds_pyproject_pins() -> None:
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     for pattern in packages["packages"]["find"]["include"]:
         assert pattern.rstrip("*") in copied, f"the image lacks the {pattern} package"
+
+
+def test_readme_settings_table_is_the_one_generated_from_settings() -> None:
+    script = ROOT / "bench" / "settings_table.py"
+    spec = importlib.util.spec_from_file_location("settings_table", script)
+    assert spec is not None and spec.loader is not None
+    generator = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generator)
+    assert (ROOT / "README.md").is_file(), "README.md is missing; it holds the settings table"
+    readme = (ROOT / "README.md").read_text()
+    assert generator.settings_block() in readme, (
+        "README.md's settings table is stale: run .venv/bin/python bench/settings_table.py "
+        "--write README.md"
+    )
+    documented = set(re.findall(r"`(TRAPQ_[A-Z0-9_]+)`", generator.settings_table()))
+    assert documented == {f"TRAPQ_{name.upper()}" for name in Settings.model_fields}
+
