@@ -8,7 +8,7 @@ from datetime import datetime
 from itertools import islice
 from typing import Any, TypedDict
 
-from sqlalchemy import Insert, select
+from sqlalchemy import Insert, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -47,11 +47,13 @@ def get_or_create_deployment(session: Session, name: str) -> int:
 def insert_captures(
     session: Session, deployment_id: int, rows: Iterable[CaptureRow], batch: int = IMPORT_BATCH
 ) -> ImportCounts:
-    """Insert rows in batches; a (deployment, uri) already recorded is skipped, not updated.
+    """Insert rows; a (deployment, uri) already recorded is skipped, not updated.
 
-    Each batch is one multi-row INSERT ... ON CONFLICT DO NOTHING RETURNING id, so the count
-    of added rows is exact even when another import runs at the same time.
+    The counts are exact even while another import runs: they come from what the
+    INSERT ... ON CONFLICT DO NOTHING itself reports.
     """
+    if session.get_bind().dialect.name == "postgresql":
+        return _copy_captures(session, deployment_id, rows)
     table = Capture.__table__
     stmt = (
         _insert_ignore(session, table)
@@ -64,6 +66,38 @@ def insert_captures(
         params = [{"deployment_id": deployment_id, **row} for row in part]
         added += len(conn.execute(stmt, params).all())
         seen += len(params)
+    return ImportCounts(added=added, skipped=seen - added)
+
+
+def _copy_captures(
+    session: Session, deployment_id: int, rows: Iterable[CaptureRow]
+) -> ImportCounts:
+    """PostgreSQL: COPY the rows into a temporary table, then one INSERT ... SELECT.
+
+    COPY streams (memory stays flat) and is several times faster than multi-row INSERTs.
+    """
+    conn = session.connection()
+    conn.exec_driver_sql(
+        "CREATE TEMPORARY TABLE IF NOT EXISTS capture_import "
+        "(uri text, captured_at timestamptz, width integer, height integer) ON COMMIT DROP"
+    )
+    conn.exec_driver_sql("TRUNCATE capture_import")
+    seen = 0
+    with conn.connection.driver_connection.cursor() as cur:  # type: ignore[union-attr]
+        with cur.copy("COPY capture_import (uri, captured_at, width, height) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row((row["uri"], row["captured_at"], row["width"], row["height"]))
+                seen += 1
+    added = conn.execute(
+        text(
+            "INSERT INTO captures (deployment_id, uri, captured_at, width, height) "
+            "SELECT :deployment_id, uri, captured_at, width, height FROM capture_import "
+            "ON CONFLICT (deployment_id, uri) DO NOTHING"
+        ),
+        {"deployment_id": deployment_id},
+        execution_options={"preserve_rowcount": True},
+    ).rowcount
+    conn.exec_driver_sql("TRUNCATE capture_import")
     return ImportCounts(added=added, skipped=seen - added)
 
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 from celery.utils import uuid
-from kombu.exceptions import KombuError, OperationalError
+from kombu.exceptions import KombuError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.imports import find_deployment
@@ -25,8 +25,8 @@ from tasks.cli_app import UserError
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
 
-MARK_EVERY = 1000  # chunks recorded as queued per transaction while sending
-GIVE_UP_AFTER = 3  # consecutive failed sends that mean the broker is gone
+SEND_BATCH = 500  # messages per broker round trip, and chunks marked queued per transaction
+GIVE_UP_AFTER = 3  # failed batches in a row that mean the broker is gone
 
 
 @dataclass(frozen=True)
@@ -79,46 +79,42 @@ def send_chunks(
 ) -> SendResult:
     """Send one message per chunk (body: the chunk id) over one producer connection.
 
-    Sent chunks get their task id and, if still `pending`, the state `queued`, in batches.
-    A chunk whose send fails stays `pending`; after a few failures in a row the broker is
-    taken to be gone and the remaining chunks are left `pending` without trying. Callers that
+    Messages go out in batches (Kombu's Producer.batch: one Redis pipeline per batch, other
+    transports publish at once); after each batch its chunks get their task ids and, if still
+    `pending`, the state `queued`, in one transaction. A batch that fails leaves its chunks
+    `pending` (a pipeline that broke half-way may have delivered some: the worker's chunk
+    claim makes such a second delivery harmless). After a few failed batches in a row the
+    broker is taken to be gone and the remaining chunks stay `pending` untried. Callers that
     resend a chunk (requeue) set it back to `pending` first.
     """
     app = producer_app(settings)
-    sent: list[tuple[int, str]] = []
     n_sent = n_failed = in_a_row = 0
     error = ""
-
-    def mark() -> None:
-        with database_errors(settings.database_url), session_factory.begin() as session:
-            mark_chunks_queued(session, sent, datetime.now(UTC))
-        sent.clear()
-
     with app.producer_or_acquire() as producer:
-        for i, chunk_id in enumerate(chunk_ids):
-            task_id = uuid()
+        for start in range(0, len(chunk_ids), SEND_BATCH):
+            part = [(chunk_id, uuid()) for chunk_id in chunk_ids[start : start + SEND_BATCH]]
             try:
-                app.send_task(
-                    PROCESS_CHUNK,
-                    args=[chunk_id],
-                    queue=settings.queue,
-                    task_id=task_id,
-                    producer=producer,
-                )
-            except (OperationalError, KombuError, OSError) as e:
-                n_failed += 1
+                with producer.batch(max_size=4 * SEND_BATCH):
+                    for chunk_id, task_id in part:
+                        app.send_task(
+                            PROCESS_CHUNK,
+                            args=[chunk_id],
+                            queue=settings.queue,
+                            task_id=task_id,
+                            producer=producer,
+                        )
+            except (KombuError, OSError) as e:
+                n_failed += len(part)
                 in_a_row += 1
-                error = str(e) or type(e).__name__
+                error = str(e.__cause__ or e) or type(e).__name__
                 if in_a_row >= GIVE_UP_AFTER:
-                    n_failed += len(chunk_ids) - i - 1
+                    n_failed += len(chunk_ids) - start - len(part)
                     break
                 continue
             in_a_row = 0
-            n_sent += 1
-            sent.append((chunk_id, task_id))
-            if len(sent) >= MARK_EVERY:
-                mark()
-    mark()
+            n_sent += len(part)
+            with database_errors(settings.database_url), session_factory.begin() as session:
+                mark_chunks_queued(session, part, datetime.now(UTC))
     return SendResult(sent=n_sent, failed=n_failed, error=error)
 
 

@@ -1,0 +1,295 @@
+"""Enqueue: a job's chunks in PostgreSQL, one JSON message per chunk on the Redis queue."""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import redis
+from celery import Celery
+from kombu.exceptions import OperationalError
+from sqlalchemy import Engine, text
+
+import tasks.producer as producer
+from db.imports import CaptureRow, get_or_create_deployment, insert_captures
+from db.jobs import create_job
+from db.session import make_sessionmaker
+from tasks.celery_app import PROCESS_CHUNK
+from tasks.settings import Settings
+from tests.trapq_cli import one_line_error, trapq
+
+T0 = datetime(2024, 6, 1, 21, 0, tzinfo=UTC)
+
+
+def minute(i: int) -> datetime:
+    return T0 + timedelta(minutes=i)
+
+
+def add_captures(engine: Engine, deployment: str, n: int) -> None:
+    """Captures taken one a minute from T0, inserted in reverse so ids and time disagree."""
+    rows = (
+        CaptureRow(
+            uri=f"s3://trap/{deployment}/{i:05d}.jpg",
+            captured_at=minute(i),
+            width=None,
+            height=None,
+        )
+        for i in reversed(range(n))
+    )
+    with make_sessionmaker(engine).begin() as session:
+        insert_captures(session, get_or_create_deployment(session, deployment), rows)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, pg_url: str, redis_url: str, queue_name: str) -> Settings:
+    return Settings(
+        data_dir=tmp_path,
+        database_url=pg_url,
+        broker_url=redis_url,
+        result_backend=redis_url,
+        queue=queue_name,
+    )
+
+
+@pytest.fixture
+def queue(redis_url: str, queue_name: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def messages(client: redis.Redis, queue_name: str) -> list[dict[str, object]]:
+    """The task messages waiting on the queue, oldest first, with their bodies decoded."""
+    out = []
+    for raw in reversed(client.lrange(queue_name, 0, -1)):
+        envelope = json.loads(raw)
+        assert envelope["content-type"] == "application/json"
+        assert envelope["properties"]["body_encoding"] == "base64"
+        args, kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        out.append(
+            {
+                "task": envelope["headers"]["task"],
+                "id": envelope["headers"]["id"],
+                "args": args,
+                "kwargs": kwargs,
+            }
+        )
+    return out
+
+
+def chunk_rows(engine: Engine, job_id: int) -> list[tuple[int, int, str, str | None, int]]:
+    with engine.connect() as conn:
+        return [
+            tuple(r)  # type: ignore[misc]
+            for r in conn.execute(
+                text(
+                    "SELECT c.id, c.n_items, c.state, c.task_id, "
+                    "(SELECT count(*) FROM job_captures jc WHERE jc.chunk_id = c.id) "
+                    "FROM chunks c WHERE c.job_id = :job ORDER BY c.seq"
+                ),
+                {"job": job_id},
+            )
+        ]
+
+
+def test_enqueue_puts_every_capture_in_exactly_one_chunk_and_one_message_per_chunk(
+    settings: Settings, clean_pg: Engine, queue: redis.Redis, queue_name: str
+) -> None:
+    add_captures(clean_pg, "trap-a", 150)
+
+    result = producer.enqueue(settings, "trap-a", chunk_size=64)
+
+    assert (result.n_captures, result.n_chunks, result.sent, result.failed) == (150, 3, 3, 0)
+    chunks = chunk_rows(clean_pg, result.job_id)  # type: ignore[arg-type]
+    assert [(n_items, state, members) for _, n_items, state, _, members in chunks] == [
+        (64, "queued", 64),
+        (64, "queued", 64),
+        (22, "queued", 22),
+    ]
+    with clean_pg.connect() as conn:
+        per_capture = conn.execute(
+            text(
+                "SELECT c.captured_at, count(jc.chunk_id), min(ch.seq) FROM captures c "
+                "LEFT JOIN job_captures jc ON jc.capture_id = c.id "
+                "LEFT JOIN chunks ch ON ch.id = jc.chunk_id "
+                "GROUP BY c.id, c.captured_at ORDER BY c.captured_at"
+            )
+        ).all()
+    assert [n for _, n, _ in per_capture] == [1] * 150
+    # chunks hold neighbouring frames: the first 64 minutes are chunk 0, and so on
+    assert [seq for _, _, seq in per_capture] == [i // 64 for i in range(150)]
+    assert messages(queue, queue_name) == [
+        {"task": PROCESS_CHUNK, "id": task_id, "args": [chunk_id], "kwargs": {}}
+        for chunk_id, _, _, task_id, _ in chunks
+    ]
+
+
+def test_enqueue_takes_only_captures_in_the_time_window_up_to_the_limit(
+    settings: Settings, clean_pg: Engine, queue: redis.Redis, queue_name: str
+) -> None:
+    add_captures(clean_pg, "trap-a", 200)
+    add_captures(clean_pg, "trap-b", 50)
+
+    result = producer.enqueue(
+        settings, "trap-a", since=minute(10), until=minute(100), limit=50, chunk_size=16
+    )
+
+    assert (result.n_captures, result.n_chunks) == (50, 4)
+    with clean_pg.connect() as conn:
+        taken = (
+            conn.execute(
+                text(
+                    "SELECT c.captured_at FROM job_captures jc "
+                    "JOIN captures c ON c.id = jc.capture_id "
+                    "WHERE jc.job_id = :job ORDER BY c.captured_at"
+                ),
+                {"job": result.job_id},
+            )
+            .scalars()
+            .all()
+        )
+    assert taken == [minute(i) for i in range(10, 60)]
+    assert [n for _, n, _, _, _ in chunk_rows(clean_pg, result.job_id)] == [16, 16, 16, 2]  # type: ignore[arg-type]
+    assert len(messages(queue, queue_name)) == 4
+
+
+def test_only_unprocessed_skips_captures_done_by_a_job_with_the_same_pipeline(
+    settings: Settings, clean_pg: Engine
+) -> None:
+    add_captures(clean_pg, "trap-a", 100)
+    first = producer.enqueue(settings, "trap-a", chunk_size=10)
+    with clean_pg.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE job_captures SET state = 'done' WHERE job_id = :job AND capture_id IN "
+                "(SELECT capture_id FROM job_captures WHERE job_id = :job "
+                "ORDER BY capture_id LIMIT 30)"
+            ),
+            {"job": first.job_id},
+        )
+
+    again = producer.enqueue(settings, "trap-a", chunk_size=10, only_unprocessed=True)
+    other_model = settings.model_copy(update={"box_threshold": 0.3})
+    new_pipeline = producer.enqueue(other_model, "trap-a", chunk_size=10, only_unprocessed=True)
+
+    assert again.n_captures == 70
+    assert new_pipeline.n_captures == 100
+
+
+def test_dry_run_counts_but_creates_and_sends_nothing(
+    settings: Settings, clean_pg: Engine, queue: redis.Redis, queue_name: str
+) -> None:
+    add_captures(clean_pg, "trap-a", 100)
+
+    result = producer.enqueue(settings, "trap-a", chunk_size=64, dry_run=True)
+
+    assert (result.job_id, result.n_captures, result.n_chunks) == (None, 100, 2)
+    with clean_pg.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 0
+    assert messages(queue, queue_name) == []
+
+
+def test_chunks_whose_messages_cannot_be_sent_stay_pending(
+    settings: Settings, clean_pg: Engine, queue: redis.Redis, queue_name: str
+) -> None:
+    add_captures(clean_pg, "trap-a", 40)
+    with make_sessionmaker(clean_pg).begin() as session:
+        deployment_id = get_or_create_deployment(session, "trap-a")
+        plan = create_job(session, deployment_id, pipeline={}, chunk_size=10)
+    broker_down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
+
+    result = producer.send_chunks(broker_down, make_sessionmaker(clean_pg), plan.chunk_ids)
+
+    assert (result.sent, result.failed) == (0, 4)
+    assert [(state, task_id) for _, _, state, task_id, _ in chunk_rows(clean_pg, plan.job_id)] == [
+        ("pending", None)
+    ] * 4
+
+
+def test_one_failed_send_leaves_only_its_chunk_pending(
+    settings: Settings,
+    clean_pg: Engine,
+    queue: redis.Redis,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    add_captures(clean_pg, "trap-a", 40)
+    with make_sessionmaker(clean_pg).begin() as session:
+        deployment_id = get_or_create_deployment(session, "trap-a")
+        plan = create_job(session, deployment_id, pipeline={}, chunk_size=10)
+    unlucky = plan.chunk_ids[1]
+    send_task = Celery.send_task
+
+    def flaky_send(app: Celery, name: str, args: list[int], **kw: object) -> object:
+        if args == [unlucky]:
+            raise OperationalError("connection reset by peer")
+        return send_task(app, name, args=args, **kw)
+
+    monkeypatch.setattr(producer, "SEND_BATCH", 1)
+    monkeypatch.setattr(Celery, "send_task", flaky_send)
+
+    result = producer.send_chunks(settings, make_sessionmaker(clean_pg), plan.chunk_ids)
+
+    assert (result.sent, result.failed) == (3, 1)
+    states = {cid: state for cid, _, state, _, _ in chunk_rows(clean_pg, plan.job_id)}
+    assert states == {cid: "pending" if cid == unlucky else "queued" for cid in plan.chunk_ids}
+    assert [m["args"] for m in messages(queue, queue_name)] == [
+        [cid] for cid in plan.chunk_ids if cid != unlucky
+    ]
+
+
+def test_enqueue_command_prints_the_job_id_and_fills_the_queue(
+    service_env: dict[str, str], clean_pg: Engine, queue: redis.Redis, queue_name: str
+) -> None:
+    add_captures(clean_pg, "trap-a", 100)
+
+    result = trapq(service_env, "enqueue", "trap-a", "--chunk-size", "30")
+
+    assert result.returncode == 0, result.stderr
+    job_id = int(result.stdout.strip())
+    assert [n for _, n, _, _, _ in chunk_rows(clean_pg, job_id)] == [30, 30, 30, 10]
+    assert len(messages(queue, queue_name)) == 4
+    with clean_pg.connect() as conn:
+        pipeline = conn.execute(
+            text("SELECT pipeline FROM jobs WHERE id = :j"), {"j": job_id}
+        ).scalar()
+    assert pipeline["detector"]["name"] and "box_threshold" in pipeline
+
+
+@pytest.mark.parametrize(
+    "args, env_change, expected",
+    [
+        (["enqueue", "no-such-trap"], {}, "unknown deployment 'no-such-trap'"),
+        (["enqueue", "trap-a", "--since", "last tuesday"], {}, "--since: not a timestamp"),
+        (["enqueue", "trap-a", "--since", "2030-01-01"], {}, "no captures of 'trap-a' match"),
+        (
+            ["enqueue", "trap-a"],
+            {"TRAPQ_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"},
+            "cannot reach the broker",
+        ),
+        (
+            ["deployments"],
+            {"TRAPQ_DATABASE_URL": "postgresql+psycopg://trapq:hunter2@127.0.0.1:1/trapq"},
+            "cannot use the database",
+        ),
+    ],
+)
+def test_user_errors_are_one_line_without_secrets_and_exit_1(
+    service_env: dict[str, str],
+    clean_pg: Engine,
+    args: list[str],
+    env_change: dict[str, str],
+    expected: str,
+) -> None:
+    add_captures(clean_pg, "trap-a", 5)
+
+    line = one_line_error(trapq(service_env | env_change, *args))
+
+    assert expected in line
+    assert "hunter2" not in line
+    with clean_pg.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM jobs")).scalar() == 0
