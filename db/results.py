@@ -10,13 +10,14 @@ same chunk harmless on PostgreSQL; SQLite serialises writers anyway and ignores 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, func, insert, select, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Capture, Chunk, Classification, Detection, Job, JobCapture
@@ -258,10 +259,17 @@ def write_results(
 
 
 def _insert_detections(conn: Any, job_id: int, results: Sequence[ResultLike]) -> int:
+    dets = [(r.key, d) for r in results for d in r.detections]
+    if not dets:
+        return 0
+    classified = any(d.classifications for _, d in dets)
+    if conn.dialect.name == "postgresql":
+        _insert_detections_pg(conn, job_id, dets, classified)
+        return len(dets)
     rows = [
         {
             "job_id": job_id,
-            "capture_id": r.key,
+            "capture_id": key,
             "x1": float(d.x1),
             "y1": float(d.y1),
             "x2": float(d.x2),
@@ -269,13 +277,9 @@ def _insert_detections(conn: Any, job_id: int, results: Sequence[ResultLike]) ->
             "score": float(d.score),
             "label": d.label,
         }
-        for r in results
-        for d in r.detections
+        for key, d in dets
     ]
-    if not rows:
-        return 0
-    dets = [d for r in results for d in r.detections]
-    if not any(d.classifications for d in dets):
+    if not classified:
         conn.execute(insert(detections_t), rows)
         return len(rows)
     ids = conn.execute(
@@ -289,11 +293,43 @@ def _insert_detections(conn: Any, job_id: int, results: Sequence[ResultLike]) ->
             "score": float(c.score),
             "topk": [[label, float(score)] for label, score in c.topk] or None,
         }
-        for det_id, d in zip(ids, dets, strict=True)
+        for det_id, (_, d) in zip(ids, dets, strict=True)
         for c in d.classifications
     ]
     conn.execute(insert(classifications_t), classes)
     return len(rows)
+
+
+# PostgreSQL: COPY, the fastest way in. Detection ids are drawn from their sequence first,
+# so classifications can point at them in the same transaction.
+_PG_DETECTION_IDS = text(
+    "SELECT nextval(pg_get_serial_sequence('detections', 'id')) FROM generate_series(1, :n)"
+)
+_PG_COPY_DETECTIONS = (
+    "COPY detections (id, job_id, capture_id, x1, y1, x2, y2, score, label) FROM STDIN"
+)
+_PG_COPY_CLASSIFICATIONS = (
+    "COPY classifications (detection_id, classifier, label, score, topk) FROM STDIN"
+)
+
+
+def _insert_detections_pg(
+    conn: Any, job_id: int, dets: list[tuple[int, DetectionLike]], classified: bool
+) -> None:
+    ids = conn.execute(_PG_DETECTION_IDS, {"n": len(dets)}).scalars().all()
+    with conn.connection.driver_connection.cursor() as cur:
+        with cur.copy(_PG_COPY_DETECTIONS) as copy:
+            for det_id, (key, d) in zip(ids, dets, strict=True):
+                copy.write_row((det_id, job_id, key, float(d.x1), float(d.y1), float(d.x2),
+                                float(d.y2), float(d.score), d.label))
+        if not classified:
+            return
+        with cur.copy(_PG_COPY_CLASSIFICATIONS) as copy:
+            for det_id, (_, d) in zip(ids, dets, strict=True):
+                for c in d.classifications:
+                    topk = (json.dumps([[label, float(score)] for label, score in c.topk])
+                            if c.topk else None)
+                    copy.write_row((det_id, c.classifier, c.label, float(c.score), topk))
 
 
 def _record_sizes(conn: Any, results: Sequence[ResultLike]) -> None:

@@ -59,6 +59,9 @@ def test_writing_a_capture_twice_keeps_one_set_of_rows(clean_pg: Engine) -> None
         assert conn.scalar(select(func.count()).select_from(Detection)) == 6
         assert conn.scalar(select(func.count()).select_from(Classification)) == 6
     assert pending_items(factory, chunk) == []
+    with clean_pg.connect() as conn:
+        topk = conn.scalar(select(Classification.topk).limit(1))
+    assert topk == [["a", 0.7], ["b", 0.2]]
 
 
 def test_failed_items_record_kind_and_reason_and_the_rest_is_done(clean_pg: Engine) -> None:
@@ -161,3 +164,26 @@ def test_cancelled_chunk_is_skipped_and_heartbeat_reports_it(clean_pg: Engine) -
     assert _claim(clean_pg, waiting).outcome is Outcome.SKIP
     with clean_pg.connect() as conn:
         assert conn.scalar(select(Job.state)) == "cancelled"
+
+
+def test_sqlite_job_store_gets_the_same_exactly_once_writes(tmp_path) -> None:  # noqa: ANN001
+    """The embedded demo runs the worker on SQLite: the generic insert path, same promise."""
+    import migrations
+    from db.session import make_engine
+
+    url = f"sqlite:///{tmp_path / 'trapq.db'}"
+    migrations.upgrade(url)
+    engine = make_engine(url)
+    job = _job(engine, n=2, chunk_size=2)
+    factory = make_sessionmaker(engine)
+    chunk = job.chunk_ids[0]
+    assert _claim(engine, chunk).outcome is Outcome.RUN
+    results = [_result(i.capture_id) for i in pending_items(factory, chunk)]
+    assert write_results(factory, job.job_id, results).detections == 6
+    assert write_results(factory, job.job_id, results).skipped == 2
+    assert finish_chunk(factory, chunk, fetch_s=0, gpu_s=0, write_s=0, metrics={}) == "done"
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Detection)) == 6
+        topk = conn.scalar(select(Classification.topk).limit(1))
+    assert topk == [["a", 0.7], ["b", 0.2]]
+    engine.dispose()

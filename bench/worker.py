@@ -1,0 +1,221 @@
+"""The overhead ceiling of the worker: everything that is not the model.
+
+A real Celery worker (subprocess, threads pool) on Redis and PostgreSQL processes a job of
+small JPEGs with zero-cost models: the `constant_boxes` detector (20 boxes per image) and a
+TorchScript classifier that returns constant logits. What is left is fetch, decode, crops,
+queueing, claims and the database writes. Side by side in one run it measures:
+
+  (a) the engine alone, in this process, over the same files (no queue, no database);
+  (b) the database writes alone: write_results of the same number of captures x 20 boxes;
+  (c) the real worker end to end, from the first claim to the job's end.
+
+and prints (c) against (a) and (b). Uses a fresh temporary database and queue, removed after.
+
+    .venv/bin/python bench/worker.py [--images 2000] [--chunk-size 200] [--concurrency 2]
+
+Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+# The real-worker helpers of the tests (tests/ is not installed): run from a checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import redis
+import torch
+from sqlalchemy import Engine, create_engine, func, select, text
+from sqlalchemy.engine import make_url
+from torch import nn
+
+import migrations
+from db.models import Classification, Detection, Job
+from db.results import claim_chunk, pending_items, write_results
+from db.session import make_engine, make_sessionmaker
+from inference.engine import Engine as InferenceEngine
+from inference.registry import load_pipeline
+from inference.types import Classification as Cls
+from inference.types import Detection as Det
+from inference.types import ItemResult, WorkItem
+from tasks.settings import Settings
+from tasks.worker_boot import engine_config
+from tests.worker_jobs import make_job, send, write_jpegs
+from tests.worker_process import WorkerProcess, wait_for
+
+PG_ADMIN_URL = os.environ.get(
+    "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+BOXES = 20
+
+
+class ConstantLogits(nn.Module):
+    """A classifier that costs nothing: the same two logits for every crop."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tensor([[2.0, 0.0]]).expand(x.shape[0], 2)
+
+
+def zero_cost_classifier(folder: Path) -> tuple[Path, Path]:
+    weights, labels = folder / "constant_classifier.pt", folder / "labels.txt"
+    torch.jit.script(ConstantLogits()).save(str(weights))
+    labels.write_text("moth\nnonmoth\n")
+    return weights, labels
+
+
+def admin(sql: str) -> None:
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(text(sql))
+    engine.dispose()
+
+
+def bench_engine(settings: Settings, paths: list[Path]) -> float:
+    """(a) images/s of the engine alone over the files."""
+    pipeline = load_pipeline(
+        detector=settings.detector, classifier=settings.classifier, device="cpu",
+        classifier_weights=settings.classifier_weights,
+        classifier_labels=settings.classifier_labels,
+    )
+    engine = InferenceEngine(pipeline, engine_config(settings))
+    engine.start()
+    try:
+        t0 = time.perf_counter()
+        results = list(engine.run(WorkItem(i, str(p)) for i, p in enumerate(paths)))
+        elapsed = time.perf_counter() - t0
+    finally:
+        engine.close()
+    assert all(r.ok and len(r.detections) == BOXES for r in results)
+    return len(paths) / elapsed
+
+
+def bench_writes(engine: Engine, paths: list[Path], batch: int) -> float:
+    """(b) captures/s of write_results alone, in batches, one chunk per batch."""
+    job = make_job(engine, [str(p) for p in paths], chunk_size=batch, deployment="writes-only")
+    factory = make_sessionmaker(engine)
+    dets = [
+        Det(i, i, i + 10, i + 10, 0.9, "insect", [Cls("demo_classifier", "moth", 0.88)])
+        for i in range(BOXES)
+    ]
+    t0 = time.perf_counter()
+    for chunk_id in job.chunk_ids:
+        claim_chunk(factory, chunk_id, worker="bench", retries=0, max_deliveries=5)
+        items = pending_items(factory, chunk_id)
+        write_results(factory, job.job_id, [
+            ItemResult(i.capture_id, i.uri, 256, 192, dets) for i in items
+        ])
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--chunk-size", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--height", type=int, default=192)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    db_name = f"trapq_bench_{uuid.uuid4().hex[:10]}"
+    queue = f"trapq-bench-{uuid.uuid4().hex[:10]}"
+    admin(f'CREATE DATABASE "{db_name}"')
+    url = make_url(PG_ADMIN_URL).set(database=db_name).render_as_string(hide_password=False)
+    worker: WorkerProcess | None = None
+    try:
+        migrations.upgrade(url)
+        engine = make_engine(url)
+        with tempfile.TemporaryDirectory(prefix="trapq-bench-") as tmp:
+            folder = Path(tmp)
+            paths = write_jpegs(folder / "images", args.images, args.width, args.height)
+            weights, labels = zero_cost_classifier(folder)
+            env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
+            env.update(
+                TRAPQ_DATA_DIR=str(folder / "data"),
+                TRAPQ_DATABASE_URL=url,
+                TRAPQ_BROKER_URL=REDIS_URL,
+                TRAPQ_RESULT_BACKEND=REDIS_URL,
+                TRAPQ_QUEUE=queue,
+                TRAPQ_DEVICE="cpu",
+                TRAPQ_DETECTOR="constant_boxes",
+                TRAPQ_CLASSIFIER="demo_classifier",
+                TRAPQ_CLASSIFIER_WEIGHTS=str(weights),
+                TRAPQ_CLASSIFIER_LABELS=str(labels),
+                TRAPQ_BATCH_SIZE="32",
+                TRAPQ_MAX_IMAGES_IN_FLIGHT="64",
+                TRAPQ_FETCH_THREADS="4",
+                TRAPQ_DECODE_THREADS="2",
+                TRAPQ_TOP_K="1",
+                OMP_NUM_THREADS="1",
+                PYTHONUNBUFFERED="1",
+            )
+            settings = Settings(
+                _env_file=None,  # type: ignore[call-arg]
+                **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
+            )
+            engine_ips = bench_engine(settings, paths)
+            print(f"(a) engine alone:        {engine_ips:8.0f} captures/s", flush=True)
+            writes_cps = bench_writes(engine, paths, settings.write_batch_size)
+            print(f"(b) database writes:     {writes_cps:8.0f} captures/s "
+                  f"({writes_cps * BOXES:.0f} detection rows/s)", flush=True)
+
+            job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size)
+            worker = WorkerProcess(env, folder / "worker.log", concurrency=args.concurrency)
+            worker.start()
+            send(env, engine, job.chunk_ids)
+            wait_for(lambda: _job_state(engine, job.job_id) in ("done", "failed"), 900,
+                     "the job", every=0.5, on_timeout=worker.tail)
+            started, finished = _job_times(engine, job.job_id)
+            wall = (finished - started).total_seconds()
+            rows, class_rows = _rows(engine, job.job_id)
+            worker.stop()
+        cps, rps = args.images / wall, rows / wall
+        print(f"(c) worker end to end:   {cps:8.0f} captures/s ({rps:.0f} detection rows/s "
+              f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
+              f"chunk size {args.chunk_size}, concurrency {args.concurrency})")
+        print(f"worker / engine alone:   {cps / engine_ips:8.2f}")
+        print(f"worker / writes alone:   {cps / writes_cps:8.2f}")
+        print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f}")
+    finally:
+        if worker is not None:
+            worker.kill()
+        client = redis.Redis.from_url(REDIS_URL)
+        client.delete(queue)
+        client.close()
+        admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+
+
+def _job_state(engine: Engine, job_id: int) -> str:
+    with engine.connect() as conn:
+        return conn.scalar(select(Job.state).where(Job.id == job_id)) or ""
+
+
+def _job_times(engine: Engine, job_id: int):  # noqa: ANN202
+    with engine.connect() as conn:
+        return conn.execute(select(Job.started_at, Job.finished_at).where(Job.id == job_id)).one()
+
+
+def _rows(engine: Engine, job_id: int) -> tuple[int, int]:
+    """Detection rows and classification rows of the job."""
+    with engine.connect() as conn:
+        dets = conn.scalar(
+            select(func.count()).select_from(Detection).where(Detection.job_id == job_id)
+        ) or 0
+        classes = conn.scalar(
+            select(func.count())
+            .select_from(Classification)
+            .join(Detection, Detection.id == Classification.detection_id)
+            .where(Detection.job_id == job_id)
+        ) or 0
+    return dets, classes
+
+
+if __name__ == "__main__":
+    main()
