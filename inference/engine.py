@@ -74,6 +74,7 @@ class _Pending:
     charge: int
     image: torch.Tensor | None = None  # decoded on the CPU (pinned on CUDA)
     encoded: bytes | None = None  # a JPEG left for the GPU decoder
+    settled: bool = False  # its result is out and its share released
 
 
 @dataclass
@@ -199,13 +200,15 @@ class Engine:
         return Run(self, items)
 
     def close(self) -> None:
+        """Call once the runs are read: the pools finish what they hold, then the device thread
+        does, so no submitted item is left without a result."""
         if self._thread is None:
             return
+        self._fetch_pool.shutdown(wait=True, cancel_futures=False)
+        self._decode_pool.shutdown(wait=True, cancel_futures=False)
         self._queue.put(None)
         self._thread.join()
         self._thread = None
-        self._fetch_pool.shutdown(wait=True, cancel_futures=False)
-        self._decode_pool.shutdown(wait=True, cancel_futures=False)
 
     def __enter__(self) -> Engine:
         self.start()
@@ -253,13 +256,13 @@ class Engine:
     def _decode_stage(self, run: Run, item: WorkItem, data: bytes) -> None:
         if run.cancelled:
             return self._finish(run, None, 0, False)
-        t0 = time.perf_counter()
         try:
             header = read_header(data, self.config.max_image_pixels, item.uri)
         except ItemFailure as e:
             return self._fail(run, item, e.kind, e.message, 0, False)
         charge = header.decoded_bytes
         self._inflight.acquire_bytes(charge)
+        t0 = time.perf_counter()
         pending = _Pending(run, item, header, charge)
         try:
             if self._gpu_decode and header.format == "JPEG":
@@ -324,7 +327,13 @@ class Engine:
                     stop = True
                     break
                 batch.append(nxt)
-            self._run_batch(batch)
+            try:
+                self._run_batch(batch)
+            except Exception as e:  # a bug or a device fault: fail the batch, keep the thread
+                message = f"engine failed on this batch ({type(e).__name__}: {e})"[:300]
+                for pending in batch:
+                    self._settle(pending, ErrorKind.MODEL, message)
+            del batch, first
             if stop:
                 return
 
@@ -332,16 +341,14 @@ class Engine:
         """Never raises: every item of the batch gets a result, whatever the model does."""
         t0 = time.perf_counter()
         for pending in [p for p in batch if p.run.cancelled]:
-            self._finish(pending.run, None, pending.charge, True)
+            self._settle(pending, None)
         batch = [p for p in batch if not p.run.cancelled]
         if not batch:
             return
         ready: list[tuple[_Pending, torch.Tensor]] = []
         for pending, image in zip(batch, self._to_device(batch), strict=True):
             if isinstance(image, ItemFailure):
-                self._fail(
-                    pending.run, pending.item, image.kind, image.message, pending.charge, True
-                )
+                self._settle(pending, image.kind, image.message)
             else:
                 ready.append((pending, image))
         outcomes = self._detect_splitting(ready)
@@ -360,20 +367,27 @@ class Engine:
         for pending, (w, h), outcome in zip(done, sizes, outcomes, strict=True):
             pending.run.add_times(gpu_s=share)
             if isinstance(outcome, str):
-                self._fail(
-                    pending.run,
-                    pending.item,
-                    ErrorKind.MODEL,
-                    outcome,
-                    pending.charge,
-                    True,
-                    (w, h),
-                )
+                self._settle(pending, ErrorKind.MODEL, outcome, (w, h))
                 continue
             with self._stats_lock:
                 self._crops += len(outcome)
-            result = ItemResult(pending.item.key, pending.item.uri, w, h, outcome)
-            self._finish(pending.run, result, pending.charge, True)
+            self._settle(pending, ItemResult(pending.item.key, pending.item.uri, w, h, outcome))
+
+    def _settle(
+        self,
+        pending: _Pending,
+        outcome: ItemResult | ErrorKind | None,
+        message: str = "",
+        size: tuple[int, int] | None = None,
+    ) -> None:
+        """Ends an item that reached the device thread, exactly once."""
+        if pending.settled:
+            return
+        pending.settled = True
+        if isinstance(outcome, ErrorKind):
+            self._fail(pending.run, pending.item, outcome, message, pending.charge, True, size)
+        else:
+            self._finish(pending.run, outcome, pending.charge, True)
 
     def _to_device(self, batch: list[_Pending]) -> list[torch.Tensor | ItemFailure]:
         images: list[torch.Tensor | ItemFailure | None] = [None] * len(batch)

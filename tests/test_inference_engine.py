@@ -203,6 +203,18 @@ def test_roi_align_crops_match_reference_crop_and_resize() -> None:
     assert torch.allclose(half, reference, atol=1e-3)
 
 
+def test_windowed_crops_equal_whole_frame_crops() -> None:
+    """The CPU path converts only a window around each box; the values must not change."""
+    torch.manual_seed(1)
+    image = torch.randint(0, 256, (3, 60, 80), dtype=torch.uint8)
+    boxes = torch.tensor(
+        [[0.0, 0.0, 13.3, 9.7], [50.2, 41.9, 80.0, 60.0], [20.5, 10.25, 47.75, 33.1]]
+    )
+    whole = crop_and_resize(image, boxes, (12, 10), windowed=False)
+    windows = crop_and_resize(image, boxes, (12, 10), windowed=True)
+    assert torch.allclose(whole, windows, atol=1e-4)
+
+
 # bad input
 
 
