@@ -192,7 +192,9 @@ def follow(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=False) as progress:
-        bar = progress.add_task("", total=current.job.n_captures, job=current.job.id)
+        bar = progress.add_task(
+            "", total=current.job.n_captures, job=current.job.id, failed=0, rate=""
+        )
         while True:
             progress.update(
                 bar,
@@ -239,6 +241,7 @@ def print_job(st: JobStatus) -> None:
         f"job {j.id} · deployment {j.deployment} · {j.state} · "
         f"created {j.created_at:%Y-%m-%d %H:%M:%S} UTC",
         highlight=False,
+        soft_wrap=True,
     )
     table = Table(box=None)
     table.add_column("state")
@@ -258,6 +261,7 @@ def print_job(st: JobStatus) -> None:
             f"GPU {t.gpu_s:.2f} s, write {t.write_s:.2f} s, wall {t.wall_s:.2f} s, "
             f"{t.images_per_s:.1f} images/s",
             highlight=False,
+            soft_wrap=True,
         )
 
 
