@@ -33,6 +33,7 @@ from tasks.store import session_factory
 log = logging.getLogger("trapq.worker")
 
 MEMORY_RESTART_EXIT = 75  # EX_TEMPFAIL: the worker stopped itself to come back with less RSS
+LOAD_FAILED_EXIT = 78  # EX_CONFIG: the models could not be loaded
 
 # Lets an operator (and the fault tests) find the worker's database sessions.
 os.environ.setdefault("PGAPPNAME", "trapq-worker")
@@ -136,20 +137,31 @@ def _prefork_memory_limit(conf: Any = None, **_: Any) -> None:
         conf.worker_max_memory_per_child = limit_mb * 1024  # KiB, prefork only
 
 
+def _load_or_exit() -> None:
+    # Celery logs and swallows a signal handler's exceptions: a worker whose models failed
+    # to load would then take chunks only to fail them. SystemExit goes through and stops it
+    # before it consumes anything.
+    try:
+        runtime()
+    except Exception:
+        log.critical("trapq engine failed to load; the worker stops", exc_info=True)
+        raise SystemExit(LOAD_FAILED_EXIT) from None
+
+
 @signals.celeryd_after_setup.connect
 def _load_in_worker_process(instance: Any = None, **_: Any) -> None:
     global _prefork
     pool = getattr(instance, "pool_cls", None)
     _prefork = isinstance(pool, type) and issubclass(pool, PreforkPool)
     if not _prefork:
-        runtime()
+        _load_or_exit()
 
 
 @signals.worker_process_init.connect
 def _load_in_pool_child(**_: Any) -> None:
     global _prefork
     _prefork = True
-    runtime()
+    _load_or_exit()
 
 
 @signals.worker_shutdown.connect

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Engine, select
 
 from db.models import Capture, Classification, Detection
@@ -22,13 +23,17 @@ from tests.worker_jobs import (
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
 
+@pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_job_processed_end_to_end_with_boxes_inside_their_images(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    pool: str,
 ) -> None:
+    """threads (the default) loads the engine in the worker process; prefork in each child,
+    never in the parent."""
     paths = write_jpegs(tmp_path / "images", 10, 160, 120)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=4)
     env = worker_env(service_env)
-    worker = worker_factory(env).start()
+    worker = worker_factory(env, pool=pool, concurrency=2 if pool == "threads" else 1).start()
     send(env, clean_pg, job.chunk_ids)
 
     wait_for(lambda: job_state(clean_pg, job.job_id) in ENDED, 120, "job end",
@@ -53,3 +58,7 @@ def test_job_processed_end_to_end_with_boxes_inside_their_images(
     for chunk in chunk_rows(clean_pg, job.job_id):
         assert chunk.state == "done" and chunk.n_done == chunk.n_items
         assert chunk.gpu_s is not None and chunk.write_s is not None and chunk.metrics
+    log = worker.log_text()
+    assert log.count("trapq engine loaded") == 1
+    if pool == "prefork":
+        assert f"pid {worker.pid}" not in log.split("trapq engine loaded")[1].splitlines()[0]
