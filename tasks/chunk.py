@@ -43,6 +43,7 @@ from tasks.worker_boot import Runtime, memory_guard, runtime
 log = get_task_logger(__name__)
 
 FLUSH_AFTER_S = 1.0  # longest a finished capture waits in the write buffer
+ERROR_CHARS = 500
 
 
 class ChunkRetry(Exception):
@@ -69,6 +70,16 @@ def is_transient(exc: BaseException) -> bool:
     )
 
 
+def describe(exc: BaseException) -> str:
+    """One line for the chunk row and the log: a database error without its SQL and
+    parameters (a batch's worth), anything else cut to a readable length."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        detail = str(exc.orig).strip().splitlines()
+        return f"{type(exc).__name__} ({type(exc.orig).__name__}): {detail[0] if detail else ''}"
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:ERROR_CHARS]}" if text else type(exc).__name__
+
+
 @app.task(bind=True, name=PROCESS_CHUNK)
 def process_chunk(self: Task, chunk_id: int) -> dict[str, Any]:
     """Process one chunk; transient failures retry with exponential backoff and full jitter.
@@ -82,7 +93,7 @@ def process_chunk(self: Task, chunk_id: int) -> dict[str, Any]:
     try:
         return _ChunkRun(self, rt, chunk_id).execute()
     except Exception as exc:
-        error = f"{type(exc).__name__}: {exc}".strip()
+        error = describe(exc)
         retries = self.request.retries
         if is_transient(exc) and retries < s.max_retries:
             countdown = get_exponential_backoff_interval(

@@ -258,3 +258,75 @@ def test_task_message_with_a_pickle_body_is_refused(
     assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
     with clean_pg.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Detection)) == 2 * BOXES_PER_IMAGE
+
+
+@pytest.fixture
+def flaky_image_server() -> Iterator[tuple[str, threading.Event]]:
+    """HTTP server that answers 500 to everything until the returned event is set."""
+    body = jpeg_bytes(160, 120)
+    healthy = threading.Event()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if not healthy.is_set():
+                self.send_error(500, "host down")
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/jpeg")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", healthy
+    server.shutdown()
+    server.server_close()
+
+
+def test_chunk_whose_image_host_is_down_retries_until_it_is_back(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    flaky_image_server: tuple[str, threading.Event],
+) -> None:
+    base, healthy = flaky_image_server
+    job = make_job(clean_pg, [f"{base}/img{i}.jpg" for i in range(3)], chunk_size=3)
+    env = worker_env(service_env, TRAPQ_MAX_RETRIES="10")
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    wait_for(lambda: "every capture failed transiently" in
+             (chunk_rows(clean_pg, job.job_id)[0].error or ""), 60, "a retry for the host",
+             on_timeout=worker.tail)
+    assert item_states(clean_pg, job.job_id) == {"pending": 3}
+    healthy.set()
+    assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
+    _assert_every_capture_once(clean_pg, job.job_id, 3)
+    assert chunk_rows(clean_pg, job.job_id)[0].attempts >= 2
+
+
+def test_chunk_past_its_deadline_stops_and_its_retry_finishes_the_rest(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    slow_image_server: str,
+) -> None:
+    # The threads pool ignores Celery's time limits; the task keeps its own deadline.
+    env = worker_env(
+        service_env,
+        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
+        TRAPQ_CHUNK_TIME_LIMIT_S="12",
+        TRAPQ_FETCH_THREADS="1",
+        TRAPQ_MAX_RETRIES="5",
+    )
+    n = 56  # 0.25 s each through one fetch thread: about 14 s, past the 10 s deadline
+    job = make_job(clean_pg, [f"{slow_image_server}/img{i}.jpg" for i in range(n)], chunk_size=n)
+    worker = worker_factory(env, concurrency=1).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    assert _wait_job_end(clean_pg, job.job_id, worker, timeout=180) == "done"
+    _assert_every_capture_once(clean_pg, job.job_id, n)
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert chunk.attempts >= 2
+    assert "past its deadline of 10s" in worker.log_text()
