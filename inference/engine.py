@@ -116,8 +116,12 @@ class Run:
                 if self.cancelled:
                     self._engine._inflight.release(0, decoded=False)
                     break
+                try:
+                    self._engine._fetch_pool.submit(self._engine._fetch_stage, self, item)
+                except RuntimeError:  # the engine closed under this run
+                    self._engine._inflight.release(0, decoded=False)
+                    raise
                 submitted += 1
-                self._engine._fetch_pool.submit(self._engine._fetch_stage, self, item)
         except BaseException as e:  # the caller's iterable failed; report it after the results
             error = e
         self._results.put(_Done(submitted, error))
@@ -148,8 +152,15 @@ class Run:
             raise error
 
     def close(self) -> None:
+        """Stops feeding; safe to call at any time, and needed only for a run never iterated."""
         self.cancelled = True
         self._window.release(2 * self._engine.config.max_images_in_flight)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class Engine:

@@ -400,3 +400,26 @@ def test_crops_the_filter_calls_negative_skip_the_second_classifier(
         assert len(d.classifications) == expected
         assert d.classifications[0].classifier == "filter"
         assert len(d.classifications[-1].topk) == 2
+
+
+def test_a_fault_outside_the_model_fails_its_batch_and_the_engine_serves_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = write(tmp_path / "a.jpg", encode(structured_image(48, 32, seed=0)))
+    with engine_for(pipeline(detector(ConstantBoxes(boxes=1)))) as engine:
+        with monkeypatch.context() as patch:
+            patch.setattr(engine, "_to_device", lambda batch: 1 / 0)
+            [failed] = list(engine.run([WorkItem(1, uri)]))
+        [ok] = list(engine.run([WorkItem(2, uri)]))
+        stats = engine.stats()
+    assert failed.error_kind == ErrorKind.MODEL and "ZeroDivisionError" in (failed.error or "")
+    assert ok.ok and stats["images_in_flight"] == 0
+
+
+def test_reduced_precision_classifies_under_autocast(tmp_path: Path) -> None:
+    uri = write(tmp_path / "a.jpg", encode(structured_image(48, 32, seed=0)))
+    with engine_for(pipeline(detector(ConstantBoxes(boxes=2))), precision="bf16") as engine:
+        [result] = list(engine.run([WorkItem(1, uri)]))
+        assert engine.pipeline.describe()["precision"] == "bf16"
+    scores = [c.score for d in result.detections for c in d.classifications]
+    assert len(scores) == 2 and all(0.0 < s <= 1.0 for s in scores)
