@@ -12,6 +12,7 @@ queueing, claims and the database writes. Side by side in one run it measures:
 and prints (c) against (a) and (b). Uses a fresh temporary database and queue, removed after.
 
     .venv/bin/python bench/worker.py [--images 2000] [--chunk-size 200] [--concurrency 2]
+                                     [--pool threads|prefork|solo]
 
 Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
 """
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=2000)
     parser.add_argument("--chunk-size", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--pool", choices=["threads", "prefork", "solo"], default="threads")
     parser.add_argument("--width", type=int, default=256)
     parser.add_argument("--height", type=int, default=192)
     args = parser.parse_args()
@@ -167,7 +169,8 @@ def main() -> None:
                   f"({writes_cps * BOXES:.0f} detection rows/s)", flush=True)
 
             job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size)
-            worker = WorkerProcess(env, folder / "worker.log", concurrency=args.concurrency)
+            worker = WorkerProcess(env, folder / "worker.log", pool=args.pool,
+                                   concurrency=args.concurrency)
             worker.start()
             send(env, engine, job.chunk_ids)
             wait_for(lambda: _job_state(engine, job.job_id) in ("done", "failed"), 900,
@@ -179,7 +182,7 @@ def main() -> None:
         cps, rps = args.images / wall, rows / wall
         print(f"(c) worker end to end:   {cps:8.0f} captures/s ({rps:.0f} detection rows/s "
               f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
-              f"chunk size {args.chunk_size}, concurrency {args.concurrency})")
+              f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency})")
         print(f"worker / engine alone:   {cps / engine_ips:8.2f}")
         print(f"worker / writes alone:   {cps / writes_cps:8.2f}")
         print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f}")

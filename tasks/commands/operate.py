@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from kombu.exceptions import KombuError
 
 from tasks.cli_app import UserError, app, console
 from tasks.commands.jobstore import settings as get_settings
@@ -110,7 +111,13 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
         console.print(f"job {job} had already ended ({done.previous_state}); nothing cancelled")
         return
     if done.task_ids:
-        producer_app(s).control.revoke(done.task_ids)
+        try:
+            producer_app(s).control.revoke(done.task_ids)
+        except (KombuError, OSError) as e:
+            raise UserError(
+                f"job {job} is cancelled in the job store, but its tasks were not revoked ({e}); "
+                "workers skip its chunks anyway"
+            ) from None
     console.print(
         f"job {job} cancelled: {done.n_chunks} chunk(s) cancelled, "
         f"{len(done.task_ids)} task(s) revoked"
