@@ -61,9 +61,9 @@ def import_source(
     with database_errors(settings.database_url), factory.begin() as session:
         deployment_id = get_or_create_deployment(session, deployment)
         counts = insert_captures(session, deployment_id, rows)
+        if counts.added + counts.skipped == 0 and not report.bad_rows:
+            raise UserError(f"no captures found in {source}")  # rolls the deployment back
     report.added, report.skipped = counts.added, counts.skipped
-    if counts.added + counts.skipped == 0 and not report.bad_rows:
-        raise UserError(f"no captures found in {source}")
     return report
 
 

@@ -247,9 +247,10 @@ def print_job(st: JobStatus) -> None:
     table.add_column("state")
     table.add_column("captures", justify="right")
     table.add_column("chunks", justify="right")
+    item_states = {state.value for state in ItemState}
     for state in ChunkState:
-        items = str(st.captures.get(state, 0)) if state in ItemState.__members__.values() else ""
-        table.add_row(state.value, items, str(st.chunks.get(state, 0)))
+        items = str(st.captures.get(state.value, 0)) if state.value in item_states else ""
+        table.add_row(state.value, items, str(st.chunks.get(state.value, 0)))
     table.add_row("total", str(j.n_captures), str(j.n_chunks))
     console.print(table)
     if st.throughput is not None:
