@@ -58,7 +58,7 @@ def import_source(
 
     rows = read_source(source, settings.allowed_schemes, bad)
     factory = ready_session_factory(settings)
-    with database_errors(settings.database_url), factory.begin() as session:
+    with database_errors(settings), factory.begin() as session:
         deployment_id = get_or_create_deployment(session, deployment)
         counts = insert_captures(session, deployment_id, rows)
         if counts.added + counts.skipped == 0 and not report.bad_rows:

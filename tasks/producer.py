@@ -113,7 +113,7 @@ def send_chunks(
                 continue
             in_a_row = 0
             n_sent += len(part)
-            with database_errors(settings.database_url), session_factory.begin() as session:
+            with database_errors(settings), session_factory.begin() as session:
                 mark_chunks_queued(session, part, datetime.now(UTC))
     return SendResult(sent=n_sent, failed=n_failed, error=error)
 
@@ -186,7 +186,7 @@ def enqueue(
     app = None if dry_run else producer_app(settings)
     if app is not None:
         check_broker(app)
-    with database_errors(settings.database_url), factory.begin() as session:
+    with database_errors(settings), factory.begin() as session:
         if session.get_bind().dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         deployment_id = find_deployment(session, deployment_name)

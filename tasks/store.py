@@ -39,8 +39,14 @@ def session_factory(settings: Settings) -> sessionmaker[Session]:
 
 
 @contextmanager
-def database_errors(url: str) -> Iterator[None]:
+def database_errors(settings: Settings) -> Iterator[None]:
     """Turn an unreachable or refusing database into a UserError naming the (redacted) URL."""
+    with _database_errors(settings.database_url):
+        yield
+
+
+@contextmanager
+def _database_errors(url: str) -> Iterator[None]:
     try:
         yield
     except (exc.OperationalError, exc.InterfaceError) as e:
@@ -60,7 +66,7 @@ def ready_session_factory(settings: Settings) -> sessionmaker[Session]:
 @cache
 def _check_schema(url: str) -> None:
     head = ScriptDirectory.from_config(migrations.alembic_config(url)).get_current_head()
-    with database_errors(url), _factory(url)() as session:
+    with _database_errors(url), _factory(url)() as session:
         current = MigrationContext.configure(session.connection()).get_current_revision()
     if current == head:
         return

@@ -58,7 +58,7 @@ def timestamp(text: str | None, option: str) -> datetime | None:
 def db_upgrade() -> None:
     """Create or migrate the job store's schema to the newest revision."""
     s = settings()
-    with database_errors(s.database_url):
+    with database_errors(s):
         migrations.upgrade(s.database_url)
     console.print(f"job store at {redact(s.database_url)} is up to date")
 
@@ -159,7 +159,7 @@ def status(
     factory = ready_session_factory(s)
 
     def load(job_id: int) -> JobStatus:
-        with database_errors(s.database_url), factory() as session:
+        with database_errors(s), factory() as session:
             found = job_status(session, job_id)
         if found is None:
             raise UserError(f"no job {job_id}; `trapq status` lists recent jobs")
@@ -168,7 +168,7 @@ def status(
     if job is None:
         if watch:
             raise UserError("--watch needs a JOB")
-        with database_errors(s.database_url), factory() as session:
+        with database_errors(s), factory() as session:
             rows = recent_jobs(session, limit)
         print_jobs(rows)
         return
@@ -271,7 +271,7 @@ def deployments_() -> None:
     """List deployments with their capture counts."""
     s = settings()
     factory = ready_session_factory(s)
-    with database_errors(s.database_url), factory() as session:
+    with database_errors(s), factory() as session:
         rows = deployments(session)
     if not rows:
         console.print("no deployments yet; `trapq import SOURCE --deployment NAME` creates one")
