@@ -49,6 +49,7 @@ class JobStatus:
     chunks: dict[str, int] = field(default_factory=dict)  # chunks by state
     timings: ChunkTimings | None = None
     throughput: float | None = None  # captures ended per second since the first chunk started
+    failures: dict[str, int] = field(default_factory=dict)  # failed work items by error kind
 
     @property
     def ended(self) -> int:
@@ -106,6 +107,16 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
         end = finished or (_aware(last_end) if all_ended else None) or now or datetime.now(UTC)
         elapsed = (end - started).total_seconds()
         throughput = (row.done + row.failed) / elapsed if elapsed > 0 else None
+    failures: dict[str, int] = {}
+    if row.failed:
+        failures = {
+            kind or "unknown": n
+            for kind, n in session.execute(
+                select(JobCapture.error_kind, func.count())
+                .where(JobCapture.job_id == job_id, JobCapture.state == ItemState.FAILED.value)
+                .group_by(JobCapture.error_kind)
+            ).tuples()
+        }
     return JobStatus(
         job=row,
         started_at=started,
@@ -114,6 +125,7 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
         chunks=chunk_states,
         timings=chunk_timings(session, job_id),
         throughput=throughput,
+        failures=failures,
     )
 
 

@@ -67,7 +67,8 @@ def finish_chunk(engine: Engine, job_id: int, seq: int, failed_items: int = 0) -
         )
         conn.execute(
             text(
-                "UPDATE job_captures SET state = 'failed', error = 'truncated' WHERE chunk_id = :c "
+                "UPDATE job_captures SET state = 'failed', error_kind = 'undecodable', "
+                "error = 'truncated' WHERE chunk_id = :c "
                 "AND capture_id IN (SELECT capture_id FROM job_captures WHERE chunk_id = :c "
                 "ORDER BY capture_id LIMIT :n)"
             ),
@@ -106,6 +107,7 @@ def test_status_of_a_job_counts_captures_and_chunks_by_state_with_timings(
     assert counts["failed"] == ("2", "0")
     assert counts["total"] == ("100", "4")
     assert "throughput:" in out
+    assert "failed captures by reason: undecodable 2" in out
     assert "per chunk (2 timed): fetch+decode 1.50 s, GPU 2.00 s, write 0.50 s" in out
     assert "wall 5.00 s, 5.0 images/s" in out
 
@@ -198,4 +200,3 @@ def test_a_fresh_embedded_job_store_is_created_on_first_use(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "no deployments yet" in result.stdout
     assert (tmp_path / "data" / "trapq.db").is_file()
-

@@ -253,6 +253,9 @@ def print_job(st: JobStatus) -> None:
         table.add_row(state.value, items, str(st.chunks.get(state.value, 0)))
     table.add_row("total", str(j.n_captures), str(j.n_chunks))
     console.print(table)
+    if st.failures:
+        kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(st.failures.items()))
+        console.print(f"failed captures by reason: {kinds}", highlight=False, soft_wrap=True)
     if st.throughput is not None:
         console.print(f"throughput: {st.throughput:.1f} images/s", highlight=False)
     t = st.timings
