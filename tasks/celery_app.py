@@ -53,8 +53,13 @@ def celery_config(s: Settings) -> dict[str, Any]:
 
 
 def make_app(settings: Settings | None = None) -> Celery:
+    s = settings or get_settings()
+    if s.embedded:
+        # The SQLite files of the embedded broker and backend live in data_dir; SQLite
+        # creates files but not folders.
+        s.data_dir.mkdir(parents=True, exist_ok=True)
     celery = Celery("trapq")
-    celery.conf.update(celery_config(settings or get_settings()))
+    celery.conf.update(celery_config(s))
     return celery
 
 

@@ -23,7 +23,7 @@ from rich.table import Table
 import migrations
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState
 from db.status import JobRow, JobStatus, deployments, job_status, recent_jobs
-from tasks.cli_app import UserError, app, console, err_console
+from tasks.cli_app import UserError, app, console, err_console, settings_problem
 from tasks.importer import BadRow, import_source
 from tasks.producer import enqueue as enqueue_job
 from tasks.settings import Settings, get_settings
@@ -40,9 +40,7 @@ def settings() -> Settings:
     try:
         return get_settings()
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "settings"
-        raise UserError(f"bad setting {where}: {first['msg']}") from None
+        raise UserError(settings_problem(e)) from None
 
 
 def timestamp(text: str | None, option: str) -> datetime | None:
