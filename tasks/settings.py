@@ -18,7 +18,10 @@ ALLOWED_BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="TRAPQ_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a rejected URL may carry a password; errors name the setting only.
+    model_config = SettingsConfigDict(
+        env_prefix="TRAPQ_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     data_dir: Path = Field(Path(".trapq"), description="Where the embedded defaults keep files.")
     database_url: str = Field("", description="Job store URL; default: SQLite in data_dir.")
