@@ -1,0 +1,525 @@
+"""Fault scenarios on real worker processes, shared by tests/test_faults.py and bench/faults.py.
+
+Each scenario runs an undisturbed reference job over a deployment's captures, then a second
+job over the same captures while it injects one fault, recovers, and audits the second job:
+every work item ended exactly once (done, or failed with a reason), no detection row twice,
+and results equal to the reference job's. The captures come from a local HTTP server whose
+per-image delay makes a chunk last long enough to be hit mid-way; the detector is the
+zero-cost `constant_boxes`, because the model is not what is under test.
+
+Every wait is bounded; every process a scenario starts is killed (by process group) when it
+ends, whichever way it ends.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+from sqlalchemy import Engine, text
+
+from tests.badinputs import READ_TIMEOUT_S, Case, ImageServer, build_corpus
+from tests.worker_jobs import (
+    BOXES_PER_IMAGE,
+    ENDED,
+    MadeJob,
+    job_state,
+    make_job,
+    send,
+    worker_env,
+    write_jpegs,
+)
+from tests.worker_process import WorkerProcess, wait_for
+
+# Redis hands an unacknowledged message out again once it is older than the visibility
+# timeout, which settings require to exceed the chunk's hard limit (itself >= 10 s).
+FAULT_TIMEOUTS = {
+    "TRAPQ_CHUNK_SOFT_TIME_LIMIT_S": "10",
+    "TRAPQ_CHUNK_TIME_LIMIT_S": "11",
+    "TRAPQ_VISIBILITY_TIMEOUT_S": "12",
+}
+VISIBILITY_S = float(FAULT_TIMEOUTS["TRAPQ_VISIBILITY_TIMEOUT_S"])
+JOB_END_TIMEOUT_S = 180.0
+IMAGE_DELAY_S = 0.12
+
+WorkerFactory = Callable[..., WorkerProcess]
+
+
+@dataclass
+class Lab:
+    """What a scenario needs: the job store, a TRAPQ_* environment, a place for files and
+    a factory of workers that are all killed when the caller's scope ends."""
+
+    engine: Engine
+    env: dict[str, str]
+    tmp: Path
+    workers: WorkerFactory
+
+
+@dataclass(frozen=True)
+class Audit:
+    n: int
+    done: int
+    failed: int
+    lost: int  # work items neither done nor failed
+    duplicates: int  # detection rows beyond the first with the same job, capture and box
+    failed_without_reason: int
+    mismatched: int  # done captures whose results differ from the reference job's
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicates or self.failed_without_reason or self.mismatched)
+
+
+@dataclass
+class Outcome:
+    name: str
+    job_id: int
+    audit: Audit
+    job_state: str
+    trials_ok: int = 0
+    trials: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.audit.ok and self.job_state == "done" and self.trials_ok == self.trials
+
+    def line(self) -> str:
+        a = self.audit
+        trials = f" trials={self.trials_ok}/{self.trials}" if self.trials else ""
+        return (
+            f"{self.name}: job {self.job_id} {self.job_state}{trials} captures={a.n} "
+            f"done={a.done} failed={a.failed} lost={a.lost} duplicates={a.duplicates} "
+            f"failed_without_reason={a.failed_without_reason} mismatched={a.mismatched}"
+            + ("".join(f"\n  {n}" for n in self.notes))
+        )
+
+
+def audit(engine: Engine, job_id: int, reference_job_id: int | None = None) -> Audit:
+    with engine.connect() as conn:
+        states = dict(conn.execute(text(
+            "SELECT state, count(*) FROM job_captures WHERE job_id = :j GROUP BY state"
+        ), {"j": job_id}).all())
+        no_reason = conn.scalar(text(
+            "SELECT count(*) FROM job_captures WHERE job_id = :j AND state = 'failed' "
+            "AND coalesce(error, '') = ''"
+        ), {"j": job_id})
+        duplicates = conn.scalar(text(
+            "SELECT coalesce(sum(n - 1), 0) FROM (SELECT count(*) AS n FROM detections "
+            "WHERE job_id = :j GROUP BY capture_id, x1, y1, x2, y2, label "
+            "HAVING count(*) > 1) d"
+        ), {"j": job_id})
+    mismatched = 0
+    if reference_job_id is not None:
+        got, want = results_by_capture(engine, job_id), results_by_capture(engine, reference_job_id)
+        with engine.connect() as conn:
+            done = conn.scalars(text(
+                "SELECT capture_id FROM job_captures WHERE job_id = :j AND state = 'done'"
+            ), {"j": job_id}).all()
+        mismatched = sum(1 for c in done if got.get(c) != want.get(c))
+    n = sum(states.values())
+    done_n, failed_n = states.get("done", 0), states.get("failed", 0)
+    return Audit(n, done_n, failed_n, n - done_n - failed_n, int(duplicates), int(no_reason),
+                 mismatched)
+
+
+def results_by_capture(engine: Engine, job_id: int) -> dict[int, list[tuple[object, ...]]]:
+    """Each capture's detections with their top-1 classification, rounded past float noise
+    (two runs batch crops differently, which may move the last bits of a score)."""
+    with engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT d.capture_id, d.x1, d.y1, d.x2, d.y2, d.score, d.label, c.label, c.score "
+            "FROM detections d LEFT JOIN classifications c ON c.detection_id = d.id "
+            "WHERE d.job_id = :j"
+        ), {"j": job_id}).all()
+    out: dict[int, list[tuple[object, ...]]] = {}
+    for cid, x1, y1, x2, y2, score, label, clabel, cscore in rows:
+        out.setdefault(cid, []).append((
+            round(x1, 2), round(y1, 2), round(x2, 2), round(y2, 2), round(score, 4), label,
+            clabel, None if cscore is None else round(cscore, 3),
+        ))
+    return {cid: sorted(v, key=repr) for cid, v in out.items()}
+
+
+def fault_env(env: dict[str, str], **overrides: str) -> dict[str, str]:
+    return worker_env(env, **FAULT_TIMEOUTS, **{"TRAPQ_FETCH_THREADS": "1", **overrides})
+
+
+def wait_job_end(engine: Engine, job_id: int, worker: WorkerProcess,
+                 timeout: float = JOB_END_TIMEOUT_S) -> str:
+    wait_for(lambda: job_state(engine, job_id) in ENDED, timeout, f"job {job_id} to end",
+             on_timeout=worker.tail)
+    return job_state(engine, job_id)
+
+
+def _captures(server: ImageServer, n: int) -> list[str]:
+    return [f"{server.url}/img/{i}.jpg" for i in range(n)]
+
+
+def _reference_then_job(
+    lab: Lab, env: dict[str, str], server: ImageServer, worker: WorkerProcess,
+    n: int, chunk_size: int, deployment: str,
+) -> tuple[int, MadeJob]:
+    """Run an undisturbed job to its end with `worker`, then plan (not send) the job under test."""
+    server.delay_s = 0.0
+    reference = make_job(lab.engine, _captures(server, n), chunk_size=chunk_size,
+                         deployment=deployment)
+    send(env, lab.engine, reference.chunk_ids)
+    if wait_job_end(lab.engine, reference.job_id, worker) != "done":
+        raise AssertionError(f"reference job ended {job_state(lab.engine, reference.job_id)}")
+    server.delay_s = IMAGE_DELAY_S
+    return reference.job_id, make_job(lab.engine, [], chunk_size=chunk_size,
+                                      deployment=deployment)
+
+
+def _mid_chunk(engine: Engine, job_id: int) -> bool:
+    """True while some running chunk of the job has captures both done and pending."""
+    with engine.connect() as conn:
+        return bool(conn.scalar(text(
+            "SELECT count(*) FROM chunks c WHERE c.job_id = :j AND c.state = 'running' "
+            "AND EXISTS (SELECT 1 FROM job_captures i WHERE i.chunk_id = c.id "
+            "AND i.state = 'done') AND EXISTS (SELECT 1 FROM job_captures i "
+            "WHERE i.chunk_id = c.id AND i.state = 'pending')"
+        ), {"j": job_id}))
+
+
+def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6) -> Outcome:
+    """SIGKILL the worker mid-chunk `trials` times over one job, starting it again each time.
+
+    A restarted worker takes queued chunks at once and, as it starts, puts back on the queue
+    the killed deliveries older than the visibility timeout; before the last start the
+    scenario waits out that timeout, so nothing is left for Redis' slow periodic sweep.
+    """
+    env = fault_env(lab.env, TRAPQ_MAX_DELIVERIES="30")
+    ok = 0
+    notes: list[str] = []
+    with ImageServer() as server:
+        worker = lab.workers(env).start()
+        ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "kill")
+        send(env, lab.engine, job.chunk_ids)
+        last_kill = time.monotonic()
+        for trial in range(trials):
+            try:
+                wait_for(lambda: _mid_chunk(lab.engine, job.job_id), 60,
+                         f"trial {trial}: a chunk half done", every=0.05, on_timeout=worker.tail)
+            except AssertionError as e:
+                notes.append(str(e).splitlines()[0])
+                break
+            worker.kill()
+            last_kill = time.monotonic()
+            ok += 1
+            worker = lab.workers(env).start()
+        time.sleep(max(0.0, last_kill + VISIBILITY_S + 1 - time.monotonic()))
+        worker.kill()
+        worker = lab.workers(env).start()
+        state = wait_job_end(lab.engine, job.job_id, worker)
+        worker.stop()
+    with lab.engine.connect() as conn:
+        deliveries = conn.scalar(text(
+            "SELECT sum(deliveries) FROM chunks WHERE job_id = :j"), {"j": job.job_id})
+    notes.append(f"{deliveries} deliveries of {len(job.chunk_ids)} chunks")
+    return Outcome("sigkill_restart", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
+                   ok, trials, notes)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server on a loopback port (never the machine's shared one).
+
+    `appendonly=True` is what the shipped compose file runs: queued and unacknowledged
+    messages are in the append-only file and survive a restart.
+    """
+
+    def __init__(self, folder: Path, *, appendonly: bool = True, password: str = "") -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.appendonly = appendonly
+        self.password = password
+        self.proc: subprocess.Popen[bytes] | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        argv = [
+            "redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+            str(self.folder), "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            "--logfile", str(self.folder / "redis.log"),
+        ]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        self.proc = subprocess.Popen(argv, start_new_session=True)
+        client = redis.Redis.from_url(self.url)
+        try:
+            wait_for(lambda: self._pings(client), 20, f"redis-server on port {self.port}")
+        finally:
+            client.close()
+        return self
+
+    @staticmethod
+    def _pings(client: redis.Redis) -> bool:
+        try:
+            return bool(client.ping())
+        except redis.exceptions.RedisError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """SIGTERM: Redis' own clean shutdown (the AOF is flushed); SIGKILL: a crash."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(20)
+        self.proc = None
+
+
+@contextmanager
+def redis_server(folder: Path, **kwargs: object) -> Iterator[RedisServer]:
+    server = RedisServer(folder, **kwargs)  # type: ignore[arg-type]
+    try:
+        yield server.start()
+    finally:
+        server.stop(signal.SIGKILL)
+
+
+def redis_restart(lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.0) -> Outcome:
+    """Stop the broker (and result backend) mid-job, keep it down a while, start it again on
+    the same port with its append-only file; the worker reconnects and the job completes."""
+    with redis_server(lab.tmp / "redis-restart") as broker, ImageServer() as server:
+        env = fault_env(lab.env, TRAPQ_BROKER_URL=broker.url, TRAPQ_RESULT_BACKEND=broker.url)
+        worker = lab.workers(env).start()
+        ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "redis")
+        send(env, lab.engine, job.chunk_ids)
+        wait_for(lambda: _mid_chunk(lab.engine, job.job_id), 60, "a chunk half done",
+                 every=0.05, on_timeout=worker.tail)
+        broker.stop(signal.SIGTERM)
+        time.sleep(down_s)
+        broker.start()
+        state = wait_job_end(lab.engine, job.job_id, worker)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        worker.stop()
+    notes = [f"broker down {down_s:.0f}s mid-chunk; worker alive after: {alive}"]
+    return Outcome("redis_restart", job.job_id, audit(lab.engine, job.job_id, ref_id),
+                   state if alive else f"{state} (worker died)", notes=notes)
+
+
+@contextmanager
+def slow_detection_inserts(engine: Engine, seconds: float) -> Iterator[None]:
+    """Every INSERT into detections sleeps first, so a write is in progress long enough to be
+    caught and cut; removed afterwards."""
+    with engine.begin() as conn:
+        conn.execute(text(
+            "CREATE OR REPLACE FUNCTION trapq_fault_slow() RETURNS trigger LANGUAGE plpgsql "
+            f"AS $$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+        ))
+        conn.execute(text(
+            "CREATE TRIGGER trapq_fault_slow BEFORE INSERT ON detections "
+            "FOR EACH STATEMENT EXECUTE FUNCTION trapq_fault_slow()"
+        ))
+    try:
+        yield
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text("DROP TRIGGER IF EXISTS trapq_fault_slow ON detections"))
+            conn.execute(text("DROP FUNCTION IF EXISTS trapq_fault_slow()"))
+
+
+def terminate_writers(engine: Engine) -> int:
+    """pg_terminate_backend on the worker sessions of this database that are inserting
+    detections right now (never this connection)."""
+    with engine.connect() as conn:
+        pids = conn.scalars(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND application_name LIKE 'trapq-worker%' "
+            "AND state = 'active' AND query ILIKE 'INSERT INTO detections%'"
+        )).all()
+        for pid in pids:
+            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        conn.commit()
+    return len(pids)
+
+
+def pg_terminate(lab: Lab, kills: int = 6, n: int = 48, chunk_size: int = 6) -> Outcome:
+    """Terminate the worker's PostgreSQL backends in the middle of its result writes."""
+    env = fault_env(lab.env, TRAPQ_MAX_RETRIES="20")
+    with ImageServer() as server:
+        worker = lab.workers(env).start()
+        ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "pg")
+        terminated = 0
+        with slow_detection_inserts(lab.engine, 0.3):
+            send(env, lab.engine, job.chunk_ids)
+            deadline = time.monotonic() + 90
+            while terminated < kills and time.monotonic() < deadline:
+                if job_state(lab.engine, job.job_id) in ENDED:
+                    break
+                terminated += terminate_writers(lab.engine)
+                time.sleep(0.05)
+        state = wait_job_end(lab.engine, job.job_id, worker)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        worker.stop()
+    with lab.engine.connect() as conn:
+        retries = conn.scalar(text(
+            "SELECT coalesce(sum(attempts - 1), 0) FROM chunks WHERE job_id = :j"
+        ), {"j": job.job_id})
+    notes = [f"{terminated} backends terminated mid-INSERT; {retries} chunk retries; "
+             f"worker alive after: {alive}"]
+    return Outcome("pg_terminate", job.job_id, audit(lab.engine, job.job_id, ref_id),
+                   state if alive else f"{state} (worker died)", terminated, kills, notes)
+
+
+def _running_chunks(engine: Engine, job_id: int) -> list[int]:
+    with engine.connect() as conn:
+        return list(conn.scalars(text(
+            "SELECT id FROM chunks WHERE job_id = :j AND state = 'running' ORDER BY id"
+        ), {"j": job_id}))
+
+
+def sigterm_warm(lab: Lab, n: int = 48, chunk_size: int = 8) -> Outcome:
+    """SIGTERM with two chunks in flight: the worker finishes them and exits; a new worker
+    does the rest."""
+    env = fault_env(lab.env)
+    with ImageServer() as server:
+        worker = lab.workers(env, concurrency=2).start()
+        ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "term")
+        send(env, lab.engine, job.chunk_ids)
+        wait_for(lambda: len(_running_chunks(lab.engine, job.job_id)) == 2
+                 and _mid_chunk(lab.engine, job.job_id), 60, "two chunks in flight",
+                 every=0.05, on_timeout=worker.tail)
+        in_flight = _running_chunks(lab.engine, job.job_id)
+        worker.signal(signal.SIGTERM)
+        try:
+            code: int | None = worker.wait(60)
+        except subprocess.TimeoutExpired:
+            code = None
+            worker.kill()
+        with lab.engine.connect() as conn:
+            finished = conn.scalars(text(
+                "SELECT id FROM chunks WHERE id = ANY(:ids) AND state = 'done'"
+            ), {"ids": in_flight}).all()
+        second = lab.workers(env).start()
+        state = wait_job_end(lab.engine, job.job_id, second)
+        second.stop()
+    notes = [f"chunks in flight at SIGTERM: {in_flight}, done when the worker exited: "
+             f"{list(finished)}; exit code {code}"]
+    return Outcome("sigterm_warm", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
+                   len(finished) if code == 0 else 0, len(in_flight), notes)
+
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    state: str
+    kind: str | None
+    error: str | None
+    size: tuple[int | None, int | None]
+    detections: int
+
+    @property
+    def ok(self) -> bool:
+        c = self.case
+        if self.state != c.state:
+            return False
+        if c.state == "done":
+            return self.size == c.size and self.detections == BOXES_PER_IMAGE
+        reason = self.error or ""
+        return self.kind == c.kind and c.phrase in reason and Path(c.uri).name in reason
+
+
+@dataclass
+class BadInputOutcome:
+    results: list[CaseResult]
+    valid: int
+    valid_done: int
+    worker_alive: bool
+    job_state: str
+    audit: Audit
+
+    @property
+    def cases_ok(self) -> int:
+        return sum(r.ok for r in self.results)
+
+    @property
+    def ok(self) -> bool:
+        return (self.cases_ok == len(self.results) and self.valid_done == self.valid
+                and self.worker_alive and self.job_state == "done" and self.audit.lost == 0
+                and self.audit.duplicates == 0 and self.audit.failed_without_reason == 0)
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{'ok' if r.ok else 'WRONG':5} {r.case.name:48} {r.state:6} {r.kind or '-':15} "
+            + (r.error or "{}x{}".format(*r.size))[:100]
+            for r in self.results
+        ]
+        out.append(f"valid captures around them done {self.valid_done}/{self.valid}; "
+                   f"worker alive {self.worker_alive}; job {self.job_state}")
+        return out
+
+
+MAX_IMAGE_BYTES = 64 * 1024
+
+
+def bad_inputs(lab: Lab, chunk_size: int = 6) -> BadInputOutcome:
+    """The corpus of tests/badinputs.py through a real worker, each case between two valid
+    captures (one local, one over HTTP), so every chunk has valid images around bad ones."""
+    env = worker_env(
+        lab.env,
+        TRAPQ_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        TRAPQ_HTTP_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
+        TRAPQ_HTTP_CONNECT_TIMEOUT_S="2",
+        TRAPQ_HTTP_MAX_REDIRECTS="3",
+        TRAPQ_FETCH_THREADS="4",
+    )
+    with ImageServer(big_bytes=2 * MAX_IMAGE_BYTES) as server:
+        cases = build_corpus(lab.tmp / "corpus", server.url, MAX_IMAGE_BYTES)
+        local = write_jpegs(lab.tmp / "valid", len(cases))
+        valid = [str(p) for p in local] + [f"{server.url}/img/{i}.jpg" for i in range(len(cases))]
+        uris: list[str] = []
+        for i, case in enumerate(cases):
+            uris += [valid[i], case.uri, valid[len(cases) + i]]
+        job = make_job(lab.engine, uris, chunk_size=chunk_size, deployment="bad-inputs")
+        worker = lab.workers(env).start()
+        send(env, lab.engine, job.chunk_ids)
+        state = wait_job_end(lab.engine, job.job_id, worker)
+        alive = worker.proc is not None and worker.proc.poll() is None
+        worker.stop()
+    with lab.engine.connect() as conn:
+        rows = conn.execute(text(
+            "SELECT c.uri, i.state, i.error_kind, i.error, c.width, c.height, "
+            "(SELECT count(*) FROM detections d WHERE d.job_id = i.job_id "
+            " AND d.capture_id = c.id) FROM job_captures i JOIN captures c ON c.id = i.capture_id "
+            "WHERE i.job_id = :j"
+        ), {"j": job.job_id}).all()
+    by_uri = {r[0]: r[1:] for r in rows}
+    results = [
+        CaseResult(c, *by_uri[c.uri][:3], tuple(by_uri[c.uri][3:5]), by_uri[c.uri][5])
+        for c in cases
+    ]
+    valid_done = sum(
+        1 for u in valid if by_uri[u][0] == "done" and by_uri[u][5] == BOXES_PER_IMAGE
+    )
+    return BadInputOutcome(results, len(valid), valid_done, alive, state,
+                           audit(lab.engine, job.job_id))

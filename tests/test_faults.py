@@ -1,0 +1,56 @@
+"""Nothing lost, nothing doubled: a real worker under SIGKILL, a broker restart, terminated
+database sessions and a warm shutdown, each audited against an undisturbed run of the same
+captures (scenarios in tests/fault_scenarios.py, also run by bench/faults.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+
+from tests import fault_scenarios as fs
+from tests.worker_process import worker_factory  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def lab(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+) -> fs.Lab:
+    return fs.Lab(clean_pg, service_env, tmp_path, worker_factory)
+
+
+def _assert_exactly_once(outcome: fs.Outcome) -> None:
+    a = outcome.audit
+    assert outcome.job_state == "done", outcome.line()
+    assert (a.lost, a.duplicates, a.failed_without_reason) == (0, 0, 0), outcome.line()
+    assert a.done == a.n, outcome.line()
+    assert a.mismatched == 0, outcome.line()
+
+
+def test_worker_sigkilled_mid_chunk_ten_times_over_one_job_loses_and_doubles_nothing(
+    lab: fs.Lab,
+) -> None:
+    outcome = fs.sigkill_restart(lab, trials=10)
+    assert outcome.trials_ok == 10, outcome.line()
+    _assert_exactly_once(outcome)
+
+
+def test_broker_stopped_and_restarted_mid_job_loses_and_doubles_nothing(lab: fs.Lab) -> None:
+    _assert_exactly_once(fs.redis_restart(lab))
+
+
+def test_worker_database_sessions_terminated_mid_write_lose_and_double_nothing(
+    lab: fs.Lab,
+) -> None:
+    outcome = fs.pg_terminate(lab)
+    assert outcome.trials_ok >= 1, outcome.line()
+    _assert_exactly_once(outcome)
+
+
+def test_sigterm_finishes_chunks_in_flight_and_a_new_worker_does_the_rest(lab: fs.Lab) -> None:
+    outcome = fs.sigterm_warm(lab)
+    assert outcome.trials == 2 and outcome.trials_ok == 2, outcome.line()
+    _assert_exactly_once(outcome)
