@@ -18,6 +18,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from sqlalchemy import bindparam, delete, func, insert, select, text, update
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Capture, Chunk, Classification, Detection, Job, JobCapture
@@ -317,19 +318,30 @@ def _insert_detections_pg(
     conn: Any, job_id: int, dets: list[tuple[int, DetectionLike]], classified: bool
 ) -> None:
     ids = conn.execute(_PG_DETECTION_IDS, {"n": len(dets)}).scalars().all()
-    with conn.connection.driver_connection.cursor() as cur:
-        with cur.copy(_PG_COPY_DETECTIONS) as copy:
-            for det_id, (key, d) in zip(ids, dets, strict=True):
-                copy.write_row((det_id, job_id, key, float(d.x1), float(d.y1), float(d.x2),
-                                float(d.y2), float(d.score), d.label))
-        if not classified:
-            return
-        with cur.copy(_PG_COPY_CLASSIFICATIONS) as copy:
-            for det_id, (_, d) in zip(ids, dets, strict=True):
-                for c in d.classifications:
-                    topk = (json.dumps([[label, float(score)] for label, score in c.topk])
-                            if c.topk else None)
-                    copy.write_row((det_id, c.classifier, c.label, float(c.score), topk))
+    dbapi_error = conn.dialect.loaded_dbapi.Error
+    statement = _PG_COPY_DETECTIONS
+    try:
+        with conn.connection.driver_connection.cursor() as cur:
+            with cur.copy(statement) as copy:
+                for det_id, (key, d) in zip(ids, dets, strict=True):
+                    copy.write_row((det_id, job_id, key, float(d.x1), float(d.y1),
+                                    float(d.x2), float(d.y2), float(d.score), d.label))
+            if not classified:
+                return
+            statement = _PG_COPY_CLASSIFICATIONS
+            with cur.copy(statement) as copy:
+                for det_id, (_, d) in zip(ids, dets, strict=True):
+                    for c in d.classifications:
+                        topk = (json.dumps([[label, float(score)] for label, score in c.topk])
+                                if c.topk else None)
+                        copy.write_row((det_id, c.classifier, c.label, float(c.score), topk))
+    except dbapi_error as e:
+        # COPY goes around SQLAlchemy's execute(): wrap the driver's error the way execute()
+        # would (OperationalError for a lost connection or a serialization failure, ...), so
+        # callers tell transient errors from the rest in one way.
+        raise sa_exc.DBAPIError.instance(
+            statement, None, e, dbapi_error, dialect=conn.dialect
+        ) from e
 
 
 def _record_sizes(conn: Any, results: Sequence[ResultLike]) -> None:

@@ -187,3 +187,32 @@ def test_sqlite_job_store_gets_the_same_exactly_once_writes(tmp_path) -> None:  
         topk = conn.scalar(select(Classification.topk).limit(1))
     assert topk == [["a", 0.7], ["b", 0.2]]
     engine.dispose()
+
+
+def test_a_failing_copy_raises_sqlalchemys_operational_error(clean_pg: Engine) -> None:
+    """The worker retries on SQLAlchemy's OperationalError; COPY's errors must look the same."""
+    import pytest
+    from sqlalchemy import exc, text
+
+    job = _job(clean_pg, n=2, chunk_size=2)
+    factory = make_sessionmaker(clean_pg)
+    chunk = job.chunk_ids[0]
+    _claim(clean_pg, chunk)
+    with clean_pg.begin() as conn:
+        conn.execute(text(
+            "CREATE FUNCTION trapq_unit_fail() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "RAISE EXCEPTION 'injected' USING ERRCODE = '40001'; END $$"
+        ))
+        conn.execute(text("CREATE TRIGGER trapq_unit_fail BEFORE INSERT ON classifications "
+                          "FOR EACH STATEMENT EXECUTE FUNCTION trapq_unit_fail()"))
+    try:
+        results = [_result(i.capture_id) for i in pending_items(factory, chunk)]
+        with pytest.raises(exc.OperationalError, match="injected"):
+            write_results(factory, job.job_id, results)
+    finally:
+        with clean_pg.begin() as conn:
+            conn.execute(text("DROP TRIGGER trapq_unit_fail ON classifications"))
+            conn.execute(text("DROP FUNCTION trapq_unit_fail()"))
+    assert len(pending_items(factory, chunk)) == 2
+    with clean_pg.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Detection)) == 0
