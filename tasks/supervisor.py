@@ -64,7 +64,16 @@ def plan_workers(gpus: str, environ: Mapping[str, str] = os.environ) -> list[Wor
     wanted = [g.strip() for g in choice.split(",") if g.strip()]
     if not wanted or not all(g.isdigit() for g in wanted):
         raise ValueError(f"--gpus {gpus!r}: use all, cpu, or GPU indices like 0,1")
-    return [WorkerSpec(f"gpu{g}@%h", g) for g in wanted]
+    if environ.get("CUDA_VISIBLE_DEVICES") is None:
+        return [WorkerSpec(f"gpu{g}@%h", g) for g in wanted]
+    # Indices count within the GPUs this process was given, as CUDA itself counts them.
+    visible = visible_gpus(environ)
+    if any(int(g) >= len(visible) for g in wanted):
+        raise ValueError(
+            f"--gpus {gpus!r}: CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r} "
+            f"leaves {len(visible)} GPU(s), numbered from 0"
+        )
+    return [WorkerSpec(f"gpu{g}@%h", visible[int(g)]) for g in wanted]
 
 
 def celery_argv(

@@ -128,9 +128,12 @@ def test_gpus_option_plans_one_pinned_worker_per_gpu_without_touching_cuda() -> 
     ]
     assert [w.node for w in plan_workers("cpu", env)] == ["cpu@%h"]
     assert [w.node for w in plan_workers("all", {"CUDA_VISIBLE_DEVICES": ""})] == ["cpu@%h"]
-    assert [w.gpu for w in plan_workers("0,1", env)] == ["0", "1"]
+    assert [(w.node, w.gpu) for w in plan_workers("1", env)] == [("gpu1@%h", "3")]
+    assert [w.gpu for w in plan_workers("0,1", {})] == ["0", "1"]
     with pytest.raises(ValueError):
         plan_workers("first", env)
+    with pytest.raises(ValueError):
+        plan_workers("2", env)
 
 
 def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on_ctrl_c(
