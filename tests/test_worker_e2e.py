@@ -17,6 +17,7 @@ from tests.worker_jobs import (
     job_state,
     make_job,
     send,
+    trapq,
     worker_env,
     write_jpegs,
 )
@@ -29,21 +30,29 @@ def test_job_processed_end_to_end_with_boxes_inside_their_images(
     pool: str,
 ) -> None:
     """threads (the default) loads the engine in the worker process; prefork in each child,
-    never in the parent."""
+    never in the parent. The threads run goes through `trapq import` and `trapq enqueue`; the
+    prefork one leaves capture sizes unknown, for the worker to record."""
     paths = write_jpegs(tmp_path / "images", 10, 160, 120)
-    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=4)
     env = worker_env(service_env)
     worker = worker_factory(env, pool=pool, concurrency=2 if pool == "threads" else 1).start()
-    send(env, clean_pg, job.chunk_ids)
+    if pool == "threads":
+        done = trapq(env, "import", str(tmp_path / "images"), "--deployment", "e2e")
+        assert done.returncode == 0, done.stderr
+        done = trapq(env, "enqueue", "e2e", "--chunk-size", "4")
+        assert done.returncode == 0, done.stderr
+        job_id = int(done.stdout.split()[-1])
+    else:
+        job = make_job(clean_pg, [str(p) for p in paths], chunk_size=4)
+        send(env, clean_pg, job.chunk_ids)
+        job_id = job.job_id
 
-    wait_for(lambda: job_state(clean_pg, job.job_id) in ENDED, 120, "job end",
+    wait_for(lambda: job_state(clean_pg, job_id) in ENDED, 120, "job end",
              on_timeout=worker.tail)
-    assert job_state(clean_pg, job.job_id) == "done", worker.tail()
+    assert job_state(clean_pg, job_id) == "done", worker.tail()
 
-    assert item_states(clean_pg, job.job_id) == {"done": 10}
-    assert detections_per_capture(clean_pg, job.job_id) == {
-        cid: BOXES_PER_IMAGE for cid in detections_per_capture(clean_pg, job.job_id)
-    }
+    assert item_states(clean_pg, job_id) == {"done": 10}
+    per_capture = detections_per_capture(clean_pg, job_id)
+    assert len(per_capture) == 10 and set(per_capture.values()) == {BOXES_PER_IMAGE}
     with clean_pg.connect() as conn:
         sizes = dict(conn.execute(select(Capture.id, Capture.width)).all())
         assert set(sizes.values()) == {160}
@@ -55,7 +64,7 @@ def test_job_processed_end_to_end_with_boxes_inside_their_images(
     for x1, y1, x2, y2 in boxes:
         assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
     assert n_classified is not None
-    for chunk in chunk_rows(clean_pg, job.job_id):
+    for chunk in chunk_rows(clean_pg, job_id):
         assert chunk.state == "done" and chunk.n_done == chunk.n_items
         assert chunk.gpu_s is not None and chunk.write_s is not None and chunk.metrics
     log = worker.log_text()
