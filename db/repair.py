@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import and_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import Chunk, Job, JobCapture
@@ -48,7 +48,8 @@ def plan_requeue(
 
     Chosen: never-sent `pending` chunks (always), `failed` ones (with `failed`, or when
     named by `chunk_id`), and `running`/`queued` ones whose heartbeat is older than
-    `stuck_after` (a queued chunk counts only once it has run: a fresh one is just waiting).
+    `stuck_after` (a queued chunk that never ran counts from when it was sent: a broker that
+    lost its data, e.g. Redis restarted without persistence, leaves it queued forever).
     Each goes back to `pending` with attempts and deliveries at zero, so it gets the whole
     retry and redelivery budget again; the failed work items of a failed chunk become
     pending again, and an ended job is running again.
@@ -64,7 +65,11 @@ def plan_requeue(
         if chunk_id is not None:
             where.append(c.id == chunk_id)
         plan = RequeuePlan(job_id)
-        rows = s.execute(select(c.id, c.state, c.heartbeat_at).where(*where).order_by(c.seq))
+        rows = s.execute(
+            select(c.id, c.state, func.coalesce(c.heartbeat_at, c.queued_at))
+            .where(*where)
+            .order_by(c.seq)
+        )
         limit = datetime.now(UTC) - stuck_after if stuck_after is not None else None
         for cid, state, beat in rows:
             if state == ChunkState.PENDING.value:
