@@ -17,10 +17,11 @@ from typing import Any, Literal, TextIO
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.models import Capture, Classification, Detection
+from db.models import Capture, Classification, Detection, Job
 
 Format = Literal["csv", "jsonl"]
 STREAM_ROWS = 5000
+SAMPLE_DETECTIONS = 10_000
 
 
 @dataclass
@@ -38,15 +39,24 @@ class DetectionRow:
 
 
 def classifiers_of(session: Session, job_id: int) -> list[str]:
-    """The classifier names with results in this job: the CSV's extra column pairs."""
-    return sorted(
-        session.scalars(
-            select(Classification.classifier)
-            .join(Detection, Detection.id == Classification.detection_id)
-            .where(Detection.job_id == job_id)
-            .distinct()
-        )
+    """The classifier names of this job: the CSV's extra column pairs.
+
+    Taken from the job's pipeline (filter first, then the classifier), plus any other name
+    found on the job's first detections, so a big job is not scanned whole to learn them.
+    """
+    pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id)) or {}
+    names = [
+        part["name"]
+        for part in (pipeline.get("filter"), pipeline.get("classifier"))
+        if isinstance(part, dict) and part.get("name")
+    ]
+    first = select(Detection.id).where(Detection.job_id == job_id).limit(SAMPLE_DETECTIONS)
+    found = session.scalars(
+        select(Classification.classifier)
+        .where(Classification.detection_id.in_(first.scalar_subquery()))
+        .distinct()
     )
+    return names + sorted(set(found) - set(names))
 
 
 def detection_rows(session: Session, job_id: int) -> Iterator[DetectionRow]:
