@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import statistics
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from inference.forward import DTYPES, BatchForward, ForwardOptions
 from inference.registry import Pipeline, load_pipeline
 from inference.types import WorkItem
 
+T = TypeVar("T")
 SUFFIXES = {".jpg", ".jpeg", ".png"}
 MIN_PIXELS = 1920 * 1080
 
@@ -120,6 +124,29 @@ def build(args: argparse.Namespace) -> Pipeline:
         precision=args.precision,
         detector_kwargs=kwargs,
     )
+
+
+def in_thread(fn: Callable[[], T]) -> T:
+    """Every figure is measured in a fresh thread, as the engine's forward runs in its own:
+    on a loaded CPU, torch's intra-op threads behave differently in the main thread (2 threads
+    there ran resnet50 up to 2x slower than in a second thread), which is no fair comparison."""
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn()))
+    thread.start()
+    thread.join()
+    if not out:
+        raise SystemExit("a measurement failed; see the traceback above")
+    return out[0]
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the DataLoader's workers): on a
+    shared machine it varies less with the neighbours' load than wall time does."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def sync(device: torch.device) -> None:
@@ -283,7 +310,9 @@ def main() -> None:
         frames = resident_frames(pipeline, paths)
         forward = BatchForward(pipeline, ForwardOptions(pipeline.precision, args.crop_batch_size))
         forward(frames[:1])  # warms every model up for all four measurements
-        swept = {size: ceiling(forward, frames, size) for size in sizes}
+        swept = {
+            size: in_thread(lambda size=size: ceiling(forward, frames, size)) for size in sizes
+        }
         for size, (rate, _) in swept.items():
             print(f"    ceiling batch {size:>3}: {rate:7.3f} img/s")
         best = max(swept, key=lambda size: swept[size][0])
@@ -328,9 +357,14 @@ def main() -> None:
             print(f"round {r + 1}/{args.rounds}")
             for key in order:
                 title, measure = measures[key]
-                rate, note = measure()
+                cpu0 = cpu_seconds()
+                rate, note = in_thread(measure)
+                count = (
+                    min(len(paths), args.naive_n or len(paths)) if key == "naive" else len(paths)
+                )
+                cpu = (cpu_seconds() - cpu0) / count
                 figures[key].append(rate)
-                print(f"{title}: {rate:7.3f} img/s {f'({note})' if note else ''}")
+                print(f"{title}: {rate:7.3f} img/s  {cpu:6.2f} CPU s/img  {note}")
     mean = {k: statistics.fmean(v) for k, v in figures.items()}
     over = {k: mean["e2e"] / mean[k] for k in ("ceiling", "naive", "dataloader")}
     print(

@@ -164,6 +164,12 @@ class Run:
 
 
 class Engine:
+    """Loaded once per process on one device; run() may be called from any number of threads.
+
+    A config precision other than "auto" overrides the pipeline's and is written back to it,
+    so that pipeline.describe() records what actually runs.
+    """
+
     def __init__(self, pipeline: Pipeline, config: EngineConfig | None = None) -> None:
         self.pipeline = pipeline
         self.config = config or EngineConfig()
@@ -317,6 +323,8 @@ class Engine:
 
     def _loop(self) -> None:
         wait_s = self.config.batch_wait_ms / 1000
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # nvJPEG and kernels of this thread on cuda:N
         while True:
             first = self._queue.get()
             if first is None:
