@@ -100,7 +100,7 @@ def child_env(spec: WorkerSpec, environ: Mapping[str, str] = os.environ) -> dict
         env["TRAPQ_DEVICE"] = "cpu"
     else:
         env["CUDA_VISIBLE_DEVICES"] = spec.gpu
-        if env.get("TRAPQ_DEVICE", "auto") in ("auto", "cpu", ""):
+        if env.get("TRAPQ_DEVICE", "auto") in ("auto", ""):
             env["TRAPQ_DEVICE"] = "cuda"
     return env
 
