@@ -185,3 +185,12 @@ def test_demo_models_build_and_run_with_random_weights() -> None:
         out = pipeline.detector.module([torch.rand(3, 60, 80)])
         logits = pipeline.classifier.module(torch.rand(2, 3, 64, 64))
     assert out[0]["boxes"].shape[1] == 4 and logits.shape == (2, 2)
+
+
+@pytest.mark.parametrize("name", ["demo_detector", "demo_classifier"])
+def test_demo_checkpoints_load_from_the_registry_defaults(name: str) -> None:
+    spec = REGISTRY[name]
+    if not Path(spec.default_weights or "").is_file():
+        pytest.skip(f"{spec.default_weights} not trained yet")
+    model = load_model(name, spec.role, CPU)
+    assert model.version != "random" and model.num_classes == len(model.labels)
