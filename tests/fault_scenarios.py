@@ -17,6 +17,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -88,6 +89,7 @@ class Outcome:
     trials_ok: int = 0
     trials: int = 0
     notes: list[str] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -181,15 +183,18 @@ def _reference_then_job(
                                       deployment=deployment)
 
 
-def _mid_chunk(engine: Engine, job_id: int) -> bool:
-    """True while some running chunk of the job has captures both done and pending."""
+def _mid_chunk(engine: Engine, job_id: int, worker: WorkerProcess) -> bool:
+    """True while `worker` runs a chunk of the job of which it has written some captures
+    (since this delivery started) and has some left. A killed worker's chunk row still
+    says `running`, so the worker's name and the start time are what tell them apart."""
     with engine.connect() as conn:
         return bool(conn.scalar(text(
             "SELECT count(*) FROM chunks c WHERE c.job_id = :j AND c.state = 'running' "
-            "AND EXISTS (SELECT 1 FROM job_captures i WHERE i.chunk_id = c.id "
-            "AND i.state = 'done') AND EXISTS (SELECT 1 FROM job_captures i "
+            "AND c.worker LIKE :w AND EXISTS (SELECT 1 FROM job_captures i "
+            "WHERE i.chunk_id = c.id AND i.state = 'done' AND i.finished_at >= c.started_at) "
+            "AND EXISTS (SELECT 1 FROM job_captures i "
             "WHERE i.chunk_id = c.id AND i.state = 'pending')"
-        ), {"j": job_id}))
+        ), {"j": job_id, "w": worker.node.split("@", 1)[0] + "@%"}))
 
 
 def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6) -> Outcome:
@@ -209,7 +214,7 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
         last_kill = time.monotonic()
         for trial in range(trials):
             try:
-                wait_for(lambda: _mid_chunk(lab.engine, job.job_id), 60,
+                wait_for(lambda w=worker: _mid_chunk(lab.engine, job.job_id, w), 60,
                          f"trial {trial}: a chunk half done", every=0.05, on_timeout=worker.tail)
             except AssertionError as e:
                 notes.append(str(e).splitlines()[0])
@@ -228,7 +233,7 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
             "SELECT sum(deliveries) FROM chunks WHERE job_id = :j"), {"j": job.job_id})
     notes.append(f"{deliveries} deliveries of {len(job.chunk_ids)} chunks")
     return Outcome("sigkill_restart", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
-                   ok, trials, notes)
+                   ok, trials, notes, {"deliveries": deliveries, "chunks": len(job.chunk_ids)})
 
 
 def free_port() -> int:
@@ -313,7 +318,7 @@ def redis_restart(lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "redis")
         send(env, lab.engine, job.chunk_ids)
-        wait_for(lambda: _mid_chunk(lab.engine, job.job_id), 60, "a chunk half done",
+        wait_for(lambda: _mid_chunk(lab.engine, job.job_id, worker), 60, "a chunk half done",
                  every=0.05, on_timeout=worker.tail)
         broker.stop(signal.SIGTERM)
         time.sleep(down_s)
@@ -326,10 +331,46 @@ def redis_restart(lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.
                    state if alive else f"{state} (worker died)", notes=notes)
 
 
+def redis_data_lost(lab: Lab, n: int = 48, chunk_size: int = 6) -> Outcome:
+    """A broker without persistence crashes mid-job and comes back empty: the queued
+    messages are gone. The chunks in flight finish; the rest stay `queued` until an
+    operator runs `trapq requeue JOB --stuck-after MINUTES`, which sends them again."""
+    with redis_server(lab.tmp / "redis-lost", appendonly=False) as broker, \
+            ImageServer() as server:
+        env = fault_env(lab.env, TRAPQ_BROKER_URL=broker.url, TRAPQ_RESULT_BACKEND=broker.url)
+        worker = lab.workers(env).start()
+        ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "lost")
+        send(env, lab.engine, job.chunk_ids)
+        wait_for(lambda: _mid_chunk(lab.engine, job.job_id, worker), 60, "a chunk half done",
+                 every=0.05, on_timeout=worker.tail)
+        broker.stop(signal.SIGKILL)
+        broker.start()
+        wait_for(lambda: not _running_chunks(lab.engine, job.job_id), 60,
+                 "the chunks in flight to end", on_timeout=worker.tail)
+        with lab.engine.connect() as conn:
+            stranded = conn.scalar(text(
+                "SELECT count(*) FROM chunks WHERE job_id = :j AND state = 'queued'"
+            ), {"j": job.job_id})
+        requeue = subprocess.run(
+            [str(Path(sys.executable).with_name("trapq")), "requeue", str(job.job_id),
+             "--stuck-after", "0"],
+            env=env, capture_output=True, text=True, timeout=120,
+        )
+        try:
+            state = wait_job_end(lab.engine, job.job_id, worker, timeout=60)
+        except AssertionError:
+            state = job_state(lab.engine, job.job_id)
+        worker.stop()
+    notes = [f"{stranded} queued chunks lost with the broker's data; "
+             f"trapq requeue --stuck-after 0: {(requeue.stdout + requeue.stderr).strip()}"]
+    return Outcome("redis_data_lost", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
+                   notes=notes)
+
+
 @contextmanager
-def slow_detection_inserts(engine: Engine, seconds: float) -> Iterator[None]:
-    """Every INSERT into detections sleeps first, so a write is in progress long enough to be
-    caught and cut; removed afterwards."""
+def slow_detection_writes(engine: Engine, seconds: float) -> Iterator[None]:
+    """Every INSERT or COPY into detections sleeps first (a statement trigger fires for both),
+    so a write is in progress long enough to be caught and cut; removed afterwards."""
     with engine.begin() as conn:
         conn.execute(text(
             "CREATE OR REPLACE FUNCTION trapq_fault_slow() RETURNS trigger LANGUAGE plpgsql "
@@ -348,13 +389,13 @@ def slow_detection_inserts(engine: Engine, seconds: float) -> Iterator[None]:
 
 
 def terminate_writers(engine: Engine) -> int:
-    """pg_terminate_backend on the worker sessions of this database that are inserting
-    detections right now (never this connection)."""
+    """pg_terminate_backend on the worker sessions of this database that are writing
+    detections right now, by INSERT or COPY (never this connection)."""
     with engine.connect() as conn:
         pids = conn.scalars(text(
             "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
             "AND pid <> pg_backend_pid() AND application_name LIKE 'trapq-worker%' "
-            "AND state = 'active' AND query ILIKE 'INSERT INTO detections%'"
+            "AND state = 'active' AND query ~* '^\\s*(INSERT INTO|COPY|DELETE FROM) detections'"
         )).all()
         for pid in pids:
             conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
@@ -369,7 +410,7 @@ def pg_terminate(lab: Lab, kills: int = 6, n: int = 48, chunk_size: int = 6) -> 
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "pg")
         terminated = 0
-        with slow_detection_inserts(lab.engine, 0.3):
+        with slow_detection_writes(lab.engine, 0.3):
             send(env, lab.engine, job.chunk_ids)
             deadline = time.monotonic() + 90
             while terminated < kills and time.monotonic() < deadline:
@@ -384,7 +425,7 @@ def pg_terminate(lab: Lab, kills: int = 6, n: int = 48, chunk_size: int = 6) -> 
         retries = conn.scalar(text(
             "SELECT coalesce(sum(attempts - 1), 0) FROM chunks WHERE job_id = :j"
         ), {"j": job.job_id})
-    notes = [f"{terminated} backends terminated mid-INSERT; {retries} chunk retries; "
+    notes = [f"{terminated} backends terminated mid-write; {retries} chunk retries; "
              f"worker alive after: {alive}"]
     return Outcome("pg_terminate", job.job_id, audit(lab.engine, job.job_id, ref_id),
                    state if alive else f"{state} (worker died)", terminated, kills, notes)
@@ -406,7 +447,7 @@ def sigterm_warm(lab: Lab, n: int = 48, chunk_size: int = 8) -> Outcome:
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "term")
         send(env, lab.engine, job.chunk_ids)
         wait_for(lambda: len(_running_chunks(lab.engine, job.job_id)) == 2
-                 and _mid_chunk(lab.engine, job.job_id), 60, "two chunks in flight",
+                 and _mid_chunk(lab.engine, job.job_id, worker), 60, "two chunks in flight",
                  every=0.05, on_timeout=worker.tail)
         in_flight = _running_chunks(lab.engine, job.job_id)
         worker.signal(signal.SIGTERM)

@@ -35,11 +35,19 @@ def test_worker_sigkilled_mid_chunk_ten_times_over_one_job_loses_and_doubles_not
 ) -> None:
     outcome = fs.sigkill_restart(lab, trials=10)
     assert outcome.trials_ok == 10, outcome.line()
+    # Every kill cut a delivery short, which had to be delivered again.
+    assert outcome.counts["deliveries"] >= outcome.counts["chunks"] + 10, outcome.line()
     _assert_exactly_once(outcome)
 
 
 def test_broker_stopped_and_restarted_mid_job_loses_and_doubles_nothing(lab: fs.Lab) -> None:
     _assert_exactly_once(fs.redis_restart(lab))
+
+
+def test_broker_restarted_empty_strands_queued_chunks_until_requeue_stuck_resends_them(
+    lab: fs.Lab,
+) -> None:
+    _assert_exactly_once(fs.redis_data_lost(lab))
 
 
 def test_worker_database_sessions_terminated_mid_write_lose_and_double_nothing(
