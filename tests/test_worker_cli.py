@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import signal
@@ -163,3 +164,46 @@ def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on
     assert all(w.startswith("cpu@") for w in workers)
     leftover = subprocess.run(["pgrep", "-f", "--", f"--queues {env['TRAPQ_QUEUE']}"])
     assert leftover.returncode == 1, "a worker outlived trapq worker"
+
+
+def test_requeue_sends_never_sent_and_stuck_chunks_with_a_fresh_budget(
+    service_env: dict[str, str], clean_pg: Engine, redis_url: str, queue_name: str,
+) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    job = make_job(clean_pg, [f"/data/img{i}.jpg" for i in range(6)], chunk_size=2)
+    never_sent, stuck, fresh = job.chunk_ids
+    long_ago = datetime.now(UTC) - timedelta(minutes=30)
+    with clean_pg.begin() as conn:
+        conn.execute(update(Chunk).where(Chunk.id == stuck).values(
+            state="running", heartbeat_at=long_ago, attempts=3, deliveries=4))
+        conn.execute(update(Chunk).where(Chunk.id == fresh).values(
+            state="running", heartbeat_at=datetime.now(UTC), attempts=1, deliveries=1))
+
+    done = trapq(service_env, "requeue", str(job.job_id), "--stuck-after", "10")
+
+    assert done.returncode == 0, done.stderr
+    assert "requeued 0 failed, 1 pending, 1 stuck chunk(s); sent 2, not sent 0" in done.stdout
+    rows = {c.id: c for c in chunk_rows(clean_pg, job.job_id)}
+    assert (rows[never_sent].state, rows[stuck].state, rows[fresh].state) == (
+        "queued", "queued", "running")
+    assert (rows[stuck].attempts, rows[stuck].deliveries) == (0, 0)
+    messages = _queued(redis_url, queue_name)
+    assert sorted(args[0] for _, args in messages) == sorted([never_sent, stuck])
+    assert {task_id for task_id, _ in messages} == {rows[never_sent].task_id, rows[stuck].task_id}
+
+
+def _queued(redis_url: str, queue: str) -> list[tuple[str, list]]:
+    """(task id, args) of the messages waiting on a queue, as Kombu stores them in Redis."""
+    client = redis.Redis.from_url(redis_url)
+    raw = client.lrange(queue, 0, -1)
+    client.close()
+    out = []
+    for item in raw:
+        message = json.loads(item)
+        assert message["content-type"] == "application/json"
+        args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
+        out.append((message["headers"]["id"], args))
+    return out
