@@ -7,11 +7,12 @@ import csv
 import json
 import signal
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from db.models import Capture, Chunk, Classification, Detection
 from tasks.supervisor import plan_workers
@@ -169,10 +170,6 @@ def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on
 def test_requeue_sends_never_sent_and_stuck_chunks_with_a_fresh_budget(
     service_env: dict[str, str], clean_pg: Engine, redis_url: str, queue_name: str,
 ) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from sqlalchemy import update
-
     job = make_job(clean_pg, [f"/data/img{i}.jpg" for i in range(6)], chunk_size=2)
     never_sent, stuck, fresh = job.chunk_ids
     long_ago = datetime.now(UTC) - timedelta(minutes=30)
