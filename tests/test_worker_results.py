@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
-from sqlalchemy import Engine, func, select, update
+import pytest
+from sqlalchemy import Engine, exc, func, select, text, update
 
+import migrations
 from db.models import Chunk, Classification, Detection, Job, JobCapture
 from db.repair import cancel_job, plan_requeue
 from db.results import (
@@ -18,7 +21,7 @@ from db.results import (
     pending_items,
     write_results,
 )
-from db.session import make_sessionmaker
+from db.session import make_engine, make_sessionmaker
 from inference.types import Classification as Cls
 from inference.types import Detection as Det
 from inference.types import ErrorKind, ItemResult
@@ -166,11 +169,8 @@ def test_cancelled_chunk_is_skipped_and_heartbeat_reports_it(clean_pg: Engine) -
         assert conn.scalar(select(Job.state)) == "cancelled"
 
 
-def test_sqlite_job_store_gets_the_same_exactly_once_writes(tmp_path) -> None:  # noqa: ANN001
+def test_sqlite_job_store_gets_the_same_exactly_once_writes(tmp_path: Path) -> None:
     """The embedded demo runs the worker on SQLite: the generic insert path, same promise."""
-    import migrations
-    from db.session import make_engine
-
     url = f"sqlite:///{tmp_path / 'trapq.db'}"
     migrations.upgrade(url)
     engine = make_engine(url)
@@ -191,9 +191,6 @@ def test_sqlite_job_store_gets_the_same_exactly_once_writes(tmp_path) -> None:  
 
 def test_a_failing_copy_raises_sqlalchemys_operational_error(clean_pg: Engine) -> None:
     """The worker retries on SQLAlchemy's OperationalError; COPY's errors must look the same."""
-    import pytest
-    from sqlalchemy import exc, text
-
     job = _job(clean_pg, n=2, chunk_size=2)
     factory = make_sessionmaker(clean_pg)
     chunk = job.chunk_ids[0]
