@@ -251,7 +251,10 @@ class _ChunkRun:
         self.buffer.clear()
 
     def _report(self) -> None:
+        """Progress in the result backend (AsyncResult, Flower's API) and as a task-progress
+        event, the only thing Flower's pages see (they are built from events)."""
         try:
             self.task.update_state(state="PROGRESS", meta=dict(self.progress))
+            self.task.send_event("task-progress", retry=False, **self.progress)
         except Exception as e:  # progress is for people watching; never fail a chunk for it
             log.warning("chunk %s: progress not reported: %s", self.chunk_id, e)

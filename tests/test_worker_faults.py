@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 import redis
+from celery.result import AsyncResult
 from kombu import Connection, Exchange, Queue
 from sqlalchemy import Engine, func, select, text
 
 from db.models import Detection, JobCapture
-from tasks.celery_app import PROCESS_CHUNK
+from tasks.celery_app import PROCESS_CHUNK, make_app
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
@@ -27,6 +28,7 @@ from tests.worker_jobs import (
     jpeg_bytes,
     make_job,
     send,
+    settings_of,
     trapq,
     worker_env,
     write_jpegs,
@@ -93,10 +95,16 @@ def test_worker_killed_mid_chunk_then_restarted_loses_and_doubles_nothing(
     send(env, clean_pg, job.chunk_ids)
     wait_for(lambda: item_states(clean_pg, job.job_id).get("done", 0) >= 4, 60,
              "some captures done", on_timeout=first.tail)
+    progress = _progress(env, chunk_rows(clean_pg, job.job_id)[0].task_id)
     first.kill()
     killed_at = time.monotonic()
     done_at_kill = item_states(clean_pg, job.job_id).get("done", 0)
     assert done_at_kill < n, "the chunk ended before the kill; slow the server down"
+
+    assert progress.state == "PROGRESS", progress.state
+    assert progress.info["total"] == n and progress.info["chunk_id"] == job.chunk_ids[0]
+    assert 0 < progress.info["done"] < n
+    assert "progress not reported" not in first.log_text()
 
     time.sleep(max(0.0, killed_at + 13 - time.monotonic()))
     second = worker_factory(env, concurrency=1).start()
@@ -108,6 +116,14 @@ def test_worker_killed_mid_chunk_then_restarted_loses_and_doubles_nothing(
     # database, so a worker of another test with a shorter visibility timeout may hand the
     # message out once more; that run finds nothing pending.
     assert chunk.state == "done" and chunk.deliveries >= 2
+
+
+def _progress(env: dict[str, str], task_id: str | None) -> AsyncResult:
+    """The chunk task's state in the result backend, as Flower's API and AsyncResult read it."""
+    app = make_app(settings_of(env))
+    result = AsyncResult(task_id, app=app)
+    wait_for(lambda: result.state == "PROGRESS" and result.info.get("done"), 30, "progress")
+    return result
 
 
 @pytest.fixture
