@@ -261,3 +261,13 @@ def test_readme_settings_table_is_the_one_generated_from_settings() -> None:
     documented = set(re.findall(r"`(TRAPQ_[A-Z0-9_]+)`", generator.settings_table()))
     assert documented == {f"TRAPQ_{name.upper()}" for name in Settings.model_fields}
 
+
+
+def test_every_compose_variable_is_documented_in_env_example() -> None:
+    compose_text = (ROOT / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{(\w+)", compose_text))
+    example = (ROOT / ".env.example").read_text()
+    documented = set(re.findall(r"^#? ?(\w+)=", example, re.M))
+    assert used <= documented, f"not in .env.example: {sorted(used - documented)}"
+    required = set(re.findall(r"\$\{(\w+):\?", compose_text))
+    assert required <= set(re.findall(r"^(\w+)=", example, re.M)), "required ones uncommented"
