@@ -162,29 +162,29 @@ class _ChunkRun:
         deadline = started + s.chunk_soft_time_limit_s
         last_flush = last_beat = time.monotonic()
         state: str | None = ChunkState.RUNNING.value
-        run = self.rt.engine.run(WorkItem(i.capture_id, i.uri) for i in items)
-        for result in run:
-            self._take(result)
-            t = time.monotonic()
-            if len(self.buffer) >= s.write_batch_size or (
-                self.buffer and t - last_flush >= FLUSH_AFTER_S
-            ):
-                self._flush()
-                last_flush = t
-            if t - last_beat >= s.heartbeat_s:
-                self._flush()
-                state = heartbeat(self.rt.sessions, self.chunk_id)
-                self._report()
-                last_beat = time.monotonic()
-                if state != ChunkState.RUNNING.value:
-                    break
-            if t > deadline:
-                self._flush()
-                raise ChunkRetry(
-                    f"past its deadline of {s.chunk_soft_time_limit_s}s "
-                    f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {len(items) - self.n_written} "
-                    "captures left; the retry goes on from there"
-                )
+        with self.rt.engine.run(WorkItem(i.capture_id, i.uri) for i in items) as run:
+            for result in run:
+                self._take(result)
+                t = time.monotonic()
+                if len(self.buffer) >= s.write_batch_size or (
+                    self.buffer and t - last_flush >= FLUSH_AFTER_S
+                ):
+                    self._flush()
+                    last_flush = t
+                if t - last_beat >= s.heartbeat_s:
+                    self._flush()
+                    state = heartbeat(self.rt.sessions, self.chunk_id)
+                    self._report()
+                    last_beat = time.monotonic()
+                    if state != ChunkState.RUNNING.value:
+                        break
+                if t > deadline:
+                    self._flush()
+                    raise ChunkRetry(
+                        f"past its deadline of {s.chunk_soft_time_limit_s}s "
+                        f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {len(items) - self.n_written} "
+                        "captures left; the retry goes on from there"
+                    )
         self._flush()
         if state != ChunkState.RUNNING.value:
             log.info("chunk %s stopped: it is %s", self.chunk_id, state)
