@@ -79,6 +79,7 @@ class Claim:
     n_done: int = 0
     n_failed: int = 0
     deliveries: int = 0
+    pipeline: dict[str, Any] | None = None  # the models the job was enqueued for
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def claim_chunk(
             .values(state=JobState.RUNNING.value)
         )
         counts = _item_counts(s, chunk_id)
+        pipeline = s.scalar(select(Job.pipeline).where(Job.id == job_id))
         return Claim(
             Outcome.RUN,
             chunk_id,
@@ -173,6 +175,7 @@ def claim_chunk(
             n_done=counts.get(ItemState.DONE.value, 0),
             n_failed=counts.get(ItemState.FAILED.value, 0),
             deliveries=deliveries,
+            pipeline=pipeline,
         )
 
 

@@ -51,6 +51,28 @@ class ChunkRetry(Exception):
     (the image host is down), or the chunk ran past its deadline."""
 
 
+class PipelineMismatch(Exception):
+    """This worker runs other models than the job was enqueued for: its results would be
+    wrong, and no retry on this worker can fix that."""
+
+
+def pipeline_mismatch(wanted: dict[str, Any] | None, loaded: dict[str, Any]) -> str | None:
+    """Compare the model names the job records (tasks.producer.pipeline_of) with the ones
+    this worker loaded (Pipeline.describe()); a job that names none is not checked."""
+    for role in ("detector", "classifier", "filter"):
+        want = (wanted or {}).get(role)
+        if not isinstance(want, dict) or not want.get("name"):
+            continue
+        have = (loaded.get(role) or {}).get("name")
+        if have != want["name"]:
+            return (
+                f"this worker runs {role} {have or 'none'}, the job was enqueued for "
+                f"{want['name']}: start workers with the job's TRAPQ_* model settings, then "
+                "`trapq requeue JOB --failed`"
+            )
+    return None
+
+
 def is_transient(exc: BaseException) -> bool:
     """Errors of the database, broker or network, not of the chunk: retry with backoff."""
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
@@ -150,6 +172,9 @@ class _ChunkRun:
             return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
         assert claim.job_id is not None
         self.job_id = claim.job_id
+        mismatch = pipeline_mismatch(claim.pipeline, self.rt.description)
+        if mismatch:
+            raise PipelineMismatch(mismatch)
         items = pending_items(self.rt.sessions, self.chunk_id)
         self.progress = {
             "chunk_id": self.chunk_id,

@@ -96,7 +96,8 @@ class MadeJob:
 
 
 def make_job(
-    engine: Engine, uris: list[str], *, chunk_size: int, deployment: str = "test-deployment"
+    engine: Engine, uris: list[str], *, chunk_size: int, deployment: str = "test-deployment",
+    pipeline: dict[str, object] | None = None,
 ) -> MadeJob:
     factory = make_sessionmaker(engine)
     with factory.begin() as s:
@@ -104,7 +105,7 @@ def make_job(
         insert_captures(
             s, dep, [{"uri": u, "captured_at": None, "width": None, "height": None} for u in uris]
         )
-        plan = create_job(s, dep, pipeline={"test": True}, chunk_size=chunk_size)
+        plan = create_job(s, dep, pipeline=pipeline or {"test": True}, chunk_size=chunk_size)
     return MadeJob(plan.job_id, plan.chunk_ids, plan.n_captures)
 
 
