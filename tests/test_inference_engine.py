@@ -203,6 +203,16 @@ def test_roi_align_crops_match_reference_crop_and_resize() -> None:
     assert torch.allclose(half, reference, atol=1e-3)
 
 
+def test_big_boxes_shrunk_before_alignment_match_area_averaged_crops() -> None:
+    """On a CPU a box many times the output size is shrunk first; the crop stays the area
+    average of the box that the whole-frame path computes, up to resampling."""
+    image = chw(structured_image(640, 480, seed=4))
+    boxes = torch.tensor([[10.0, 20.0, 610.0, 470.0], [100.5, 50.25, 400.0, 300.0]])
+    whole = crop_and_resize(image, boxes, (32, 32), windowed=False)
+    shrunk = crop_and_resize(image, boxes, (32, 32), windowed=True)
+    assert (whole - shrunk).abs().mean() < 2.0  # of 255
+
+
 def test_windowed_crops_equal_whole_frame_crops() -> None:
     """The CPU path converts only a window around each box; the values must not change."""
     torch.manual_seed(1)
