@@ -1,0 +1,70 @@
+"""Per-job result summaries: detections per kind, and the boxes of a few captures to draw."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Capture, Classification, Detection, JobCapture
+from db.states import ItemState
+
+
+@dataclass(frozen=True)
+class DrawnBox:
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    label: str
+    score: float
+
+
+def kind_counts(session: Session, job_id: int, classifier: str) -> dict[str, int]:
+    """Detections of the job by the top-1 label of `classifier`, most frequent first."""
+    rows = session.execute(
+        select(Classification.label, func.count())
+        .join(Detection, Detection.id == Classification.detection_id)
+        .where(Detection.job_id == job_id, Classification.classifier == classifier)
+        .group_by(Classification.label)
+        .order_by(func.count().desc())
+    )
+    return {label: n for label, n in rows}
+
+
+def busiest_captures(session: Session, job_id: int, n: int) -> list[tuple[int, str]]:
+    """The n done captures of the job with the most detections: (capture id, uri)."""
+    counts = (
+        select(Detection.capture_id, func.count().label("n"))
+        .where(Detection.job_id == job_id)
+        .group_by(Detection.capture_id)
+        .subquery()
+    )
+    rows = session.execute(
+        select(Capture.id, Capture.uri)
+        .join(counts, counts.c.capture_id == Capture.id)
+        .join(JobCapture, (JobCapture.capture_id == Capture.id) & (JobCapture.job_id == job_id))
+        .where(JobCapture.state == ItemState.DONE)
+        .order_by(counts.c.n.desc(), Capture.id)
+        .limit(n)
+    )
+    return [(cid, uri) for cid, uri in rows]
+
+
+def boxes_of(session: Session, job_id: int, capture_id: int, classifier: str) -> list[DrawnBox]:
+    """A capture's boxes with the classifier's label and score (detector's where unclassified)."""
+    rows = session.execute(
+        select(Detection, Classification.label, Classification.score)
+        .outerjoin(
+            Classification,
+            (Classification.detection_id == Detection.id)
+            & (Classification.classifier == classifier),
+        )
+        .where(Detection.job_id == job_id, Detection.capture_id == capture_id)
+        .order_by(Detection.id)
+    )
+    return [
+        DrawnBox(d.x1, d.y1, d.x2, d.y2, label or d.label, score if score is not None else d.score)
+        for d, label, score in rows
+    ]

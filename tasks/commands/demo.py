@@ -1,0 +1,64 @@
+"""`trapq demo`: the whole job on the configured stores (embedded SQLite by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from db.status import JobStatus
+from tasks.cli_app import app, console
+from tasks.commands.jobstore import settings as get_settings
+from tasks.store import redact
+
+
+@app.command()
+def demo(
+    captures: Annotated[int, typer.Option(min=1, help="Captures in the synthetic night.")] = 48,
+    out: Annotated[Path, typer.Option(help="Folder for captures, annotated images, CSV.")] = Path(
+        "demo-out"
+    ),
+    seed: Annotated[int, typer.Option(help="Seed of the night (same seed, same night).")] = 2026,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Captures per chunk.")] = 8,
+) -> None:
+    """Generate a night of captures, run it through a real worker, and summarise the result."""
+    from tasks.demo.run import run_demo
+
+    s = get_settings()
+    console.print(
+        f"job store [bold]{redact(s.database_url)}[/], broker [bold]{redact(s.broker_url)}[/]",
+        highlight=False,
+        soft_wrap=True,
+    )
+    columns = (
+        TextColumn("[bold]demo job"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("failed {task.fields[failed]}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
+        bar = progress.add_task("", total=captures, failed=0)
+
+        def show(st: JobStatus) -> None:
+            progress.update(bar, total=st.job.n_captures, completed=st.ended, failed=st.job.failed)
+
+        report = run_demo(s, captures, out, seed, chunk_size, show)
+    table = Table(title=f"job {report.job_id}: detections per kind")
+    table.add_column("kind")
+    table.add_column("detections", justify="right")
+    for kind, n in report.kinds.items():
+        table.add_row(kind, str(n))
+    console.print(table)
+    console.print(
+        f"captures done {report.done}, failed {report.failed} of {report.captures}; "
+        f"{report.images_per_s:.2f} images/s over {report.seconds:.1f} s (worker start included)",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"annotated images: {out / 'annotated'}", highlight=False, soft_wrap=True)
+    console.print(f"detections CSV:   {report.csv}", highlight=False, soft_wrap=True)
+    console.print(f"worker log:       {report.worker_log}", highlight=False, soft_wrap=True)

@@ -1,0 +1,36 @@
+"""`trapq demo` on the embedded defaults: no server, a real worker, files a person can look at."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from tests.trapq_cli import trapq
+
+
+def test_demo_runs_a_night_on_embedded_sqlite_and_writes_its_outputs(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
+    env.update(TRAPQ_DATA_DIR=str(tmp_path / "data"), OMP_NUM_THREADS="1")
+    out = tmp_path / "out"
+
+    result = trapq(env, "demo", "--captures", "4", "--chunk-size", "2", "--out", str(out),
+                   timeout=900)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "captures done 4, failed 0 of 4" in result.stdout
+    assert (tmp_path / "data" / "trapq.db").is_file()
+    assert (tmp_path / "data" / "broker.db").is_file()
+    with (out / "detections.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) > 10
+    assert {r["demo_classifier_label"] for r in rows} <= set(
+        (Path(__file__).parents[1] / "inference/checkpoints/demo_classifier_labels.txt")
+        .read_text().split()
+    )
+    annotated = sorted((out / "annotated").glob("*.jpg"))
+    assert len(annotated) == 4
+    with Image.open(annotated[0]) as im:
+        assert im.size == (1920, 1080)
