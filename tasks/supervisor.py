@@ -91,8 +91,14 @@ def celery_argv(
     ]
 
 
+# Frames of 4K captures (26.5 MB each) freed by glibc otherwise stay in its malloc arenas and
+# nearly double the decoded-frames term of a worker's RSS (bench/soak.py: 1,786 vs 1,391 MiB).
+MALLOC_MMAP_THRESHOLD = str(4 * 2**20)
+
+
 def child_env(spec: WorkerSpec, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     env = dict(environ)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD)
     name = spec.node.split("@", 1)[0]
     env["PGAPPNAME"] = f"trapq-worker-{name}"
     if spec.gpu is None:
