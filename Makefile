@@ -19,3 +19,23 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Benchmarks print side-by-side figures and end with a `RESULT k=v ...` line.
+# IMAGES=DIR runs the image benchmarks on real captures, e.g. IMAGES=../shared/data/moth-trap-captures
+IMAGES ?=
+IMAGES_ARG := $(if $(IMAGES),--images $(IMAGES),)
+
+bench-engine: $(STAMP)
+	$(PY) -m bench.engine $(IMAGES_ARG)
+
+bench-enqueue: $(STAMP)
+	$(PY) bench/enqueue.py
+
+bench-worker: $(STAMP)
+	$(PY) bench/worker.py
+
+bench-soak: $(STAMP)
+	$(PY) bench/soak.py $(IMAGES_ARG)
+
+bench-faults: $(STAMP)
+	$(PY) bench/faults.py
