@@ -59,9 +59,10 @@ def trapq_leaf(argv: list[str]) -> Any:
 
     Typer ships its own click, so groups are recognised by their `commands`, not their type.
     """
-    import tasks.cli
+    import tasks.commands  # noqa: F401  (registers the commands, as tasks.cli.main does)
+    from tasks.cli_app import app
 
-    command = typer.main.get_command(tasks.cli.app)
+    command = typer.main.get_command(app)
     args = list(argv)
     path = ["trapq"]
     while hasattr(command, "commands"):
