@@ -223,7 +223,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scenes", type=int, default=120, help="training scenes rendered")
     parser.add_argument("--held-out", type=int, default=12, help="evaluation scenes")
-    parser.add_argument("--detector-steps", type=int, default=700)
+    parser.add_argument("--detector-steps", type=int, default=1400)
     parser.add_argument("--classifier-steps", type=int, default=150)
     parser.add_argument("--batch", type=int, default=2, help="detector images per step")
     parser.add_argument("--threads", type=int, default=2)
