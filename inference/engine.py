@@ -244,6 +244,7 @@ class Engine:
                 "batches": self._batches,
                 "mean_batch_size": self._images / self._batches if self._batches else 0.0,
                 "crops": self._crops,
+                "busy_s": self._busy_s,
                 "gpu_busy_fraction": self._busy_s / elapsed if elapsed else 0.0,
                 "images_in_flight": inflight.images,
                 "decoded_in_flight": inflight.decoded,

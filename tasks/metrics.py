@@ -48,8 +48,7 @@ class WorkerMetrics:
                 "mean_batch_size": round(images / batches, 3) if batches else 0.0,
                 "crops": stats["crops"] - before["crops"],
                 "errors": stats["errors"] - before["errors"],
-                # The engine reports busy time since it started, not per window.
-                "gpu_busy_fraction": round(float(stats["gpu_busy_fraction"]), 4),
+                "gpu_busy_fraction": round((stats["busy_s"] - before["busy_s"]) / window_s, 4),
             }
             return dict(self._latest)
 
@@ -88,7 +87,7 @@ class MetricsLogger:
                 continue
             logger.info(
                 "worker metrics: %.1f images/s, %d batches of %.1f images on average, "
-                "GPU busy %.0f%% since start, %d crops, %d errors in the last %.0f s",
+                "GPU busy %.0f%%, %d crops, %d errors in the last %.0f s",
                 m["images_per_s"], m["batches"], m["mean_batch_size"],
                 100 * m["gpu_busy_fraction"], m["crops"], m["errors"], m["window_s"],
             )

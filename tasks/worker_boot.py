@@ -27,6 +27,7 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
+from tasks.metrics import start_metrics_logger
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
 
@@ -45,6 +46,7 @@ class Runtime:
     engine: Any  # inference.engine.Engine, imported lazily so the worker parent stays torch-free
     sessions: sessionmaker[Session]
     description: dict[str, Any]
+    metrics: Any  # tasks.metrics.MetricsLogger: images/s, batch sizes, GPU busy, once a minute
 
 
 _lock = threading.Lock()
@@ -105,13 +107,14 @@ def _load(s: Settings) -> Runtime:
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
         json.dumps(description, sort_keys=True),
     )
-    return Runtime(s, engine, session_factory(s), description)
+    return Runtime(s, engine, session_factory(s), description, start_metrics_logger(engine))
 
 
 def close() -> None:
     global _runtime
     with _lock:
         if _runtime is not None:
+            _runtime.metrics.stop()
             _runtime.engine.close()
             _runtime = None
 

@@ -16,7 +16,7 @@ class Counters:
 
     def __init__(self) -> None:
         self.values: dict[str, Any] = dict(
-            images=0, batches=0, crops=0, errors=0, gpu_busy_fraction=0.0
+            images=0, batches=0, crops=0, errors=0, busy_s=0.0
         )
 
     def add(self, **delta: float) -> None:
@@ -32,17 +32,17 @@ def test_each_sample_reports_only_the_window_since_the_previous_one() -> None:
     metrics = WorkerMetrics(counters.stats, clock=lambda: now[0])
     assert metrics.latest() == {}
 
-    counters.add(images=600, batches=80, crops=12_000, errors=3)
-    counters.values["gpu_busy_fraction"] = 0.9
+    counters.add(images=600, batches=80, crops=12_000, errors=3, busy_s=54.0)
     now[0] += 60
     first = metrics.sample()
     assert first["images_per_s"] == 10.0
     assert first["mean_batch_size"] == 7.5
     assert (first["crops"], first["errors"], first["gpu_busy_fraction"]) == (12_000, 3, 0.9)
 
-    counters.add(images=120, batches=15)
+    counters.add(images=120, batches=15, busy_s=15.0)
     now[0] += 30
     second = metrics.sample()
+    assert second["gpu_busy_fraction"] == 0.5  # this window's busy time, not since start
     assert (second["images"], second["images_per_s"], second["mean_batch_size"]) == (120, 4.0, 8.0)
     assert (second["crops"], second["errors"]) == (0, 0)
     assert metrics.latest() == second
