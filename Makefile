@@ -29,13 +29,13 @@ bench-engine: $(STAMP)
 	$(PY) -m bench.engine $(IMAGES_ARG)
 
 bench-enqueue: $(STAMP)
-	$(PY) bench/enqueue.py
+	$(PY) -m bench.enqueue
 
 bench-worker: $(STAMP)
-	$(PY) bench/worker.py
+	$(PY) -m bench.worker
 
 bench-soak: $(STAMP)
-	$(PY) bench/soak.py $(IMAGES_ARG)
+	$(PY) -m bench.soak $(IMAGES_ARG)
 
 bench-faults: $(STAMP)
-	$(PY) bench/faults.py
+	$(PY) -m bench.faults

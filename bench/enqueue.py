@@ -4,7 +4,7 @@ Uses a fresh temporary database and queue, both removed afterwards. Prints the i
 the seconds to enqueue (job creation in SQL + one message per chunk) and the process RSS,
 sampled during the enqueue, to show that memory stays flat.
 
-    .venv/bin/python bench/enqueue.py [--rows N] [--chunk-size N]
+    .venv/bin/python -m bench.enqueue [--rows N] [--chunk-size N]
 
 Environment: TRAPQ_TEST_PG_URL (an admin URL, default postgres@127.0.0.1/test) and
 TRAPQ_TEST_REDIS_URL (default redis://127.0.0.1:6379/1), as the tests use.
@@ -17,7 +17,6 @@ import os
 import resource
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
@@ -26,16 +25,11 @@ import redis
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
-import migrations
 import tasks.producer as producer
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
 from db.session import make_engine, make_sessionmaker
 from tasks.settings import Settings
-
-PG_ADMIN_URL = os.environ.get(
-    "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+from tests.services import PG_ADMIN_URL, REDIS_URL, temporary_database, temporary_queue
 
 
 def synthetic_rows(n: int) -> Iterator[CaptureRow]:
@@ -94,81 +88,79 @@ def main() -> None:
     ap.add_argument("--chunk-size", type=int, default=64)
     args = ap.parse_args()
 
-    name = f"trapq_bench_{uuid.uuid4().hex[:10]}"
-    queue = f"trapq-bench-{uuid.uuid4().hex[:10]}"
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
     r = redis.Redis.from_url(REDIS_URL)
     try:
-        migrations.upgrade(url)
-        settings = Settings(
-            database_url=url, broker_url=REDIS_URL, result_backend=REDIS_URL, queue=queue
-        )
-
-        engine = make_engine(url)
-        factory = make_sessionmaker(engine)
-        t0 = time.perf_counter()
-        with factory.begin() as session:
-            deployment_id = get_or_create_deployment(session, "bench")
-            counts = insert_captures(session, deployment_id, synthetic_rows(args.rows))
-        import_s = time.perf_counter() - t0
-        import_rate = counts.added / import_s
-        print(f"import: {counts.added} rows in {import_s:.1f} s = {import_rate:,.0f} rows/s")
-        engine.dispose()
-
-        with factory() as session:  # planner statistics, as autovacuum would after an import
-            session.execute(text("ANALYZE captures"))
-            session.commit()
-
-        send_started: list[float] = []
-        send_chunks = producer.send_chunks
-
-        def timed_send(*a, **kw):  # type: ignore[no-untyped-def]
-            send_started.append(time.perf_counter())
-            return send_chunks(*a, **kw)
-
-        producer.send_chunks = timed_send  # type: ignore[assignment]
-        sampler = RssSampler()
-        rss_before = sampler.peak
-        sampler.start()
-        cpu_before = cpu_seconds(), postgres_cpu_seconds(admin, name)
-        t0 = time.perf_counter()
-        result = producer.enqueue(settings, "bench", chunk_size=args.chunk_size)
-        enqueue_s = time.perf_counter() - t0
-        own_cpu = cpu_seconds() - cpu_before[0]
-        pg_cpu = postgres_cpu_seconds(admin, name) - cpu_before[1]
-        sampler.stop.set()
-        sampler.join()
-        plan_s = send_started[0] - t0
-        send_s = enqueue_s - plan_s
-        on_queue = r.llen(queue)
-        print(
-            f"enqueue: job {result.job_id}, {result.n_captures} captures, {result.n_chunks} chunks "
-            f"of {args.chunk_size}: {enqueue_s:.1f} s (plan in SQL {plan_s:.1f} s, "
-            f"send {send_s:.1f} s = {result.sent / send_s:,.0f} messages/s); "
-            f"{on_queue} messages on Redis, {result.failed} failed"
-        )
-        print(
-            f"cpu: {own_cpu:.1f} s in this process, {pg_cpu:.1f} s in its PostgreSQL backends; "
-            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-            "(other work on the machine stretches the wall time, not these)"
-        )
-        print(
-            f"rss: {mib(rss_before)} before enqueue, {mib(sampler.peak)} peak during it "
-            f"(+{mib(sampler.peak - rss_before)}); "
-            f"process peak {mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
-        )
-        if on_queue != result.n_chunks or result.failed:
-            raise SystemExit("bench: messages on the queue do not match the chunks")
-        print(f"RESULT enqueue_1m_s={enqueue_s:.1f} import_rows_per_s={import_rate:.0f}")
+        with temporary_database("trapq_bench") as url, temporary_queue("trapq-bench") as queue:
+            run(args, admin, r, url, queue)
     finally:
-        r.delete(queue, f"_kombu.binding.{queue}")
         r.close()
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+
+
+def run(args: argparse.Namespace, admin: Engine, r: redis.Redis, url: str, queue: str) -> None:
+    """Import, then enqueue; `admin` reads the CPU time of the database's backends."""
+    name = make_url(url).database or ""
+    settings = Settings(
+        database_url=url, broker_url=REDIS_URL, result_backend=REDIS_URL, queue=queue
+    )
+
+    engine = make_engine(url)
+    factory = make_sessionmaker(engine)
+    t0 = time.perf_counter()
+    with factory.begin() as session:
+        deployment_id = get_or_create_deployment(session, "bench")
+        counts = insert_captures(session, deployment_id, synthetic_rows(args.rows))
+    import_s = time.perf_counter() - t0
+    import_rate = counts.added / import_s
+    print(f"import: {counts.added} rows in {import_s:.1f} s = {import_rate:,.0f} rows/s")
+    engine.dispose()
+
+    with factory() as session:  # planner statistics, as autovacuum would after an import
+        session.execute(text("ANALYZE captures"))
+        session.commit()
+
+    send_started: list[float] = []
+    send_chunks = producer.send_chunks
+
+    def timed_send(*a, **kw):  # type: ignore[no-untyped-def]
+        send_started.append(time.perf_counter())
+        return send_chunks(*a, **kw)
+
+    producer.send_chunks = timed_send  # type: ignore[assignment]
+    sampler = RssSampler()
+    rss_before = sampler.peak
+    sampler.start()
+    cpu_before = cpu_seconds(), postgres_cpu_seconds(admin, name)
+    t0 = time.perf_counter()
+    result = producer.enqueue(settings, "bench", chunk_size=args.chunk_size)
+    enqueue_s = time.perf_counter() - t0
+    own_cpu = cpu_seconds() - cpu_before[0]
+    pg_cpu = postgres_cpu_seconds(admin, name) - cpu_before[1]
+    sampler.stop.set()
+    sampler.join()
+    plan_s = send_started[0] - t0
+    send_s = enqueue_s - plan_s
+    on_queue = r.llen(queue)
+    print(
+        f"enqueue: job {result.job_id}, {result.n_captures} captures, {result.n_chunks} chunks "
+        f"of {args.chunk_size}: {enqueue_s:.1f} s (plan in SQL {plan_s:.1f} s, "
+        f"send {send_s:.1f} s = {result.sent / send_s:,.0f} messages/s); "
+        f"{on_queue} messages on Redis, {result.failed} failed"
+    )
+    print(
+        f"cpu: {own_cpu:.1f} s in this process, {pg_cpu:.1f} s in its PostgreSQL backends; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+        "(other work on the machine stretches the wall time, not these)"
+    )
+    print(
+        f"rss: {mib(rss_before)} before enqueue, {mib(sampler.peak)} peak during it "
+        f"(+{mib(sampler.peak - rss_before)}); "
+        f"process peak {mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
+    )
+    if on_queue != result.n_chunks or result.failed:
+        raise SystemExit("bench: messages on the queue do not match the chunks")
+    print(f"RESULT enqueue_1m_s={enqueue_s:.1f} import_rows_per_s={import_rate:.0f}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Generated from tasks.settings so the table cannot drift from the code; tests compare the
 README's copy with this output. `--write README.md` replaces the block between the markers.
 
-    .venv/bin/python bench/settings_table.py [--write README.md]
+    .venv/bin/python -m bench.settings_table [--write README.md]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ own URI (`file:///...jpg?n=<i>`, the same bytes), imported from a CSV manifest w
 import` and sent with `trapq enqueue`, as a user would. The worker's RSS (its whole process
 tree) and, on CUDA, its GPU memory (nvidia-smi, per process) are sampled every --every seconds.
 
-    .venv/bin/python bench/soak.py --images ../shared/data/moth-trap-captures
+    .venv/bin/python -m bench.soak --images ../shared/data/moth-trap-captures
 
 Growth is measured from the end of the warm-up (--warmup captures) to the end of the job, each
 end the median of three samples, so that one sample caught with a batch more or less in flight
@@ -36,7 +36,6 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -44,18 +43,13 @@ from pathlib import Path
 import psutil
 import redis
 from PIL import Image
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, func, select
 
-import migrations
 from db.models import Chunk, Job, JobCapture
 from db.session import make_engine
 from tasks.supervisor import celery_argv
+from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 
-PG_ADMIN_URL = os.environ.get(
-    "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
 UHD_WIDTH = 3840  # "4K": UHD (3840x2160) and DCI (4096x2160) captures both count
 TABLE_ROWS = 30
 ENDED = ("done", "failed", "cancelled")
@@ -96,22 +90,6 @@ def write_manifest(path: Path, files: list[Path], n: int) -> None:
         for i in range(n):
             uri = f"{files[i % len(files)].resolve().as_uri()}?n={i}"
             out.writerow([uri, (start + timedelta(seconds=10 * i)).isoformat()])
-
-
-@contextlib.contextmanager
-def temporary_database() -> Iterator[str]:
-    name = f"trapq_soak_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
-    try:
-        migrations.upgrade(url)
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def tree_rss_mb(proc: psutil.Process) -> float:
@@ -219,8 +197,6 @@ def main() -> None:
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="trapq-soak-"))
-    queue = f"trapq-soak-{uuid.uuid4().hex[:10]}"
-    client = redis.Redis.from_url(REDIS_URL)
     try:
         if args.images:
             files = four_k_jpegs(args.images)
@@ -231,28 +207,24 @@ def main() -> None:
         print(f"{len(files)} distinct 4K JPEGs ({sum(f.stat().st_size for f in files) / 2**20:.0f}"
               f" MB) repeated to {args.captures} captures")
         write_manifest(work / "manifest.csv", files, args.captures)
-        with temporary_database() as url:
+        with temporary_database("trapq_soak") as url, temporary_queue("trapq-soak") as queue:
             run(args, url, queue, work)
     finally:
-        client.delete(queue, f"_kombu.binding.{queue}")
-        client.close()
         shutil.rmtree(work, ignore_errors=True)
 
 
 def worker_env(args: argparse.Namespace, url: str, queue: str, work: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
-    env.update(
-        TRAPQ_DATA_DIR=str(work / "data"),
-        TRAPQ_DATABASE_URL=url,
-        TRAPQ_BROKER_URL=REDIS_URL,
-        TRAPQ_RESULT_BACKEND=REDIS_URL,
-        TRAPQ_QUEUE=queue,
+    env = service_env(
+        work / "data", url, REDIS_URL, queue,
         TRAPQ_DEVICE=args.device,
         TRAPQ_DETECTOR=args.detector or "constant_boxes",
         TRAPQ_CLASSIFIER=args.classifier,
         TRAPQ_RANDOM_WEIGHTS="false" if args.weights else "true",
-        PYTHONUNBUFFERED="1",
     )
+    # Soaked as deployed: torch picks its own thread count unless the caller's environment says.
+    env.pop("OMP_NUM_THREADS")
+    if "OMP_NUM_THREADS" in os.environ:
+        env["OMP_NUM_THREADS"] = os.environ["OMP_NUM_THREADS"]
     if not args.detector:
         env["TRAPQ_BOX_THRESHOLD"] = "1.0"  # constant_boxes scores 1.0 down to 0.5: one box
     if args.device == "cpu":

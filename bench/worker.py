@@ -11,7 +11,7 @@ queueing, claims and the database writes. Side by side in one run it measures:
 
 and prints (c) against (a) and (b). Uses a fresh temporary database and queue, removed after.
 
-    .venv/bin/python bench/worker.py [--images 2000] [--chunk-size 200] [--concurrency 2]
+    .venv/bin/python -m bench.worker [--images 2000] [--chunk-size 200] [--concurrency 2]
                                      [--pool threads|prefork|solo]
 
 Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
@@ -20,23 +20,14 @@ Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
-# The real-worker helpers of the tests (tests/ is not installed): run from a checkout.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import redis
 import torch
-from sqlalchemy import Engine, create_engine, func, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import Engine, func, select
 from torch import nn
 
-import migrations
 from db.models import Classification, Detection, Job
 from db.results import claim_chunk, pending_items, write_results
 from db.session import make_engine, make_sessionmaker
@@ -47,13 +38,10 @@ from inference.types import Detection as Det
 from inference.types import ItemResult, WorkItem
 from tasks.settings import Settings
 from tasks.worker_boot import engine_config
+from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 from tests.worker_jobs import make_job, send, write_jpegs
 from tests.worker_process import WorkerProcess, wait_for
 
-PG_ADMIN_URL = os.environ.get(
-    "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
-REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
 BOXES = 20
 
 
@@ -69,13 +57,6 @@ def zero_cost_classifier(folder: Path) -> tuple[Path, Path]:
     torch.jit.script(ConstantLogits()).save(str(weights))
     labels.write_text("moth\nnonmoth\n")
     return weights, labels
-
-
-def admin(sql: str) -> None:
-    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
-    with engine.connect() as conn:
-        conn.execute(text(sql))
-    engine.dispose()
 
 
 def bench_engine(settings: Settings, paths: list[Path]) -> float:
@@ -126,73 +107,62 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    db_name = f"trapq_bench_{uuid.uuid4().hex[:10]}"
-    queue = f"trapq-bench-{uuid.uuid4().hex[:10]}"
-    admin(f'CREATE DATABASE "{db_name}"')
-    url = make_url(PG_ADMIN_URL).set(database=db_name).render_as_string(hide_password=False)
-    worker: WorkerProcess | None = None
-    try:
-        migrations.upgrade(url)
-        engine = make_engine(url)
-        with tempfile.TemporaryDirectory(prefix="trapq-bench-") as tmp:
-            folder = Path(tmp)
-            paths = write_jpegs(folder / "images", args.images, args.width, args.height)
-            weights, labels = zero_cost_classifier(folder)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
-            env.update(
-                TRAPQ_DATA_DIR=str(folder / "data"),
-                TRAPQ_DATABASE_URL=url,
-                TRAPQ_BROKER_URL=REDIS_URL,
-                TRAPQ_RESULT_BACKEND=REDIS_URL,
-                TRAPQ_QUEUE=queue,
-                TRAPQ_DEVICE="cpu",
-                TRAPQ_DETECTOR="constant_boxes",
-                TRAPQ_CLASSIFIER="demo_classifier",
-                TRAPQ_CLASSIFIER_WEIGHTS=str(weights),
-                TRAPQ_CLASSIFIER_LABELS=str(labels),
-                TRAPQ_BATCH_SIZE="32",
-                TRAPQ_MAX_IMAGES_IN_FLIGHT="64",
-                TRAPQ_FETCH_THREADS="4",
-                TRAPQ_DECODE_THREADS="2",
-                TRAPQ_TOP_K="1",
-                OMP_NUM_THREADS="1",
-                PYTHONUNBUFFERED="1",
-            )
-            settings = Settings(
-                _env_file=None,  # type: ignore[call-arg]
-                **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
-            )
-            engine_ips = bench_engine(settings, paths)
-            print(f"(a) engine alone:        {engine_ips:8.0f} captures/s", flush=True)
-            writes_cps = bench_writes(engine, paths, settings.write_batch_size)
-            print(f"(b) database writes:     {writes_cps:8.0f} captures/s "
-                  f"({writes_cps * BOXES:.0f} detection rows/s)", flush=True)
+    with (
+        temporary_database("trapq_bench") as url,
+        temporary_queue("trapq-bench") as queue,
+        tempfile.TemporaryDirectory(prefix="trapq-bench-") as tmp,
+    ):
+        run(args, url, queue, Path(tmp))
 
-            job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size)
-            worker = WorkerProcess(env, folder / "worker.log", pool=args.pool,
-                                   concurrency=args.concurrency)
-            worker.start()
-            send(env, engine, job.chunk_ids)
-            wait_for(lambda: _job_state(engine, job.job_id) in ("done", "failed"), 900,
-                     "the job", every=0.5, on_timeout=worker.tail)
-            started, finished = _job_times(engine, job.job_id)
-            wall = (finished - started).total_seconds()
-            rows, class_rows = _rows(engine, job.job_id)
-            worker.stop()
-        cps, rps = args.images / wall, rows / wall
-        print(f"(c) worker end to end:   {cps:8.0f} captures/s ({rps:.0f} detection rows/s "
-              f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
-              f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency})")
-        print(f"worker / engine alone:   {cps / engine_ips:8.2f}")
-        print(f"worker / writes alone:   {cps / writes_cps:8.2f}")
-        print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f}")
+
+def run(args: argparse.Namespace, url: str, queue: str, folder: Path) -> None:
+    engine = make_engine(url)
+    paths = write_jpegs(folder / "images", args.images, args.width, args.height)
+    weights, labels = zero_cost_classifier(folder)
+    env = service_env(
+        folder / "data", url, REDIS_URL, queue,
+        TRAPQ_DETECTOR="constant_boxes",
+        TRAPQ_CLASSIFIER="demo_classifier",
+        TRAPQ_CLASSIFIER_WEIGHTS=str(weights),
+        TRAPQ_CLASSIFIER_LABELS=str(labels),
+        TRAPQ_BATCH_SIZE="32",
+        TRAPQ_MAX_IMAGES_IN_FLIGHT="64",
+        TRAPQ_FETCH_THREADS="4",
+        TRAPQ_DECODE_THREADS="2",
+        TRAPQ_TOP_K="1",
+    )
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
+    )
+    engine_ips = bench_engine(settings, paths)
+    print(f"(a) engine alone:        {engine_ips:8.0f} captures/s", flush=True)
+    writes_cps = bench_writes(engine, paths, settings.write_batch_size)
+    print(f"(b) database writes:     {writes_cps:8.0f} captures/s "
+          f"({writes_cps * BOXES:.0f} detection rows/s)", flush=True)
+
+    job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size)
+    worker = WorkerProcess(env, folder / "worker.log", pool=args.pool,
+                           concurrency=args.concurrency)
+    try:
+        worker.start()
+        send(env, engine, job.chunk_ids)
+        wait_for(lambda: _job_state(engine, job.job_id) in ("done", "failed"), 900,
+                 "the job", every=0.5, on_timeout=worker.tail)
+        started, finished = _job_times(engine, job.job_id)
+        wall = (finished - started).total_seconds()
+        rows, class_rows = _rows(engine, job.job_id)
+        worker.stop()
     finally:
-        if worker is not None:
-            worker.kill()
-        client = redis.Redis.from_url(REDIS_URL)
-        client.delete(queue)
-        client.close()
-        admin(f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+        worker.kill()
+        engine.dispose()
+    cps, rps = args.images / wall, rows / wall
+    print(f"(c) worker end to end:   {cps:8.0f} captures/s ({rps:.0f} detection rows/s "
+          f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
+          f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency})")
+    print(f"worker / engine alone:   {cps / engine_ips:8.2f}")
+    print(f"worker / writes alone:   {cps / writes_cps:8.2f}")
+    print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f}")
 
 
 def _job_state(engine: Engine, job_id: int) -> str:

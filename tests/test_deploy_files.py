@@ -256,7 +256,7 @@ def test_readme_settings_table_is_the_one_generated_from_settings() -> None:
     assert (ROOT / "README.md").is_file(), "README.md is missing; it holds the settings table"
     readme = (ROOT / "README.md").read_text()
     assert generator.settings_block() in readme, (
-        "README.md's settings table is stale: run .venv/bin/python bench/settings_table.py "
+        "README.md's settings table is stale: run .venv/bin/python -m bench.settings_table "
         "--write README.md"
     )
     documented = set(re.findall(r"`(TRAPQ_[A-Z0-9_]+)`", generator.settings_table()))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +14,7 @@ from sqlalchemy import Engine, text
 
 import tasks.producer as producer
 from tasks.settings import Settings
-from tests.conftest import _create_database, _drop_database
+from tests.services import temporary_database
 from tests.test_enqueue import add_captures
 from tests.trapq_cli import TRAPQ, one_line_error, trapq
 
@@ -35,9 +34,8 @@ def table_rows(out: str) -> dict[str, list[str]]:
 
 @pytest.fixture
 def empty_database_url() -> Iterator[str]:
-    name = f"trapq_test_unmigrated_{uuid.uuid4().hex[:10]}"
-    yield _create_database(name)
-    _drop_database(name)
+    with temporary_database("trapq_test_unmigrated", migrate=False) as url:
+        yield url
 
 
 @pytest.fixture

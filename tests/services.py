@@ -1,0 +1,89 @@
+"""How tests and benchmarks reach the real services: one place for the URLs, databases and queues.
+
+A fresh database and queue name per test session or benchmark run keep two runs on one machine
+(a developer's and CI's) from seeing each other's rows or messages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import redis
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+import migrations
+
+PG_ADMIN_URL = os.environ.get(
+    "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+
+
+def _admin(sql: str) -> None:
+    engine = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(sql))
+    finally:
+        engine.dispose()
+
+
+def create_database(name: str) -> str:
+    """Create an empty database on the admin server; returns its URL."""
+    _admin(f'CREATE DATABASE "{name}"')
+    return make_url(PG_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(name: str) -> None:
+    """Drop the database even while workers still hold connections to it."""
+    _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def temporary_database(prefix: str, migrate: bool = True) -> Iterator[str]:
+    """A fresh database (migrated to head unless migrate=False), always dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    url = create_database(name)
+    try:
+        if migrate:
+            migrations.upgrade(url)
+        yield url
+    finally:
+        drop_database(name)
+
+
+@contextlib.contextmanager
+def temporary_queue(prefix: str) -> Iterator[str]:
+    """A fresh queue name; its Redis list and Kombu's bindings of its exchange (named as the
+    queue) are deleted afterwards."""
+    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+    try:
+        yield name
+    finally:
+        client = redis.Redis.from_url(REDIS_URL)
+        client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+        client.close()
+
+
+def service_env(
+    data_dir: Path, database_url: str, redis_url: str, queue: str, **overrides: str
+) -> dict[str, str]:
+    """The environment of a CLI or worker subprocess pointed at these services and no others."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
+    env.update(
+        TRAPQ_DATA_DIR=str(data_dir),
+        TRAPQ_DATABASE_URL=database_url,
+        TRAPQ_BROKER_URL=redis_url,
+        TRAPQ_RESULT_BACKEND=redis_url,
+        TRAPQ_QUEUE=queue,
+        TRAPQ_DEVICE="cpu",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+    )
+    env.update(overrides)
+    return env
