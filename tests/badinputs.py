@@ -10,19 +10,19 @@ from __future__ import annotations
 
 import io
 import struct
-import threading
 import time
 import zlib
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 from PIL import Image
 
+from tests.local_http import QuietHandler, serving
 from tests.worker_jobs import jpeg_bytes
 
 BOMB_SIDE = 30_000
@@ -56,26 +56,20 @@ class ImageServer:
         self.big_bytes = big_bytes
         self.requests = 0
         self.hosts: list[str] = []  # Host header of every request
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        self.url = ""  # set while serving
+        self._stack = ExitStack()
 
     def __enter__(self) -> ImageServer:
-        self._thread.start()
+        self.url = self._stack.enter_context(serving(self._handler()))
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._stack.close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def handle(self) -> None:
                 try:
                     super().handle()
@@ -91,18 +85,18 @@ class ImageServer:
                 if path.startswith("/img/"):
                     seed = int(path.rsplit("/", 1)[1].split(".")[0])
                     time.sleep(float(query.get("delay", [outer.delay_s])[0]))
-                    self._send(200, jpeg_bytes(160, 120, seed=seed), "image/jpeg")
+                    self.send_body(200, jpeg_bytes(160, 120, seed=seed), "image/jpeg")
                 elif path.startswith("/status/"):
-                    self._send(int(path.rsplit("/", 1)[1]), b"")
+                    self.send_body(int(path.rsplit("/", 1)[1]), b"", "text/plain")
                 elif path == "/stall":
                     time.sleep(STALL_S)
-                    self._send(200, jpeg_bytes(), "image/jpeg")
+                    self.send_body(200, jpeg_bytes(), "image/jpeg")
                 elif path == "/loop":
-                    self._redirect("/loop")
+                    self.redirect("/loop")
                 elif path == "/redirect":
-                    self._redirect(query["to"][0])
+                    self.redirect(query["to"][0])
                 elif path == "/big":
-                    self._send(200, bytes(outer.big_bytes), "image/jpeg")
+                    self.send_body(200, bytes(outer.big_bytes), "image/jpeg")
                 elif path == "/big-streamed":
                     self.send_response(200)
                     self.send_header("Content-Type", "image/jpeg")
@@ -112,24 +106,7 @@ class ImageServer:
                     for _ in range(outer.big_bytes // 4096 + 1):
                         self.wfile.write(bytes(4096))
                 else:
-                    self._send(404, b"")
-
-            def _send(self, code: int, body: bytes, ctype: str = "text/plain") -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _redirect(self, location: str) -> None:
-                self.send_response(302)
-                self.send_header("Location", location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
+                    self.send_body(404, b"", "text/plain")
         return Handler
 
 

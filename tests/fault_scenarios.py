@@ -197,6 +197,13 @@ def _mid_chunk(engine: Engine, job_id: int, worker: WorkerProcess) -> bool:
         ), {"j": job_id, "w": worker.node.split("@", 1)[0] + "@%"}))
 
 
+def _wait_mid_chunk(
+    lab: Lab, job: MadeJob, worker: WorkerProcess, what: str = "a chunk half done"
+) -> None:
+    wait_for(lambda: _mid_chunk(lab.engine, job.job_id, worker), 60, what, every=0.05,
+             on_timeout=worker.tail)
+
+
 def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6) -> Outcome:
     """SIGKILL the worker mid-chunk `trials` times over one job, starting it again each time.
 
@@ -214,8 +221,7 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
         last_kill = time.monotonic()
         for trial in range(trials):
             try:
-                wait_for(lambda w=worker: _mid_chunk(lab.engine, job.job_id, w), 60,
-                         f"trial {trial}: a chunk half done", every=0.05, on_timeout=worker.tail)
+                _wait_mid_chunk(lab, job, worker, f"trial {trial}: a chunk half done")
             except AssertionError as e:
                 notes.append(str(e).splitlines()[0])
                 break
@@ -318,8 +324,7 @@ def redis_restart(lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "redis")
         send(env, lab.engine, job.chunk_ids)
-        wait_for(lambda: _mid_chunk(lab.engine, job.job_id, worker), 60, "a chunk half done",
-                 every=0.05, on_timeout=worker.tail)
+        _wait_mid_chunk(lab, job, worker)
         broker.stop(signal.SIGTERM)
         time.sleep(down_s)
         broker.start()
@@ -341,8 +346,7 @@ def redis_data_lost(lab: Lab, n: int = 48, chunk_size: int = 6) -> Outcome:
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "lost")
         send(env, lab.engine, job.chunk_ids)
-        wait_for(lambda: _mid_chunk(lab.engine, job.job_id, worker), 60, "a chunk half done",
-                 every=0.05, on_timeout=worker.tail)
+        _wait_mid_chunk(lab, job, worker)
         broker.stop(signal.SIGKILL)
         broker.start()
         wait_for(lambda: not _running_chunks(lab.engine, job.job_id), 60,

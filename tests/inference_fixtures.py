@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import io
-import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+
+from tests.local_http import QuietHandler, serving
 
 
 def structured_image(width: int, height: int, seed: int) -> Image.Image:
@@ -57,33 +57,26 @@ class HttpServer:
 
     files: dict[str, bytes] = field(default_factory=dict)
     hits: Counter[str] = field(default_factory=Counter)
-    port: int = 0
     stall_s: float = 3.0
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    base: str = ""  # set while serving
 
 
 @contextmanager
 def http_server() -> Iterator[HttpServer]:
     state = HttpServer()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             state.hits[self.path] += 1
             parts = self.path.strip("/").split("/")
             if parts[0] == "file" and parts[1] in state.files:
-                return self._send(200, state.files[parts[1]])
+                return self.send_body(200, state.files[parts[1]])
             if parts[0] == "status":
-                return self._send(int(parts[1]), b"nope")
+                return self.send_body(int(parts[1]), b"nope")
             if parts[0] == "loop":
-                return self._redirect("/loop")
+                return self.redirect("/loop")
             if parts[0] == "hop":
-                return self._redirect(f"/file/{parts[1]}")
+                return self.redirect(f"/file/{parts[1]}")
             if parts[0] == "stall":
                 self.send_response(200)
                 self.send_header("Content-Length", "1000")
@@ -101,28 +94,8 @@ def http_server() -> Iterator[HttpServer]:
                     self.wfile.write(f"{len(block):x}\r\n".encode() + block + b"\r\n")
                 self.wfile.write(b"0\r\n\r\n")
                 return None
-            return self._send(404, b"not found")
+            return self.send_body(404, b"not found")
 
-        def _send(self, code: int, body: bytes) -> None:
-            self.send_response(code)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def _redirect(self, location: str) -> None:
-            self.send_response(302)
-            self.send_header("Location", location)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving(Handler) as base:
+        state.base = base
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join()

@@ -18,7 +18,6 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -32,6 +31,7 @@ from inference.engine import EngineConfig
 from inference.registry import ConstantBoxes, Pipeline, load_pipeline
 from inference.types import WorkItem
 from tests.inference_fixtures import encode, structured_image
+from tests.local_http import QuietHandler, serving
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
@@ -144,25 +144,13 @@ def slow_images() -> Iterator[str]:
     when its neighbour's end trips the memory guard."""
     body = jpeg_bytes(160, 120)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             time.sleep(SLOW_IMAGE_S)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_body(200, body, "image/jpeg")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as base:
+        yield base
 
 
 @pytest.fixture

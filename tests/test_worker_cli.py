@@ -16,15 +16,14 @@ from sqlalchemy import Engine, select, update
 
 from db.models import Capture, Chunk, Classification, Detection
 from tasks.supervisor import plan_workers
+from tests.trapq_cli import TRAPQ, trapq
 from tests.worker_jobs import (
     ENDED,
-    TRAPQ,
     chunk_rows,
     item_states,
     job_state,
     make_job,
     send,
-    trapq,
     worker_env,
     write_jpegs,
 )
@@ -145,7 +144,7 @@ def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
     # Any real worker is past 1 MB, so each one stops after its first chunk.
     env = worker_env(service_env, TRAPQ_MAX_MEMORY_MB="1")
-    argv = [TRAPQ, "worker", "--gpus", "cpu", "--concurrency", "1"]
+    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
     supervisor = WorkerProcess(env, tmp_path / "trapq-worker.log", argv=argv)
     try:
         supervisor.start()

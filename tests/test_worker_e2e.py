@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import Engine, select
 
 from db.models import Capture, Classification, Detection
+from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
@@ -17,7 +18,6 @@ from tests.worker_jobs import (
     job_state,
     make_job,
     send,
-    trapq,
     worker_env,
     write_jpegs,
 )

@@ -7,7 +7,6 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,8 @@ from sqlalchemy import Engine, func, select, text
 
 from db.models import Detection, JobCapture
 from tasks.celery_app import PROCESS_CHUNK, make_app
+from tests.local_http import QuietHandler, serving
+from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
@@ -29,7 +30,6 @@ from tests.worker_jobs import (
     make_job,
     send,
     settings_of,
-    trapq,
     worker_env,
     write_jpegs,
 )
@@ -56,24 +56,13 @@ def slow_image_server() -> Iterator[str]:
     """HTTP server of small JPEGs that takes 0.25 s per image, so a chunk lasts seconds."""
     body = jpeg_bytes(160, 120)
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802
             time.sleep(0.25)
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_body(200, body, "image/jpeg")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as base:
+        yield base
 
 
 def test_worker_killed_mid_chunk_then_restarted_loses_and_doubles_nothing(
@@ -285,26 +274,15 @@ def flaky_image_server() -> Iterator[tuple[str, threading.Event]]:
     body = jpeg_bytes(160, 120)
     healthy = threading.Event()
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802
             if not healthy.is_set():
                 self.send_error(500, "host down")
                 return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/jpeg")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            self.send_body(200, body, "image/jpeg")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", healthy
-    server.shutdown()
-    server.server_close()
+    with serving(Handler) as base:
+        yield base, healthy
 
 
 def test_chunk_whose_image_host_is_down_retries_until_it_is_back(

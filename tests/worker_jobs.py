@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import random
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from tasks.settings import Settings
 
 BOXES_PER_IMAGE = 20  # the constant_boxes detector's grid
 ENDED = ("done", "failed", "cancelled")
-TRAPQ = str(Path(sys.executable).parent / "trapq")  # the console script of this environment
 
 
 def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
@@ -46,14 +43,6 @@ def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
     )
     env.update(overrides)
     return env
-
-
-def trapq(
-    env: dict[str, str], *args: str, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run the `trapq` command line as a user would."""
-    return subprocess.run([TRAPQ, *args], env=env, capture_output=True, text=True,
-                          timeout=timeout)
 
 
 def settings_of(env: dict[str, str]) -> Settings:
