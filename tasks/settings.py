@@ -25,8 +25,12 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path(".trapq"), description="Where the embedded defaults keep files.")
     database_url: str = Field("", description="Job store URL; default: SQLite in data_dir.")
-    broker_url: str = Field("", description="Celery broker; default: SQLAlchemy transport on SQLite.")
-    result_backend: str = Field("", description="Celery result backend; default: SQLite in data_dir.")
+    broker_url: str = Field(
+        "", description="Celery broker; default: SQLAlchemy transport on SQLite."
+    )
+    result_backend: str = Field(
+        "", description="Celery result backend; default: SQLite in data_dir."
+    )
 
     # Queueing
     queue: str = Field("gpu", description="Celery queue the chunk tasks go to.")
@@ -70,7 +74,9 @@ class Settings(BaseSettings):
     classifier_weights: str = Field("", description="Path or URL; default: the registry's.")
     classifier_labels: str = Field("", description="Label file (text or JSON).")
     classifier_sha256: str = Field("", description="Expected sha256 of the classifier weights.")
-    filter_classifier: str = Field("", description="Optional first classifier (e.g. moth/non-moth).")
+    filter_classifier: str = Field(
+        "", description="Optional first classifier (e.g. moth/non-moth)."
+    )
     filter_weights: str = Field("", description="Weights of the filter classifier.")
     filter_labels: str = Field("", description="Labels of the filter classifier.")
     filter_negative: str = Field(
@@ -111,7 +117,9 @@ class Settings(BaseSettings):
     allowed_roots: list[Path] = Field(
         [], description="If set, local captures must lie under one of these folders."
     )
-    allowed_hosts: list[str] = Field([], description="If set, HTTP captures must be on these hosts.")
+    allowed_hosts: list[str] = Field(
+        [], description="If set, HTTP captures must be on these hosts."
+    )
 
     @field_validator("database_url")
     @classmethod
