@@ -11,8 +11,15 @@ from sqlalchemy.orm import Session, sessionmaker
 
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
-    """Create an engine; SQLite gets WAL and foreign keys so workers and the CLI can share it."""
+    """Create an engine; SQLite gets WAL and foreign keys so workers and the CLI can share it.
+
+    A plain postgresql:// URL gets psycopg 3, the driver trapq installs, instead of
+    SQLAlchemy's default psycopg2.
+    """
     parsed = make_url(url)
+    if parsed.drivername == "postgresql":
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        url = parsed.render_as_string(hide_password=False)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)

@@ -21,8 +21,6 @@ def database_url() -> str:
     url = config.get_main_option("sqlalchemy.url") or ""
     if not url or url.startswith("driver://"):
         url = os.environ.get("TRAPQ_DATABASE_URL", "sqlite:///.trapq/trapq.db")
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return url
 
 

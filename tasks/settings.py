@@ -144,18 +144,12 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
         if not self.result_backend:
             self.result_backend = f"db+sqlite:///{data / 'results.db'}"
-        if self.postgres_plain_scheme:
-            self.database_url = "postgresql+psycopg" + self.database_url[len("postgresql") :]
         if self.visibility_timeout_s <= self.chunk_time_limit_s:
             raise ValueError(
                 "TRAPQ_VISIBILITY_TIMEOUT_S must exceed TRAPQ_CHUNK_TIME_LIMIT_S, "
                 "or Redis redelivers chunks that are still running"
             )
         return self
-
-    @property
-    def postgres_plain_scheme(self) -> bool:
-        return self.database_url.startswith("postgresql://")
 
     @property
     def embedded(self) -> bool:
