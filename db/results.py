@@ -227,10 +227,11 @@ def write_results(
                 detections_t.c.capture_id.in_([r.key for r in todo]),
             )
         )
-        n_det = _insert_detections(conn, job_id, [r for r in todo if r.error_kind is None])
-        _record_sizes(conn, [r for r in todo if r.key in size_unknown and r.width])
-        done = [r.key for r in todo if r.error_kind is None]
+        ok = [r for r in todo if r.error_kind is None]
         failed = [r for r in todo if r.error_kind is not None]
+        n_det = _insert_detections(conn, job_id, ok)
+        _record_sizes(conn, [r for r in todo if r.key in size_unknown and r.width])
+        done = [r.key for r in ok]
         if done:
             conn.execute(
                 update(items_t)
