@@ -295,14 +295,17 @@ def _draw_insect(img: np.ndarray, rng: np.random.Generator, kind: str, scale: fl
     theta = rng.uniform(0, 2 * np.pi)
     edge = rng.choice([1.0, 1.0, 1.0, 1.8, 2.6]) * max(scale, 0.5)  # px of edge softness (focus)
     half = int(np.ceil(spec.reach * r + 3 * edge + 2))
+    if 2 * half + 1 > min(w, h):
+        return None  # the insect's patch does not fit in the image at all
     overlap_ok = rng.random() < 0.15
     for _ in range(20):
-        cx = rng.uniform(half, w - half)
-        cy = rng.uniform(half, h - half)
+        # The patch spans int(c) - half .. int(c) + half inclusive, so c stays below size - half.
+        cx = min(rng.uniform(half, w - half), w - half - 1.0)
+        cy = min(rng.uniform(half, h - half), h - half - 1.0)
         if overlap_ok and placed:
             other = placed[int(rng.integers(len(placed)))].box
-            cx = float(np.clip(rng.uniform(other[0], other[2]), half, w - half))
-            cy = float(np.clip(rng.uniform(other[1], other[3]), half, h - half))
+            cx = float(np.clip(rng.uniform(other[0], other[2]), half, w - half - 1.0))
+            cy = float(np.clip(rng.uniform(other[1], other[3]), half, h - half - 1.0))
         approx = (cx - r, cy - r, cx + r, cy + r)
         limit = 0.3 if overlap_ok else 0.0
         if all(_iou_and_cover(approx, p.box)[1] <= limit for p in placed):

@@ -1,0 +1,146 @@
+"""Property tests for the geometry every capture passes through: the synthetic scenes that
+benchmarks and the GPU check render at many sizes, EXIF orientation, and roi_align crops at
+image edges and for 1-pixel boxes. Example-based tests pick the sizes their authors thought of;
+these pick the ones that break."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image, ImageOps
+
+from inference.crops import crop_and_resize
+from inference.decode import decode, orient, read_header
+from tasks.demo.scenes import render_scene
+
+EXIF_ORIENTATION = 0x0112
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@FAST
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    w=st.integers(8, 1400),
+    h=st.integers(8, 900),
+    n=st.integers(0, 15),
+    scale=st.one_of(st.none(), st.floats(0.2, 3.0)),
+)
+def test_any_scene_renders_with_every_box_inside_the_image(
+    seed: int, w: int, h: int, n: int, scale: float | None
+) -> None:
+    image, insects = render_scene(seed, (w, h), scale=scale, n_insects=n, night_seed=seed)
+    assert image.size == (w, h) and image.mode == "RGB"
+    assert len(insects) <= n
+    for insect in insects:
+        x1, y1, x2, y2 = insect.box
+        assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+
+
+def test_an_insect_at_the_far_edge_gets_a_patch_and_shadow_of_one_size() -> None:
+    """The case that crashed: a patch one pixel short at the image's right/bottom edge."""
+    image, insects = render_scene((4242, 240), (1280, 720), night_seed=4242)
+    assert image.size == (1280, 720) and insects
+
+
+@FAST
+@given(seed=st.integers(0, 2**32 - 1), w=st.integers(8, 600), h=st.integers(8, 400))
+def test_a_scene_is_a_function_of_its_seed(seed: int, w: int, h: int) -> None:
+    a, boxes_a = render_scene(seed, (w, h), n_insects=6, night_seed=seed)
+    b, boxes_b = render_scene(seed, (w, h), n_insects=6, night_seed=seed)
+    assert boxes_a == boxes_b
+    assert a.tobytes() == b.tobytes()
+
+
+def _random_image(h: int, w: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@FAST
+@given(
+    orientation=st.integers(1, 8),
+    h=st.integers(1, 40),
+    w=st.integers(1, 40),
+    seed=st.integers(0, 1000),
+)
+def test_orient_turns_pixels_exactly_as_pillow_exif_transpose(
+    orientation: int, h: int, w: int, seed: int
+) -> None:
+    """The GPU path applies EXIF orientation with tensor ops; it must agree with Pillow."""
+    pixels = _random_image(h, w, seed)
+    im = Image.fromarray(pixels)
+    im.getexif()[EXIF_ORIENTATION] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(im))
+    got = orient(torch.from_numpy(pixels).permute(2, 0, 1), orientation).permute(1, 2, 0)
+    assert got.shape == expected.shape
+    assert np.array_equal(got.numpy(), expected)
+
+
+@FAST
+@given(orientation=st.integers(1, 8), h=st.integers(1, 40), w=st.integers(1, 40))
+def test_cpu_decode_of_an_oriented_file_equals_orient_of_its_stored_pixels(
+    orientation: int, h: int, w: int
+) -> None:
+    """A CPU decode (torchvision applies the tag) and a GPU decode (orient() applies it) of the
+    same file give the same upright pixels; PNG keeps the comparison lossless."""
+    pixels = _random_image(h, w, h * 41 + w)
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", exif=exif.tobytes())
+    data = buf.getvalue()
+    header = read_header(data, max_pixels=10**6, uri="mem.png")
+    assert header.orientation == orientation
+    upright = decode(data, header, "mem.png")
+    stored = torch.from_numpy(pixels).permute(2, 0, 1)
+    assert torch.equal(upright, orient(stored, orientation))
+
+
+@st.composite
+def _boxes_in(draw: st.DrawFn, h: int, w: int) -> torch.Tensor:
+    """Boxes anywhere in the image: at its edges, 1 px wide, or covering all of it."""
+    n = draw(st.integers(1, 6))
+    boxes = []
+    for _ in range(n):
+        x1 = draw(st.floats(0, w - 1, allow_nan=False))
+        y1 = draw(st.floats(0, h - 1, allow_nan=False))
+        bw = draw(st.one_of(st.just(1.0), st.floats(1.0, max(1.0, w - x1))))
+        bh = draw(st.one_of(st.just(1.0), st.floats(1.0, max(1.0, h - y1))))
+        boxes.append([x1, y1, min(float(w), x1 + bw), min(float(h), y1 + bh)])
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+@FAST
+@given(data=st.data(), h=st.integers(4, 120), w=st.integers(4, 160), value=st.integers(0, 255))
+def test_crops_of_a_flat_image_are_flat_wherever_the_box_lies(
+    data: st.DataObject, h: int, w: int, value: int
+) -> None:
+    """Bilinear sampling at an image edge or inside a 1-pixel box never reads outside it."""
+    image = torch.full((3, h, w), value, dtype=torch.uint8)
+    boxes = data.draw(_boxes_in(h, w))
+    crops = crop_and_resize(image, boxes, (8, 8))
+    assert crops.shape == (boxes.shape[0], 3, 8, 8)
+    assert torch.allclose(crops, torch.full_like(crops, float(value)), atol=1e-3)
+
+
+@FAST
+@given(data=st.data(), h=st.integers(4, 120), w=st.integers(4, 160), seed=st.integers(0, 99))
+def test_windowed_cpu_crops_equal_whole_frame_crops(
+    data: st.DataObject, h: int, w: int, seed: int
+) -> None:
+    """The CPU's window trick is an optimisation only: the same values as roi_align over the
+    whole frame, for boxes up to 3x the output size (bigger ones are shrunk first)."""
+    image = torch.from_numpy(_random_image(h, w, seed)).permute(2, 0, 1).contiguous()
+    boxes = data.draw(_boxes_in(h, w))
+    size = (24, 24)
+    widths, heights = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    small = (widths <= 3 * size[1]) & (heights <= 3 * size[0])
+    boxes = boxes[small]
+    if boxes.shape[0] == 0:
+        return
+    windowed = crop_and_resize(image, boxes, size, windowed=True)
+    whole = crop_and_resize(image, boxes, size, windowed=False)
+    assert torch.allclose(windowed, whole, rtol=0, atol=0.01)  # float32 rounding of offsets
