@@ -74,6 +74,11 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    # A re-classification job: its boxes are this job's detections (the detector not run).
+    boxes_from_job_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("jobs.id", ondelete="SET NULL", name="fk_jobs_boxes_from_job"),
+    )
 
     deployment: Mapped[Deployment] = relationship()
 
@@ -142,6 +147,7 @@ class Detection(Base):
             name="fk_detections_job_capture",
         ),
         Index("ix_detections_job_capture", "job_id", "capture_id"),
+        Index("ix_detections_source", "source_detection_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -154,6 +160,12 @@ class Detection(Base):
     y2: Mapped[float] = mapped_column(Float)
     score: Mapped[float] = mapped_column(Float)
     label: Mapped[str] = mapped_column(String(200))
+    # A copy made by a re-classification job: the detection whose box it reuses (the
+    # original's, never another copy's, so all copies of one box share one source).
+    source_detection_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("detections.id", ondelete="SET NULL", name="fk_detections_source"),
+    )
 
 
 class Classification(Base):
