@@ -61,12 +61,16 @@ class Capture(Base):
 
 class Job(Base):
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_deployment", "deployment_id"),)
+    __table_args__ = (
+        Index("ix_jobs_deployment", "deployment_id"),
+        Index("ix_jobs_fingerprint", "fingerprint"),
+    )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
-    pipeline: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    pipeline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # PipelineSpec.to_dict()
+    fingerprint: Mapped[str | None] = mapped_column(String(64))  # None: enqueued before 0002
     chunk_size: Mapped[int] = mapped_column(Integer)
     n_captures: Mapped[int] = mapped_column(Integer, default=0)
     n_chunks: Mapped[int] = mapped_column(Integer, default=0)
