@@ -40,6 +40,21 @@ class Deployment(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # Camtrap DP deployment terms (migration 0003), set by `trapq deployments set`.
+    location_id: Mapped[str | None] = mapped_column(String(200))
+    location_name: Mapped[str | None] = mapped_column(String(200))
+    latitude: Mapped[float | None] = mapped_column(Float)
+    longitude: Mapped[float | None] = mapped_column(Float)
+    coordinate_uncertainty_m: Mapped[int | None] = mapped_column(Integer)
+    deployment_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deployment_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    capture_method: Mapped[str | None] = mapped_column(String(32))  # activityDetection|timeLapse
+    camera_id: Mapped[str | None] = mapped_column(String(200))
+    camera_model: Mapped[str | None] = mapped_column(String(200))
+    camera_height_m: Mapped[float | None] = mapped_column(Float)
+    setup_by: Mapped[str | None] = mapped_column(String(200))
+    habitat: Mapped[str | None] = mapped_column(Text)
+    comments: Mapped[str | None] = mapped_column(Text)
 
 
 class Capture(Base):
