@@ -14,10 +14,12 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
+from scipy.spatial import ConvexHull
 
 KINDS: tuple[str, ...] = (
     "geometrid",
@@ -41,10 +43,12 @@ EXIF_DATETIME = 0x0132
 
 @dataclass(frozen=True)
 class Insect:
-    """One insect: its kind and its box (x1, y1, x2, y2) in image pixels, x2/y2 exclusive."""
+    """One insect: its kind and its box (x1, y1, x2, y2) in image pixels, x2/y2 exclusive.
+    ``individual`` is its identity across the captures of a tracked night (tasks.demo.nights)."""
 
     kind: str
     box: tuple[float, float, float, float]
+    individual: int | None = None
 
 
 @dataclass(frozen=True)
@@ -312,13 +316,42 @@ def _draw_insect(img: np.ndarray, rng: np.random.Generator, kind: str, scale: fl
             break
     else:
         return None
+    shape = _shape(kind, r, theta, edge, cx, cy, half, rng)
+    if shape is None:
+        return None
+    for p in placed:
+        iou, cover = _iou_and_cover(shape.box, p.box)
+        if cover > (0.35 if overlap_ok else 0.0) or iou > 0.3:
+            return None
+    _composite(img, shape, rng, scale)
+    return Insect(kind, shape.box)
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """An insect rasterised in its patch of the image, before it is painted in."""
+
+    x0: int  # top-left of the patch in the image
+    y0: int
+    drawing: _Drawing
+    body_alpha: np.ndarray  # coverage of the parts that count for the box
+    alpha: np.ndarray  # coverage of everything drawn
+    box: tuple[float, float, float, float]
+    r: float
+    edge: float
+
+
+def _shape(kind: str, r: float, theta: float, edge: float, cx: float, cy: float, half: int,
+           rng: np.random.Generator) -> _Shape | None:
+    """Rasterises an insect of half-length ``r`` at (cx, cy), turned by ``theta``, in a square
+    patch of ``2 * half + 1`` pixels; None if nothing of its body is left."""
     x0, y0 = int(cx) - half, int(cy) - half
     yy, xx = np.mgrid[y0:y0 + 2 * half + 1, x0:x0 + 2 * half + 1].astype(np.float32)
     dx, dy = xx - cx, yy - cy
     c, s = np.float32(np.cos(theta)), np.float32(np.sin(theta))
     u = (dx * c + dy * s) / r
     v = (-dx * s + dy * c) / r
-    d = spec.paint(u, v, rng)
+    d = _SPECS[kind].paint(u, v, rng)
     body_a = np.clip(0.5 - d.body * r / edge, 0, 1)
     alpha = np.maximum(body_a, np.clip(0.5 - d.extra * r / edge, 0, 1))
     ys, xs = np.nonzero(body_a >= 0.5)
@@ -326,20 +359,22 @@ def _draw_insect(img: np.ndarray, rng: np.random.Generator, kind: str, scale: fl
         return None
     box = (float(x0 + xs.min()), float(y0 + ys.min()), float(x0 + xs.max() + 1),
            float(y0 + ys.max() + 1))
-    for p in placed:
-        iou, cover = _iou_and_cover(box, p.box)
-        if cover > (0.35 if overlap_ok else 0.0) or iou > 0.3:
-            return None
+    return _Shape(x0, y0, d, body_a, alpha, box, r, edge)
+
+
+def _composite(img: np.ndarray, shape: _Shape, rng: np.random.Generator, scale: float) -> None:
+    """Paints a rasterised insect and its shadow into the image."""
+    d, alpha, r, edge = shape.drawing, shape.alpha, shape.r, shape.edge
     shade = rng.uniform(0.85, 1.1) * (1 + rng.normal(0, 0.03, alpha.shape)).astype(np.float32)
     color = np.clip(d.color * shade[..., None], 0, 1)
-    patch = img[y0:y0 + 2 * half + 1, x0:x0 + 2 * half + 1]
+    size = alpha.shape[0]
+    patch = img[shape.y0:shape.y0 + size, shape.x0:shape.x0 + size]
     sh = max(1, int(round(2 * scale)))
     shadow = np.zeros_like(alpha)
     shadow[sh:, sh:] = np.clip(0.5 - d.body[:-sh, :-sh] * r / (4 * edge), 0, 1)[...] * 0.25
     patch *= (1 - shadow)[..., None]
     a = alpha[..., None]
     patch[...] = patch * (1 - a) + color * a
-    return Insect(kind, box)
 
 
 def render_scene(seed: int | Sequence[int], size: tuple[int, int] = (1920, 1080),
@@ -361,12 +396,76 @@ def render_scene(seed: int | Sequence[int], size: tuple[int, int] = (1920, 1080)
         insect = _draw_insect(img, rng, kind, scale, placed)
         if insect is not None:
             placed.append(insect)
+    return _develop(img, rng, scale), tuple(placed)
+
+
+def _develop(img: np.ndarray, rng: np.random.Generator, scale: float) -> Image.Image:
+    """Exposure, sensor noise and now and then a little defocus, as the camera adds them."""
     img *= np.float32(rng.uniform(0.92, 1.05))  # exposure
     img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.005, 0.025))
     out = Image.fromarray((np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8))
     if rng.random() < 0.3:
         out = out.filter(ImageFilter.GaussianBlur(rng.uniform(0.4, 1.0) * scale))
-    return out, tuple(placed)
+    return out
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where and how one known individual sits in a capture of a tracked night: centre and
+    half-length in pixels, turn in radians, edge softness in pixels. ``appearance`` seeds its
+    colours, so the same individual looks the same in every capture."""
+
+    individual: int
+    kind: str
+    cx: float
+    cy: float
+    r: float
+    theta: float
+    edge: float
+    appearance: int
+
+
+def half_length_range(kind: str) -> tuple[float, float]:
+    """Half-lengths (px at REFERENCE_WIDTH) an insect of ``kind`` is drawn with."""
+    return _SPECS[kind].half_length
+
+
+def patch_half(kind: str, r: float, edge: float) -> int:
+    """Half the side of the square patch an insect is drawn in; its centre must stay at least
+    this far inside the image (and below size - half - 1 at the far edge)."""
+    return int(np.ceil(_SPECS[kind].reach * r + 3 * edge + 2))
+
+
+@lru_cache(maxsize=len(KINDS))
+def kind_outline(kind: str) -> np.ndarray:
+    """Convex hull (k, 2) of the body of ``kind`` in its own frame (u across, v along, in
+    half-lengths): a box for any turn and size without rendering (the tracking bench's)."""
+    g = np.linspace(-1.6, 1.6, 321, dtype=np.float32)
+    u, v = np.meshgrid(g, g)
+    body = _SPECS[kind].paint(u, v, np.random.default_rng(0)).body
+    pts = np.stack([u[body < 0], v[body < 0]], axis=1)
+    return pts[ConvexHull(pts).vertices]
+
+
+def render_placements(seed: int | Sequence[int], size: tuple[int, int],
+                      placements: Sequence[Placement],
+                      night_seed: int) -> tuple[Image.Image, tuple[Insect, ...]]:
+    """One capture of a tracked night: the sheet and debris of ``seed``, the given individuals
+    where they are (later ones over earlier ones), and their exact boxes and identities."""
+    w, h = size
+    rng = np.random.default_rng(seed)
+    scale = w / REFERENCE_WIDTH
+    img = _sheet(rng, w, h, np.random.default_rng(night_seed))
+    _debris(img, rng, scale)
+    drawn: list[Insect] = []
+    for p in placements:
+        looks = np.random.default_rng(p.appearance)
+        shape = _shape(p.kind, p.r, p.theta, p.edge, p.cx, p.cy,
+                       patch_half(p.kind, p.r, p.edge), looks)
+        if shape is not None:
+            _composite(img, shape, looks, scale)
+            drawn.append(Insect(p.kind, shape.box, p.individual))
+    return _develop(img, rng, scale), tuple(drawn)
 
 
 def _exif(taken_at: datetime) -> Image.Exif:
@@ -394,11 +493,12 @@ def generate_night(out_dir: Path, n: int, seed: int, size: tuple[int, int] = (19
         name = f"{taken_at:%Y%m%d-%H%M%S}.jpg"
         image.save(out_dir / name, quality=90, exif=_exif(taken_at).tobytes())
         truths.append(SceneTruth(name, taken_at, w, h, insects))
-    _write_truth(out_dir / TRUTH_FILE, seed, truths)
+    write_truth(out_dir / TRUTH_FILE, seed, truths)
     return truths
 
 
-def _write_truth(path: Path, seed: int, truths: list[SceneTruth]) -> None:
+def write_truth(path: Path, seed: int, truths: list[SceneTruth]) -> None:
+    """Writes the truth of a night (identities too, for a tracked night) as JSON."""
     doc = {
         "seed": seed,
         "kinds": list(KINDS),
@@ -408,7 +508,11 @@ def _write_truth(path: Path, seed: int, truths: list[SceneTruth]) -> None:
                 "taken_at": t.taken_at.isoformat(),
                 "width": t.width,
                 "height": t.height,
-                "insects": [{"kind": i.kind, "box": list(i.box)} for i in t.insects],
+                "insects": [
+                    {"kind": i.kind, "box": list(i.box)}
+                    | ({} if i.individual is None else {"individual": i.individual})
+                    for i in t.insects
+                ],
             }
             for t in truths
         ],
@@ -425,7 +529,8 @@ def load_truth(night_dir: Path) -> list[SceneTruth]:
             datetime.fromisoformat(c["taken_at"]),
             c["width"],
             c["height"],
-            tuple(Insect(i["kind"], tuple(i["box"])) for i in c["insects"]),
+            tuple(Insect(i["kind"], tuple(i["box"]), i.get("individual"))
+                  for i in c["insects"]),
         )
         for c in doc["captures"]
     ]
