@@ -468,7 +468,7 @@ def render_placements(seed: int | Sequence[int], size: tuple[int, int],
     return _develop(img, rng, scale), tuple(drawn)
 
 
-def _exif(taken_at: datetime) -> Image.Exif:
+def capture_exif(taken_at: datetime) -> Image.Exif:
     exif = Image.Exif()
     stamp = taken_at.strftime("%Y:%m:%d %H:%M:%S")
     exif[EXIF_DATETIME] = stamp
@@ -491,7 +491,7 @@ def generate_night(out_dir: Path, n: int, seed: int, size: tuple[int, int] = (19
         taken_at = start + i * interval
         image, insects = render_scene((seed, i), size, night_seed=seed)
         name = f"{taken_at:%Y%m%d-%H%M%S}.jpg"
-        image.save(out_dir / name, quality=90, exif=_exif(taken_at).tobytes())
+        image.save(out_dir / name, quality=90, exif=capture_exif(taken_at).tobytes())
         truths.append(SceneTruth(name, taken_at, w, h, insects))
     write_truth(out_dir / TRUTH_FILE, seed, truths)
     return truths
