@@ -267,9 +267,17 @@ def print_job(st: JobStatus) -> None:
         )
 
 
-@app.command("deployments")
-def deployments_() -> None:
-    """List deployments with their capture counts."""
+deployments_app = typer.Typer(
+    help="List deployments (no subcommand), or set their metadata.", invoke_without_command=True
+)
+app.add_typer(deployments_app, name="deployments")
+
+
+@deployments_app.callback()
+def deployments_(ctx: typer.Context) -> None:
+    """List deployments with their capture counts; `deployments set` records their metadata."""
+    if ctx.invoked_subcommand is not None:
+        return
     s = settings()
     factory = ready_session_factory(s)
     with database_errors(s), factory() as session:

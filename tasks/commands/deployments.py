@@ -1,0 +1,137 @@
+"""`trapq deployments set`: a deployment's location, period, capture method and camera.
+
+One deployment from options, or many from a CSV whose columns are Camtrap DP's deployment
+terms (deploymentID, latitude, longitude, deploymentStart, ...), so a deployments.csv written
+for Camtrap DP can be loaded as it is; columns trapq does not keep are ignored.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from db.deployments import CAPTURE_METHODS, DeploymentMetadata, set_metadata
+from tasks.cli_app import UserError, console
+from tasks.commands.jobstore import deployments_app, settings, timestamp
+from tasks.store import database_errors, ready_session_factory
+
+# Camtrap DP deployment term -> (column of `deployments`, parser of the CSV cell).
+CSV_TERMS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "locationID": ("location_id", str),
+    "locationName": ("location_name", str),
+    "latitude": ("latitude", float),
+    "longitude": ("longitude", float),
+    "coordinateUncertainty": ("coordinate_uncertainty_m", int),
+    "deploymentStart": ("deployment_start", lambda v: timestamp(v, "deploymentStart")),
+    "deploymentEnd": ("deployment_end", lambda v: timestamp(v, "deploymentEnd")),
+    "captureMethod": ("capture_method", str),
+    "cameraID": ("camera_id", str),
+    "cameraModel": ("camera_model", str),
+    "cameraHeight": ("camera_height_m", float),
+    "setupBy": ("setup_by", str),
+    "habitat": ("habitat", str),
+    "deploymentComments": ("comments", str),
+}
+
+
+@deployments_app.command("set")
+def set_(
+    name: Annotated[str | None, typer.Argument(help="Deployment name (created if new).")] = None,
+    csv_file: Annotated[
+        Path | None,
+        typer.Option("--csv", help="Many deployments: a CSV with Camtrap DP deployment columns."),
+    ] = None,
+    lat: Annotated[float | None, typer.Option(help="Latitude, decimal degrees WGS84.")] = None,
+    lon: Annotated[float | None, typer.Option(help="Longitude, decimal degrees WGS84.")] = None,
+    coordinate_uncertainty: Annotated[
+        int | None, typer.Option(help="Radius in metres around lat/lon holding the camera.")
+    ] = None,
+    start: Annotated[str | None, typer.Option(help="Deployment start (ISO 8601).")] = None,
+    end: Annotated[str | None, typer.Option(help="Deployment end (ISO 8601).")] = None,
+    capture_method: Annotated[
+        str | None, typer.Option(help=f"{' or '.join(CAPTURE_METHODS)}.")
+    ] = None,
+    camera_id: Annotated[str | None, typer.Option(help="Camera serial or id.")] = None,
+    camera_model: Annotated[
+        str | None, typer.Option(help="Camera as manufacturer-model, e.g. Reconyx-PC800.")
+    ] = None,
+    camera_height: Annotated[float | None, typer.Option(help="Camera height in metres.")] = None,
+    location_id: Annotated[str | None, typer.Option(help="Identifier of the location.")] = None,
+    location_name: Annotated[str | None, typer.Option(help="Name of the location.")] = None,
+    setup_by: Annotated[str | None, typer.Option(help="Who set the camera up.")] = None,
+    habitat: Annotated[str | None, typer.Option(help="Short description of the habitat.")] = None,
+    comments: Annotated[str | None, typer.Option(help="Notes on the deployment.")] = None,
+) -> None:
+    """Record a deployment's metadata; only the options given change."""
+    if (name is None) == (csv_file is None):
+        raise UserError("give a deployment NAME with options, or --csv FILE, not both")
+    if csv_file is not None:
+        records = list(read_csv(csv_file))
+    else:
+        assert name is not None
+        records = [
+            (
+                name,
+                name,
+                DeploymentMetadata(
+                    location_id=location_id,
+                    location_name=location_name,
+                    latitude=lat,
+                    longitude=lon,
+                    coordinate_uncertainty_m=coordinate_uncertainty,
+                    deployment_start=timestamp(start, "--start"),
+                    deployment_end=timestamp(end, "--end"),
+                    capture_method=capture_method,
+                    camera_id=camera_id,
+                    camera_model=camera_model,
+                    camera_height_m=camera_height,
+                    setup_by=setup_by,
+                    habitat=habitat,
+                    comments=comments,
+                ),
+            )
+        ]
+        if not records[0][2].given():
+            raise UserError(f"nothing to set for {name}: give options such as --lat and --lon")
+    for where, _, metadata in records:
+        problems = metadata.problems()
+        if problems:
+            raise UserError(f"{where}: {'; '.join(problems)}")
+    s = settings()
+    factory = ready_session_factory(s)
+    with database_errors(s), factory.begin() as session:
+        created = [set_metadata(session, n, m) for _, n, m in records]
+    for (_, n, _), new in zip(records, created, strict=True):
+        console.print(f"{n}: {'created' if new else 'updated'}", highlight=False)
+
+
+def read_csv(path: Path) -> Iterator[tuple[str, str, DeploymentMetadata]]:
+    """(where in the file, deployment name, metadata) per row.
+
+    A bad cell is a UserError naming its line and column.
+    """
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "deploymentID" not in reader.fieldnames:
+                raise UserError(f"{path}: needs a header row with a deploymentID column")
+            for row in reader:
+                name = (row.get("deploymentID") or "").strip()
+                if not name:
+                    raise UserError(f"{path}:{reader.line_num}: empty deploymentID")
+                values: dict[str, Any] = {}
+                for term, (column, parse) in CSV_TERMS.items():
+                    cell = (row.get(term) or "").strip()
+                    if not cell:
+                        continue
+                    try:
+                        values[column] = parse(cell)
+                    except (ValueError, UserError) as e:
+                        raise UserError(f"{path}:{reader.line_num}: {term}: {e}") from None
+                yield f"{path}:{reader.line_num}", name, DeploymentMetadata(**values)
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
