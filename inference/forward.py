@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +23,10 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 class AutocastBackbone(nn.Module):
-    """Runs a detector's backbone in reduced precision and hands float32 features to its heads:
-    the backbone is most of the compute, while box regression in bf16 would be off by pixels."""
+    """Runs a detector's feature extractor in reduced precision and hands float32 features to
+    its heads: the backbone is most of the compute, while bf16 in box decoding quantizes anchors
+    to ~8 px at 1-2k px and makes batched_nms's coordinate offsets collapse boxes to points.
+    Every torchvision detector has a `backbone` (ssdlite's has no out_channels: copied if there)."""
 
     def __init__(
         self, original: nn.Module, body: nn.Module, device_type: str, dtype: torch.dtype
@@ -32,7 +34,8 @@ class AutocastBackbone(nn.Module):
         super().__init__()
         self.original = original  # uncompiled, so another engine can wrap it afresh
         self.body = body
-        self.out_channels = original.out_channels
+        if hasattr(original, "out_channels"):
+            self.out_channels = original.out_channels
         self.device_type = device_type
         self.dtype = dtype
 
@@ -49,10 +52,9 @@ class AutocastBackbone(nn.Module):
 
 @dataclass(frozen=True)
 class ForwardOptions:
-    precision: str = "fp32"  # resolved: bf16, fp16 or fp32
+    """How fast, never what: precision, top-k and the filter's label are the pipeline's."""
+
     crop_batch_size: int = 256
-    top_k: int = 5
-    filter_negative: str = "nonmoth"
     compile: bool = False
 
 
@@ -61,20 +63,20 @@ class BatchForward:
         self.pipeline = pipeline
         self.options = options
         self.device = pipeline.device
-        self.dtype = DTYPES[options.precision]
+        self.dtype = DTYPES[pipeline.precision]
         self.detector = pipeline.detector.module
         self.classifier = pipeline.classifier.module
         self.filter = pipeline.filter.module if pipeline.filter else None
-        self._backbone_wrapped = False
+        # Only a torchvision-style `backbone` runs in reduced precision; a detector without one
+        # (TorchScript, constant_boxes) runs wholly in float32.
         backbone = getattr(self.detector, "backbone", None)
         if isinstance(backbone, AutocastBackbone):
             backbone = backbone.original
         scripted = isinstance(self.detector, torch.jit.ScriptModule)
-        if backbone is not None and hasattr(backbone, "out_channels") and not scripted:
+        if isinstance(backbone, nn.Module) and not scripted:
             backbone.to(memory_format=torch.channels_last)
             body = torch.compile(backbone) if options.compile else backbone
             self.detector.backbone = AutocastBackbone(backbone, body, self.device.type, self.dtype)
-            self._backbone_wrapped = True
         if options.compile:
             self.classifier = torch.compile(self.classifier)
             if self.filter is not None:
@@ -90,6 +92,34 @@ class BatchForward:
             ]
             classes = self.classify(torch.cat(crops)) if crops else []
         return self._assemble(boxes, scores, labels, classes)
+
+    def classify_boxes(
+        self, images: list[torch.Tensor], given: list[Sequence[Detection]]
+    ) -> list[list[Detection]]:
+        """Re-classification: the crops of boxes found earlier (in original pixels) through the
+        classifiers, the detector skipped. Each detection keeps its given box, detector score,
+        label and source; only its classifications are new."""
+        with torch.inference_mode():
+            crops = [
+                crop_and_resize(
+                    img,
+                    torch.tensor([[d.x1, d.y1, d.x2, d.y2] for d in boxes],
+                                 dtype=torch.float32, device=img.device).reshape(-1, 4),
+                    self.pipeline.classifier.spec.input_size,
+                )
+                for img, boxes in zip(images, given, strict=True)
+            ]
+            classes = self.classify(torch.cat(crops)) if crops else []
+        out: list[list[Detection]] = []
+        offset = 0
+        for boxes in given:
+            out.append([
+                Detection(d.x1, d.y1, d.x2, d.y2, d.score, d.label,
+                          classifications=classes[offset + i], source=d.source)
+                for i, d in enumerate(boxes)
+            ])
+            offset += len(boxes)
+        return out
 
     def detect(
         self, images: list[torch.Tensor]
@@ -111,7 +141,7 @@ class BatchForward:
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True)
             inputs.append(x[0].float().div_(255.0))
             factors.append(torch.tensor([w / nw, h / nh, w / nw, h / nh], device=img.device))
-        with self._autocast_whole_detector():
+        with torch.autocast(self.device.type, enabled=False):  # heads, decoding, NMS: fp32
             outputs = self.detector(inputs)
         if isinstance(outputs, tuple):  # scripted torchvision detectors return (losses, detections)
             outputs = outputs[1]
@@ -141,7 +171,7 @@ class BatchForward:
             probs = self._probabilities(self.filter, model, crops)
             for i, c in enumerate(self._top_k(probs, model)):
                 results[i].append(c)
-                positive[i] = c.label != self.options.filter_negative
+                positive[i] = c.label != self.pipeline.filter_negative_label
         index = positive.nonzero().flatten()
         if index.numel():
             model = self.pipeline.classifier
@@ -163,7 +193,7 @@ class BatchForward:
         return torch.cat(out)
 
     def _top_k(self, probs: torch.Tensor, model: LoadedModel) -> list[Classification]:
-        k = min(self.options.top_k, probs.shape[1])
+        k = min(self.pipeline.top_k, probs.shape[1])
         values, indices = probs.topk(k, dim=1)
         rows = []
         for vs, ix in zip(values.tolist(), indices.tolist(), strict=True):
@@ -200,12 +230,3 @@ class BatchForward:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
-
-    @contextlib.contextmanager
-    def _autocast_whole_detector(self) -> Iterator[None]:
-        """Detectors without a torchvision backbone (TorchScript) run wholly under autocast."""
-        if self._backbone_wrapped:
-            yield
-        else:
-            with self._autocast():
-                yield
