@@ -6,7 +6,8 @@ TorchScript classifier that returns constant logits. What is left is fetch, deco
 queueing, claims and the database writes. Side by side in one run it measures:
 
   (a) the engine alone, in this process, over the same files (no queue, no database);
-  (b) the database writes alone: write_results of the same number of captures x 20 boxes;
+  (b) the database writes alone: write_results of the same number of captures x 20 boxes,
+      beside a raw COPY of the same rows (bench.writes);
   (c) the real worker end to end, from the first claim to the job's end.
 
 and prints (c) against (a) and (b). Uses a fresh temporary database and queue, removed after.
@@ -28,14 +29,12 @@ import torch
 from sqlalchemy import Engine, func, select
 from torch import nn
 
+from bench.writes import bench_writes, print_figures
 from db.models import Classification, Detection, Job
-from db.results import claim_chunk, pending_items, write_results
-from db.session import make_engine, make_sessionmaker
+from db.session import make_engine
 from inference.engine import Engine as InferenceEngine
 from inference.registry import load_pipeline
-from inference.types import Classification as Cls
-from inference.types import Detection as Det
-from inference.types import ItemResult, WorkItem
+from inference.types import WorkItem
 from tasks.settings import Settings
 from tasks.worker_boot import engine_config
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
@@ -76,24 +75,6 @@ def bench_engine(settings: Settings, paths: list[Path]) -> float:
         engine.close()
     assert all(r.ok and len(r.detections) == BOXES for r in results)
     return len(paths) / elapsed
-
-
-def bench_writes(engine: Engine, paths: list[Path], batch: int) -> float:
-    """(b) captures/s of write_results alone, in batches, one chunk per batch."""
-    job = make_job(engine, [str(p) for p in paths], chunk_size=batch, deployment="writes-only")
-    factory = make_sessionmaker(engine)
-    dets = [
-        Det(i, i, i + 10, i + 10, 0.9, "insect", [Cls("demo_classifier", "moth", 0.88)])
-        for i in range(BOXES)
-    ]
-    t0 = time.perf_counter()
-    for chunk_id in job.chunk_ids:
-        claim_chunk(factory, chunk_id, worker="bench", retries=0, max_deliveries=5)
-        items = pending_items(factory, chunk_id)
-        write_results(factory, job.job_id, [
-            ItemResult(i.capture_id, i.uri, 256, 192, dets) for i in items
-        ])
-    return len(paths) / (time.perf_counter() - t0)
 
 
 def main() -> None:
@@ -137,9 +118,9 @@ def run(args: argparse.Namespace, url: str, queue: str, folder: Path) -> None:
     )
     engine_ips = bench_engine(settings, paths)
     print(f"(a) engine alone:        {engine_ips:8.0f} captures/s", flush=True)
-    writes_cps = bench_writes(engine, paths, settings.write_batch_size)
-    print(f"(b) database writes:     {writes_cps:8.0f} captures/s "
-          f"({writes_cps * BOXES:.0f} detection rows/s)", flush=True)
+    writes = bench_writes(engine, [str(p) for p in paths], settings.write_batch_size)
+    print_figures(writes)
+    writes_cps = writes.captures / writes.write_s
 
     job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size)
     worker = WorkerProcess(env, folder / "worker.log", pool=args.pool,
@@ -162,7 +143,8 @@ def run(args: argparse.Namespace, url: str, queue: str, folder: Path) -> None:
           f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency})")
     print(f"worker / engine alone:   {cps / engine_ips:8.2f}")
     print(f"worker / writes alone:   {cps / writes_cps:8.2f}")
-    print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f}")
+    print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f} "
+          f"write_vs_copy={writes.ratio:.2f}")
 
 
 def _job_state(engine: Engine, job_id: int) -> str:

@@ -67,6 +67,35 @@ def test_writing_a_capture_twice_keeps_one_set_of_rows(clean_pg: Engine) -> None
     assert topk == [["a", 0.7], ["b", 0.2]]
 
 
+def test_a_capture_written_before_gets_its_new_rows_instead_of_the_old(clean_pg: Engine) -> None:
+    """The delete is skipped only for work items never written: one that was written and is
+    pending again (attempts > 0) gets its new rows instead of the old, not beside them."""
+    job = _job(clean_pg, n=2, chunk_size=2)
+    factory = make_sessionmaker(clean_pg)
+    chunk = job.chunk_ids[0]
+    _claim(clean_pg, chunk)
+    first, second = pending_items(factory, chunk)
+    assert write_results(factory, job.job_id, [_result(first.capture_id, n_boxes=3)]).done == 1
+    with clean_pg.begin() as conn:
+        conn.execute(update(JobCapture).where(JobCapture.capture_id == first.capture_id)
+                     .values(state="pending"))
+    again = ItemResult(first.capture_id, first.uri, 800, 600, _result(0, n_boxes=2).detections)
+
+    counts = write_results(factory, job.job_id, [again, _result(second.capture_id, n_boxes=1)])
+
+    assert (counts.done, counts.detections) == (2, 3)
+    with clean_pg.connect() as conn:
+        per_capture = dict(conn.execute(
+            select(Detection.capture_id, func.count()).group_by(Detection.capture_id)
+        ).all())
+        n_classes = conn.scalar(select(func.count()).select_from(Classification))
+        attempts = conn.scalar(select(JobCapture.attempts)
+                               .where(JobCapture.capture_id == first.capture_id))
+    assert per_capture == {first.capture_id: 2, second.capture_id: 1}
+    assert n_classes == 3
+    assert attempts == 2
+
+
 def test_failed_items_record_kind_and_reason_and_the_rest_is_done(clean_pg: Engine) -> None:
     job = _job(clean_pg)
     factory = make_sessionmaker(clean_pg)
