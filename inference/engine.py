@@ -12,8 +12,7 @@ import threading
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -22,46 +21,25 @@ from inference.decode import Header, decode, decode_jpegs_on_device, read_header
 from inference.fetch import Fetcher, FetchPolicy
 from inference.forward import BatchForward, ForwardOptions
 from inference.inflight import InFlight
-from inference.registry import Pipeline, resolve_precision
+from inference.registry import Pipeline
 from inference.types import Detection, ErrorKind, ItemFailure, ItemResult, WorkItem
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Field names follow tasks/settings.py (max_bytes_in_flight is in bytes here)."""
+    """How the engine runs: what it may fetch, how it batches, how much it holds. What it computes
+    (models, precision, threshold, top-k) is the pipeline's. Built from the TRAPQ_* settings by
+    tasks.worker_boot.engine_config."""
 
+    fetch: FetchPolicy = field(default_factory=FetchPolicy)  # its pool_size: fetch threads
+    forward: ForwardOptions = field(default_factory=ForwardOptions)
     batch_size: int = 8
     batch_wait_ms: int = 20
-    crop_batch_size: int = 256
-    precision: str = "auto"  # auto: the pipeline's (bf16 on CUDA, fp32 on CPU)
-    compile: bool = False
     gpu_decode: bool = True
-    fetch_threads: int = 8
     decode_threads: int = 2
     max_images_in_flight: int = 16
     max_bytes_in_flight: int = 512 * 2**20
-    max_image_bytes: int = 64 * 2**20
     max_image_pixels: int = 100_000_000
-    http_connect_timeout_s: float = 5.0
-    http_read_timeout_s: float = 30.0
-    http_max_redirects: int = 5
-    allowed_schemes: tuple[str, ...] = ("file", "http", "https", "s3")
-    allowed_roots: tuple[Path, ...] = ()
-    allowed_hosts: tuple[str, ...] = ()
-    top_k: int = 5
-    filter_negative: str = "nonmoth"
-
-    def fetch_policy(self) -> FetchPolicy:
-        return FetchPolicy(
-            max_image_bytes=self.max_image_bytes,
-            http_connect_timeout_s=self.http_connect_timeout_s,
-            http_read_timeout_s=self.http_read_timeout_s,
-            http_max_redirects=self.http_max_redirects,
-            allowed_schemes=tuple(self.allowed_schemes),
-            allowed_roots=tuple(Path(r) for r in self.allowed_roots),
-            allowed_hosts=tuple(self.allowed_hosts),
-            pool_size=self.fetch_threads,
-        )
 
 
 @dataclass
@@ -83,6 +61,11 @@ class _Done:
     error: BaseException | None = None
 
 
+@dataclass
+class _Interrupted:
+    error: BaseException
+
+
 class Run:
     """One caller's items: iterate it for ItemResults in completion order.
 
@@ -93,7 +76,7 @@ class Run:
     def __init__(self, engine: Engine, items: Iterable[WorkItem]) -> None:
         self._engine = engine
         self._items = items
-        self._results: queue.SimpleQueue[ItemResult | _Done] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[ItemResult | _Done | _Interrupted] = queue.SimpleQueue()
         self._window = threading.Semaphore(2 * engine.config.max_images_in_flight)
         self._lock = threading.Lock()
         self.cancelled = False
@@ -139,6 +122,8 @@ class Run:
         try:
             while total is None or received < total:
                 got = self._results.get()
+                if isinstance(got, _Interrupted):
+                    raise got.error
                 if isinstance(got, _Done):
                     total, error = got.submitted, got.error
                     continue
@@ -156,6 +141,13 @@ class Run:
         self.cancelled = True
         self._window.release(2 * self._engine.config.max_images_in_flight)
 
+    def interrupt(self, error: BaseException) -> None:
+        """From any thread: the iteration raises `error` now, whatever the items in flight
+        are doing (a fetch hanging until its timeout, a long batch); their results are
+        dropped when they come back. A caller's deadline, enforced from a timer."""
+        self.close()
+        self._results.put(_Interrupted(error))
+
     def __enter__(self) -> Run:
         return self
 
@@ -164,31 +156,14 @@ class Run:
 
 
 class Engine:
-    """Loaded once per process on one device; run() may be called from any number of threads.
-
-    A config precision other than "auto" overrides the pipeline's and is written back to it,
-    so that pipeline.describe() records what actually runs.
-    """
+    """Loaded once per process on one device; run() may be called from any number of threads."""
 
     def __init__(self, pipeline: Pipeline, config: EngineConfig | None = None) -> None:
         self.pipeline = pipeline
         self.config = config or EngineConfig()
         self.device = pipeline.device
-        precision = (
-            pipeline.precision
-            if self.config.precision == "auto"
-            else resolve_precision(self.config.precision, self.device)
-        )
-        pipeline.precision = precision
-        self._options = ForwardOptions(
-            precision=precision,
-            crop_batch_size=self.config.crop_batch_size,
-            top_k=self.config.top_k,
-            filter_negative=self.config.filter_negative,
-            compile=self.config.compile,
-        )
         self._forward: BatchForward | None = None
-        self._fetcher = Fetcher(self.config.fetch_policy())
+        self._fetcher = Fetcher(self.config.fetch)
         self._inflight = InFlight(self.config.max_images_in_flight, self.config.max_bytes_in_flight)
         self._queue: queue.Queue[_Pending | None] = queue.Queue(self.config.max_images_in_flight)
         self._fetch_pool: ThreadPoolExecutor
@@ -204,8 +179,8 @@ class Engine:
         """Builds the forward (compiles if asked), starts the pools and the device thread."""
         if self._thread is not None:
             return
-        self._forward = BatchForward(self.pipeline, self._options)
-        self._fetch_pool = ThreadPoolExecutor(self.config.fetch_threads, "trapq-fetch")
+        self._forward = BatchForward(self.pipeline, self.config.forward)
+        self._fetch_pool = ThreadPoolExecutor(self.config.fetch.pool_size, "trapq-fetch")
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, "trapq-decode")
         self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="trapq-engine", daemon=True)
@@ -266,8 +241,9 @@ class Engine:
             data = self._fetcher.fetch(item.uri)
         except ItemFailure as e:
             return self._fail(run, item, e.kind, e.message, 0, False)
-        except Exception as e:  # an unforeseen fetch failure is the network's until shown otherwise
-            return self._fail(run, item, ErrorKind.NETWORK, f"fetch failed ({e!r}) for {item.uri}")
+        except Exception as e:  # not a failure fetch foresaw: a bug, which no retry fixes
+            message = f"fetch failed ({e!r}) for {item.uri}"
+            return self._fail(run, item, ErrorKind.FETCH_BUG, message)
         run.add_times(fetch_decode_s=time.perf_counter() - t0)
         self._decode_pool.submit(self._decode_stage, run, item, data)
 
@@ -432,22 +408,46 @@ class Engine:
             p.encoded = p.image = None  # the batch's list holds the frame from here
         return images  # type: ignore[return-value]
 
+    def _forward_batch(self, ready: list[tuple[_Pending, torch.Tensor]]) -> list[list[Detection]]:
+        """Items that come with boxes (re-classification) skip the detector: only their crops
+        go through the classifiers. A batch may hold both kinds (chunks of several jobs)."""
+        assert self._forward is not None
+        out: list[list[Detection]] = [[] for _ in ready]
+        given = [i for i, (p, _) in enumerate(ready) if p.item.boxes is not None]
+        fresh = [i for i, (p, _) in enumerate(ready) if p.item.boxes is None]
+        if given:
+            boxes = [ready[i][0].item.boxes or () for i in given]
+            found = self._forward.classify_boxes([ready[i][1] for i in given], boxes)
+            for i, dets in zip(given, found, strict=True):
+                out[i] = dets
+        if fresh:
+            for i, dets in zip(fresh, self._forward([ready[i][1] for i in fresh]), strict=True):
+                out[i] = dets
+        return out
+
     def _detect_splitting(
         self, ready: list[tuple[_Pending, torch.Tensor]]
     ) -> list[list[Detection] | str]:
         """On any model failure (CUDA out-of-memory above all) halve the batch and retry, so
-        that only an item that fails alone is reported as the model's failure."""
+        that only an item that fails alone is reported as the model's failure.
+
+        The retry runs after the except block, never inside it: the exception's traceback holds
+        the failed attempt's frames and with them its activations, which would otherwise stay
+        allocated through empty_cache() and every nested retry, until images that fit alone
+        fail "out of memory on this image alone"."""
         if not ready:
             return []
         assert self._forward is not None
         try:
-            return list(self._forward([image for _, image in ready]))
+            return self._forward_batch(ready)
         except Exception as e:
-            if isinstance(e, torch.cuda.OutOfMemoryError) and self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            if len(ready) == 1:
-                kind = "out of memory" if isinstance(e, torch.cuda.OutOfMemoryError) else "failed"
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-                return [f"model {kind} on this image alone ({first}): {ready[0][0].item.uri}"]
-            mid = len(ready) // 2
-            return self._detect_splitting(ready[:mid]) + self._detect_splitting(ready[mid:])
+            out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        # Here the exception, its traceback and the attempt's tensors are gone.
+        if out_of_memory and self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(ready) == 1:
+            kind = "out of memory" if out_of_memory else "failed"
+            return [f"model {kind} on this image alone ({first}): {ready[0][0].item.uri}"]
+        mid = len(ready) // 2
+        return self._detect_splitting(ready[:mid]) + self._detect_splitting(ready[mid:])

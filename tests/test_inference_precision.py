@@ -49,6 +49,11 @@ def _pipeline(name: str) -> Pipeline:
     )
 
 
+def _forward(pipe: Pipeline, precision: str) -> BatchForward:
+    pipe.precision = precision
+    return BatchForward(pipe, ForwardOptions())
+
+
 def _raw_boxes(output: Any) -> torch.Tensor:
     detections = output[1] if isinstance(output, tuple) else output
     return detections[0]["boxes"]
@@ -65,7 +70,7 @@ def test_bf16_reaches_only_the_feature_extractor_of_every_registry_detector(name
     raw: dict[str, torch.Tensor] = {}
 
     def run(precision: str, hold_features: bool) -> torch.Tensor:
-        forward = BatchForward(pipe, ForwardOptions(precision=precision))
+        forward = _forward(pipe, precision)
         hooks = [forward.detector.register_forward_hook(
             lambda _m, _i, out: raw.__setitem__(precision, _raw_boxes(out))
         )]
@@ -123,8 +128,8 @@ def test_torchscript_detectors_run_wholly_in_float32() -> None:
     pipe = Pipeline(CPU, detector, _pipeline("constant_boxes").classifier, box_threshold=0.0)
     image = chw(structured_image(2048, 2048, seed=2))
     with torch.inference_mode():
-        reduced = BatchForward(pipe, ForwardOptions(precision="bf16")).detect([image])[0][0]
-        full = BatchForward(pipe, ForwardOptions(precision="fp32")).detect([image])[0][0]
+        reduced = _forward(pipe, "bf16").detect([image])[0][0]
+        full = _forward(pipe, "fp32").detect([image])[0][0]
     assert reduced.max() > 1000  # where bf16 would round to multiples of 8
     assert torch.equal(reduced, full)
 
@@ -133,7 +138,7 @@ def test_an_outer_autocast_does_not_reach_the_detector_heads() -> None:
     """Callers (benchmarks, a user's own loop) may call the forward under autocast; the heads
     still run in float32."""
     pipe = _pipeline("ssdlite320_mobilenet_v3_large")
-    forward = BatchForward(pipe, ForwardOptions(precision="fp32"))
+    forward = _forward(pipe, "fp32")
     seen: list[torch.dtype] = []
     hook = forward.detector.register_forward_hook(
         lambda _m, _i, o: seen.append(_raw_boxes(o).dtype)

@@ -1,0 +1,97 @@
+"""The device thread under model and device faults, every branch a CPU can reach: an OOM split
+frees the failed attempt before it retries; a sticky CUDA error fails its batch as retryable and
+marks the engine faulted; torch.compile is warmed up at start, and its failure stops the start."""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from inference.engine import Engine, EngineConfig
+from inference.fetch import FetchPolicy
+from inference.pipeline_spec import ModelSource
+from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline, Role
+from inference.types import WorkItem
+from tests.inference_fixtures import encode, structured_image
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 4, 3, stride=2)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+
+def _loaded(
+    module: nn.Module, role: Role, size: tuple[int, int], labels: tuple[str, ...]
+) -> LoadedModel:
+    spec = ModelSpec(f"test_{role}", role, "test", size, len(labels), None, mean=None, std=None)
+    source = ModelSource(spec.name, "", labels, size, None)
+    return LoadedModel(module.eval(), spec, source, len(labels))
+
+
+def pipeline_of(detector: nn.Module) -> Pipeline:
+    det = _loaded(detector, "detector", (64, 96), ("background", "insect"))
+    cls = _loaded(TinyNet(), "classifier", (16, 16), ("a", "b", "c"))
+    return Pipeline(CPU, det, cls, None, box_threshold=0.0)
+
+
+def engine_for(pipe: Pipeline, **config: object) -> Engine:
+    defaults: dict[str, object] = {
+        "fetch": FetchPolicy(pool_size=2),
+        "decode_threads": 1,
+        "batch_wait_ms": 200,
+    }
+    return Engine(pipe, EngineConfig(**{**defaults, **config}))  # type: ignore[arg-type]
+
+
+def jpegs(tmp_path: Path, n: int) -> list[WorkItem]:
+    items = []
+    for i in range(n):
+        path = tmp_path / f"{i}.jpg"
+        path.write_bytes(encode(structured_image(48, 32, seed=i)))
+        items.append(WorkItem(i, str(path)))
+    return items
+
+
+# OOM splitting
+
+
+class RemembersItsActivations(ConstantBoxes):
+    """Runs out of memory on batches over one image, holding a large activation in its frame as
+    a real forward does; on each later call it records whether any earlier attempt's activation
+    is still alive."""
+
+    def __init__(self) -> None:
+        super().__init__(boxes=2)
+        self.activations: list[weakref.ref[torch.Tensor]] = []
+        self.alive_at_retry: list[int] = []
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        self.alive_at_retry.append(sum(ref() is not None for ref in self.activations))
+        activation = torch.empty(len(images), 256, 256)
+        self.activations.append(weakref.ref(activation))
+        if len(images) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(images)
+
+
+def test_an_oom_split_frees_the_failed_attempt_before_each_retry(tmp_path: Path) -> None:
+    model = RemembersItsActivations()
+    with engine_for(pipeline_of(model), batch_size=4) as engine:
+        results = list(engine.run(jpegs(tmp_path, 4)))
+        stats = engine.stats()
+    assert stats["batches"] == 1  # one batch of 4, split 4 -> 2+2 -> 1+1+1+1
+    assert sorted(r.key for r in results) == [0, 1, 2, 3]
+    assert all(r.ok and len(r.detections) == 2 for r in results)
+    assert len(model.alive_at_retry) == 7 and model.alive_at_retry == [0] * 7
