@@ -50,7 +50,7 @@ def engine_for(pipe: Pipeline, **config: object) -> Engine:
     defaults: dict[str, object] = {
         "fetch": FetchPolicy(pool_size=2),
         "decode_threads": 1,
-        "batch_wait_ms": 200,
+        "batch_wait_ms": 2000,  # a batch closes early once full
     }
     return Engine(pipe, EngineConfig(**{**defaults, **config}))  # type: ignore[arg-type]
 
