@@ -4,6 +4,7 @@ input size: roi_align instead of a PIL crop, resize and copy per detection."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -33,23 +34,27 @@ def crop_and_resize(
     if not windowed:
         return _align(image.float(), boxes, size)
     out = torch.empty((boxes.shape[0], 3, *size), dtype=torch.float32, device=image.device)
-    shrinks = [min((b[2] - b[0]) / size[1], (b[3] - b[1]) / size[0]) / 2 for b in boxes.tolist()]
+    coords = boxes.tolist()  # a CPU tensor: read on the host, no device to wait for
+    shrinks = [min((b[2] - b[0]) / size[1], (b[3] - b[1]) / size[0]) / 2 for b in coords]
     small = [i for i, k in enumerate(shrinks) if k <= _SHRINK_ABOVE]
     if small:  # one roi_align for all of them: its CPU kernel runs the boxes in parallel
-        x0, y0, window = _window(image, boxes[small], _MARGIN)
+        x0, y0, window = _window(image, [coords[i] for i in small], _MARGIN)
         out[small] = _align(window.float(), boxes[small] - _offset(x0, y0, image.device), size)
     for i, k in enumerate(shrinks):
         if k > _SHRINK_ABOVE:
-            out[i] = _shrunk_crop(image, boxes[i : i + 1], k, size)[0]
+            out[i] = _shrunk_crop(image, boxes[i : i + 1], coords[i], k, size)[0]
     return out
 
 
-def _window(image: torch.Tensor, boxes: torch.Tensor, margin: int) -> tuple[int, int, torch.Tensor]:
+def _window(
+    image: torch.Tensor, coords: list[list[float]], margin: int
+) -> tuple[int, int, torch.Tensor]:
+    """The part of the image that boxes (host coordinates) and their margin touch."""
     h, w = image.shape[-2:]
-    x0 = max(0, math.floor(boxes[:, 0].min().item()) - margin)
-    y0 = max(0, math.floor(boxes[:, 1].min().item()) - margin)
-    x1 = min(w, math.ceil(boxes[:, 2].max().item()) + margin)
-    y1 = min(h, math.ceil(boxes[:, 3].max().item()) + margin)
+    x0 = max(0, math.floor(min(b[0] for b in coords)) - margin)
+    y0 = max(0, math.floor(min(b[1] for b in coords)) - margin)
+    x1 = min(w, math.ceil(max(b[2] for b in coords)) + margin)
+    y1 = min(h, math.ceil(max(b[3] for b in coords)) + margin)
     return x0, y0, image[:, y0:y1, x0:x1]
 
 
@@ -58,12 +63,16 @@ def _offset(x0: float, y0: float, device: torch.device) -> torch.Tensor:
 
 
 def _shrunk_crop(
-    image: torch.Tensor, box: torch.Tensor, shrink: float, size: tuple[int, int]
+    image: torch.Tensor,
+    box: torch.Tensor,
+    coords: list[float],
+    shrink: float,
+    size: tuple[int, int],
 ) -> torch.Tensor:
     """A big box's window is first shrunk (uint8 antialiased resize, fast on a CPU) to about
     twice the output size, so that roi_align averages ~2x2 samples per bin: adaptive sampling
     of a 2000 px box straight to 224 px costs 0.4 s on a CPU."""
-    x0, y0, window = _window(image, box, math.ceil(_MARGIN * shrink))
+    x0, y0, window = _window(image, [coords], math.ceil(_MARGIN * shrink))
     wh, ww = window.shape[-2:]
     nh, nw = max(1, round(wh / shrink)), max(1, round(ww / shrink))
     window = F.interpolate(
@@ -86,13 +95,14 @@ def _align(image: torch.Tensor, boxes: torch.Tensor, size: tuple[int, int]) -> t
 
 def normalize(
     crops: torch.Tensor,
-    mean: tuple[float, float, float] | None,
-    std: tuple[float, float, float] | None,
+    mean: Sequence[float] | torch.Tensor | None,
+    std: Sequence[float] | torch.Tensor | None,
 ) -> torch.Tensor:
-    """0..255 crops to the classifier's input distribution, channels_last for faster convs."""
+    """0..255 crops to the classifier's input distribution, channels_last for faster convs.
+    Pass mean and std as tensors on the crops' device to spare a host-to-device copy."""
     x = crops / 255.0
     if mean is not None and std is not None:
-        m = torch.tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
-        s = torch.tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        m = torch.as_tensor(mean, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+        s = torch.as_tensor(std, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
         x = (x - m) / s
     return x.contiguous(memory_format=torch.channels_last)

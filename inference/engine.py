@@ -19,7 +19,7 @@ import torch
 
 from inference.decode import Header, decode, decode_jpegs_on_device, read_header
 from inference.fetch import Fetcher, FetchPolicy
-from inference.forward import BatchForward, ForwardOptions
+from inference.forward import BatchForward, ForwardOptions, LaunchedImage
 from inference.inflight import InFlight
 from inference.registry import Pipeline
 from inference.types import Detection, ErrorKind, ItemFailure, ItemResult, WorkItem
@@ -168,6 +168,7 @@ class Engine:
         self._queue: queue.Queue[_Pending | None] = queue.Queue(self.config.max_images_in_flight)
         self._fetch_pool: ThreadPoolExecutor
         self._decode_pool: ThreadPoolExecutor
+        self._assemble_pool: ThreadPoolExecutor  # results to objects, off the device thread
         self._thread: threading.Thread | None = None
         self._gpu_decode = self.config.gpu_decode and self.device.type == "cuda"
         self._stats_lock = threading.Lock()
@@ -182,6 +183,7 @@ class Engine:
         self._forward = BatchForward(self.pipeline, self.config.forward)
         self._fetch_pool = ThreadPoolExecutor(self.config.fetch.pool_size, "trapq-fetch")
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, "trapq-decode")
+        self._assemble_pool = ThreadPoolExecutor(1, "trapq-assemble")
         self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="trapq-engine", daemon=True)
         self._thread.start()
@@ -200,6 +202,7 @@ class Engine:
         self._decode_pool.shutdown(wait=True, cancel_futures=False)
         self._queue.put(None)
         self._thread.join()
+        self._assemble_pool.shutdown(wait=True, cancel_futures=False)
         self._thread = None
 
     def __enter__(self) -> Engine:
@@ -360,8 +363,25 @@ class Engine:
             self._batches += 1
             self._images += len(batch)
         share = elapsed / max(1, len(batch))
-        for pending, (w, h), outcome in zip(done, sizes, outcomes, strict=True):
+        for pending in done:
             pending.run.add_times(gpu_s=share)
+        self._assemble_pool.submit(self._deliver, done, sizes, outcomes)
+
+    def _deliver(
+        self,
+        done: list[_Pending],
+        sizes: list[tuple[int, int]],
+        outcomes: list[list[Detection] | LaunchedImage | str],
+    ) -> None:
+        """On the assembly thread: waits for a launched batch's results, turns them into
+        Detection objects and hands each item its result, while the device thread launches the
+        next batch. A device fault that surfaces only here fails the batch's items."""
+        for pending, (w, h), outcome in zip(done, sizes, outcomes, strict=True):
+            if isinstance(outcome, LaunchedImage):
+                try:
+                    outcome = outcome.detections()
+                except Exception as e:
+                    outcome = f"engine failed on this batch ({type(e).__name__}: {e})"[:300]
             if isinstance(outcome, str):
                 self._settle(pending, ErrorKind.MODEL, outcome, (w, h))
                 continue
@@ -408,11 +428,13 @@ class Engine:
             p.encoded = p.image = None  # the batch's list holds the frame from here
         return images  # type: ignore[return-value]
 
-    def _forward_batch(self, ready: list[tuple[_Pending, torch.Tensor]]) -> list[list[Detection]]:
+    def _forward_batch(
+        self, ready: list[tuple[_Pending, torch.Tensor]]
+    ) -> list[list[Detection] | LaunchedImage]:
         """Items that come with boxes (re-classification) skip the detector: only their crops
         go through the classifiers. A batch may hold both kinds (chunks of several jobs)."""
         assert self._forward is not None
-        out: list[list[Detection]] = [[] for _ in ready]
+        out: list[list[Detection] | LaunchedImage] = [[] for _ in ready]
         given = [i for i, (p, _) in enumerate(ready) if p.item.boxes is not None]
         fresh = [i for i, (p, _) in enumerate(ready) if p.item.boxes is None]
         if given:
@@ -421,13 +443,14 @@ class Engine:
             for i, dets in zip(given, found, strict=True):
                 out[i] = dets
         if fresh:
-            for i, dets in zip(fresh, self._forward([ready[i][1] for i in fresh]), strict=True):
-                out[i] = dets
+            launched = self._forward.launch([ready[i][1] for i in fresh])
+            for i, image in zip(fresh, launched.per_image(), strict=True):
+                out[i] = image
         return out
 
     def _detect_splitting(
         self, ready: list[tuple[_Pending, torch.Tensor]]
-    ) -> list[list[Detection] | str]:
+    ) -> list[list[Detection] | LaunchedImage | str]:
         """On any model failure (CUDA out-of-memory above all) halve the batch and retry, so
         that only an item that fails alone is reported as the model's failure.
 

@@ -7,9 +7,10 @@ Kept apart from the engine's threads and queues so that the numerics can be test
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,9 @@ class BatchForward:
         self.detector = pipeline.detector.module
         self.classifier = pipeline.classifier.module
         self.filter = pipeline.filter.module if pipeline.filter else None
+        self._norms: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self._names: dict[tuple[str, int], list[str]] = {}
+        self._negatives: dict[tuple[str, int], torch.Tensor] = {}
         # Only a torchvision-style `backbone` runs in reduced precision; a detector without one
         # (TorchScript, constant_boxes) runs wholly in float32.
         backbone = getattr(self.detector, "backbone", None)
@@ -84,14 +88,37 @@ class BatchForward:
 
     def __call__(self, images: list[torch.Tensor]) -> list[list[Detection]]:
         """uint8 (3, H, W) images on the device -> detections in their own pixels."""
+        return self.launch(images).detections()
+
+    def launch(self, images: list[torch.Tensor]) -> Launched:
+        """Queues a batch's work on the device and returns before its results exist.
+
+        Per batch, whatever the number of images and boxes, this waits on the device once to
+        route crops past the threshold (one nonzero) and once more with a filter (which crops
+        the second classifier gets); everything else is tensor ops, and the results come back
+        in one non-blocking copy (detections() reads them). Every box the detector returned is
+        cropped and the threshold picks the crops to classify, so the crops of boxes below it
+        are wasted: registry detectors apply the threshold themselves (threshold_kwarg), so
+        there are none, while a per-image count of kept boxes would cost a sync per image.
+        """
         with torch.inference_mode():
-            boxes, scores, labels = self.detect(images)
+            found = self._detect(images)
+            kept = found.keep.nonzero().flatten()
+            size = self.pipeline.classifier.spec.input_size
             crops = [
-                crop_and_resize(img, b, self.pipeline.classifier.spec.input_size)
-                for img, b in zip(images, boxes, strict=True)
+                crop_and_resize(img, found.boxes[start:stop], size)
+                for img, (start, stop) in zip(images, found.spans(), strict=True)
             ]
-            classes = self.classify(torch.cat(crops)) if crops else []
-        return self._assemble(boxes, scores, labels, classes)
+            n = found.boxes.shape[0]
+            blocks, layout = self._route(torch.cat(crops).index_select(0, kept), kept, n)
+            head = [
+                found.keep[:, None].float(),
+                found.boxes,
+                found.scores[:, None],
+                found.labels[:, None].float(),
+            ]
+            rows, ready = _to_host(torch.cat([*head, *blocks], dim=1))
+        return Launched(rows, found.counts, ready, self.pipeline.detector, layout)
 
     def classify_boxes(
         self, images: list[torch.Tensor], given: list[Sequence[Detection]]
@@ -124,11 +151,25 @@ class BatchForward:
     def detect(
         self, images: list[torch.Tensor]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """Per image: boxes in its own pixels, scores and labels above the threshold. Boolean
+        indexing syncs once per image: for callers that want tensors (precision checks); the
+        engine's path is launch()."""
+        found = self._detect(images)
+        boxes, scores, labels = [], [], []
+        for start, stop in found.spans():
+            keep = found.keep[start:stop]
+            boxes.append(found.boxes[start:stop][keep])
+            scores.append(found.scores[start:stop][keep])
+            labels.append(found.labels[start:stop][keep])
+        return boxes, scores, labels
+
+    def _detect(self, images: list[torch.Tensor]) -> _Found:
         """Resizes on the device (antialiased; in uint8 on a CPU, 15x faster there than in float)
-        so 4K frames never reach the model's own transform at full size, then scales each box
-        back by its image's own factors."""
+        so 4K frames never reach the model's own transform at full size, then maps every box
+        back to its image's pixels: the per-image factors and limits travel to the device in
+        one copy and are spread over the boxes there. The threshold is a mask, not a filter."""
         spec = self.pipeline.detector.spec
-        inputs, factors = [], []
+        inputs, table = [], []
         for img in images:
             h, w = img.shape[-2:]
             lo, hi = spec.input_size
@@ -140,93 +181,270 @@ class BatchForward:
             if (nh, nw) != (h, w):
                 x = F.interpolate(x, size=(nh, nw), mode="bilinear", antialias=True)
             inputs.append(x[0].float().div_(255.0))
-            factors.append(torch.tensor([w / nw, h / nh, w / nw, h / nh], device=img.device))
+            table.append([w / nw, h / nh, w / nw, h / nh, w, h, w, h])
         with torch.autocast(self.device.type, enabled=False):  # heads, decoding, NMS: fp32
             outputs = self.detector(inputs)
         if isinstance(outputs, tuple):  # scripted torchvision detectors return (losses, detections)
             outputs = outputs[1]
-        boxes, scores, labels = [], [], []
-        threshold = self.pipeline.box_threshold
-        for img, out, f in zip(images, outputs, factors, strict=True):
-            keep = out["scores"] >= threshold
-            h, w = img.shape[-2:]
-            b = out["boxes"][keep].float() * f
-            b[:, 0::2] = b[:, 0::2].clamp(0, w)
-            b[:, 1::2] = b[:, 1::2].clamp(0, h)
-            boxes.append(b)
-            scores.append(out["scores"][keep].float())
-            labels.append(out["labels"][keep])
-        return boxes, scores, labels
+        counts = [int(out["boxes"].shape[0]) for out in outputs]  # shapes: known on the host
+        for row, count in zip(table, counts, strict=True):
+            row.append(count)
+        per_image = _to_device(torch.tensor(table, dtype=torch.float32), self.device)
+        per_box = per_image[:, :8].repeat_interleave(
+            per_image[:, 8].long(), dim=0, output_size=sum(counts)
+        )
+        boxes = torch.cat([out["boxes"] for out in outputs]).float() * per_box[:, :4]
+        boxes = torch.minimum(boxes.clamp(min=0), per_box[:, 4:])
+        scores = torch.cat([out["scores"] for out in outputs]).float()
+        labels = torch.cat([out["labels"] for out in outputs])
+        return _Found(boxes, scores, labels, scores >= self.pipeline.box_threshold, counts)
 
     def classify(self, crops: torch.Tensor) -> list[list[Classification]]:
-        """All crops of the batch in as few forwards as crop_batch_size allows; crops the filter
-        calls negative skip the second classifier."""
+        """Each crop's classifications, read back at once (a sync): for callers that need
+        them now; the engine's path is launch()."""
         n = crops.shape[0]
         if n == 0:
             return []
-        results: list[list[Classification]] = [[] for _ in range(n)]
-        positive = torch.ones(n, dtype=torch.bool, device=crops.device)
+        with torch.inference_mode():
+            rows = torch.arange(n, device=crops.device)
+            blocks, layout = self._route(crops, rows, n)
+            host = torch.cat(blocks, dim=1).cpu().tolist()
+        return [layout.classifications(row, 0) for row in host]
+
+    def _route(
+        self, crops: torch.Tensor, rows: torch.Tensor, n: int
+    ) -> tuple[list[torch.Tensor], _Layout]:
+        """Classifier outputs scattered into n result rows (crop i belongs to row rows[i]).
+        Crops the filter calls negative skip the second classifier: one nonzero picks the
+        others, made even when there is nothing to pick, so a batch's syncs stay constant."""
+        blocks: list[torch.Tensor] = []
+        layout = _Layout()
         if self.filter is not None and self.pipeline.filter is not None:
             model = self.pipeline.filter
-            probs = self._probabilities(self.filter, model, crops)
-            for i, c in enumerate(self._top_k(probs, model)):
-                results[i].append(c)
-                positive[i] = c.label != self.pipeline.filter_negative_label
-        index = positive.nonzero().flatten()
-        if index.numel():
-            model = self.pipeline.classifier
-            probs = self._probabilities(self.classifier, model, crops[index])
-            for i, c in zip(index.tolist(), self._top_k(probs, model), strict=True):
-                results[i].append(c)
-        return results
+            top = self._top_k(self.filter, model, crops)
+            names = self.names(model, top[2]) if top else []
+            blocks.append(layout.add(model.spec.name, names, top, rows, n))
+            if top is None:
+                positive = torch.zeros(0, dtype=torch.bool, device=crops.device)
+            else:
+                negative = self._negative(model, top[2])
+                positive = negative.index_select(0, top[1][:, 0]).logical_not()
+            pick = positive.nonzero().flatten()
+            crops, rows = crops.index_select(0, pick), rows.index_select(0, pick)
+        model = self.pipeline.classifier
+        top = self._top_k(self.classifier, model, crops)
+        names = self.names(model, top[2]) if top else []
+        blocks.append(layout.add(model.spec.name, names, top, rows, n))
+        return blocks, layout
+
+    def _top_k(
+        self, module: nn.Module, model: LoadedModel, crops: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """Top-k probabilities and class indices, and the class count; None for no crops (the
+        model never sees an empty batch)."""
+        if crops.shape[0] == 0:
+            return None
+        probs = self._probabilities(module, model, crops)
+        values, indices = probs.topk(min(self.pipeline.top_k, probs.shape[1]), dim=1)
+        return values, indices, probs.shape[1]
 
     def _probabilities(
         self, module: nn.Module, model: LoadedModel, crops: torch.Tensor
     ) -> torch.Tensor:
         out = []
         step = self.options.crop_batch_size
+        mean, std = self._normalization(model)
         for start in range(0, crops.shape[0], step):
-            x = normalize(crops[start : start + step], model.spec.mean, model.spec.std)
+            x = normalize(crops[start : start + step], mean, std)
             with self._autocast():
                 logits = module(x)
             out.append(logits.float().softmax(dim=1))
         return torch.cat(out)
 
-    def _top_k(self, probs: torch.Tensor, model: LoadedModel) -> list[Classification]:
-        k = min(self.pipeline.top_k, probs.shape[1])
-        values, indices = probs.topk(k, dim=1)
-        rows = []
-        for vs, ix in zip(values.tolist(), indices.tolist(), strict=True):
-            topk = [(model.label(i), v) for i, v in zip(ix, vs, strict=True)]
-            rows.append(Classification(model.spec.name, topk[0][0], topk[0][1], topk))
-        return rows
+    def _normalization(self, model: LoadedModel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The model's mean and std on the device, copied there once, not per batch."""
+        name = model.spec.name
+        if name not in self._norms:
+            spec = model.spec
+            self._norms[name] = (
+                None if spec.mean is None else torch.tensor(spec.mean, device=self.device),
+                None if spec.std is None else torch.tensor(spec.std, device=self.device),
+            )
+        return self._norms[name]
 
-    def _assemble(
-        self,
-        boxes: list[torch.Tensor],
-        scores: list[torch.Tensor],
-        labels: list[torch.Tensor],
-        classes: list[list[Classification]],
-    ) -> list[list[Detection]]:
-        det = self.pipeline.detector
-        out: list[list[Detection]] = []
-        offset = 0
-        for b, s, lab in zip(boxes, scores, labels, strict=True):
-            items = []
-            for box, score, label in zip(b.tolist(), s.tolist(), lab.tolist(), strict=True):
-                items.append(
-                    Detection(
-                        *box,
-                        score=score,
-                        label=det.label(int(label)),
-                        classifications=classes[offset] if classes else [],
-                    )
-                )
-                offset += 1
-            out.append(items)
-        return out
+    def names(self, model: LoadedModel, classes: int) -> list[str]:
+        """The model's label of each class index, looked up once."""
+        key = (model.spec.name, classes)
+        if key not in self._names:
+            self._names[key] = [model.label(i) for i in range(classes)]
+        return self._names[key]
+
+    def _negative(self, model: LoadedModel, classes: int) -> torch.Tensor:
+        """Per class index of the filter: is it the negative label? On the device, made once."""
+        key = (model.spec.name, classes)
+        if key not in self._negatives:
+            negative = self.pipeline.filter_negative_label
+            flags = [name == negative for name in self.names(model, classes)]
+            self._negatives[key] = torch.tensor(flags, device=self.device)
+        return self._negatives[key]
 
     def _autocast(self) -> contextlib.AbstractContextManager[None]:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
+
+
+@dataclass
+class _Found:
+    """Every box the detector returned for a batch, concatenated, in original pixels."""
+
+    boxes: torch.Tensor  # (N, 4) float
+    scores: torch.Tensor  # (N,) float
+    labels: torch.Tensor  # (N,) int
+    keep: torch.Tensor  # (N,) bool: at or above the box threshold
+    counts: list[int]  # boxes per image, in order
+
+    def spans(self) -> list[tuple[int, int]]:
+        ends = list(itertools.accumulate(self.counts))
+        return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+@dataclass(frozen=True)
+class _Block:
+    classifier: str
+    names: list[str]  # label of each class index
+    k: int  # top-k columns; 0 where the classifier ran on no crop of the batch
+
+
+@dataclass
+class _Layout:
+    """Where each classifier's outputs sit in a result row: per classifier, a flag (it ran on
+    this row's crop), k probabilities, then k class indices."""
+
+    blocks: list[_Block] = field(default_factory=list)
+
+    def add(
+        self,
+        classifier: str,
+        names: list[str],
+        top: tuple[torch.Tensor, torch.Tensor, int] | None,
+        rows: torch.Tensor,
+        n: int,
+    ) -> torch.Tensor:
+        """The classifier's (n, 1 + 2k) columns, its results scattered to their rows."""
+        if top is None:
+            self.blocks.append(_Block(classifier, names, 0))
+            return torch.zeros((n, 1), device=rows.device)
+        values, indices, _ = top
+        k = values.shape[1]
+        self.blocks.append(_Block(classifier, names, k))
+        src = torch.cat([torch.ones_like(values[:, :1]), values, indices.float()], dim=1)
+        return torch.zeros((n, 1 + 2 * k), device=rows.device).index_copy_(0, rows, src)
+
+    def classifications(self, row: list[float], col: int) -> list[Classification]:
+        """A result row's classifications, its classifier columns starting at `col`."""
+        out = []
+        for block in self.blocks:
+            k = block.k
+            if k and row[col]:
+                values, indices = row[col + 1 : col + 1 + k], row[col + 1 + k : col + 1 + 2 * k]
+                topk = [(block.names[int(i)], v) for i, v in zip(indices, values, strict=True)]
+                out.append(Classification(block.classifier, topk[0][0], topk[0][1], topk))
+            col += 1 + 2 * k
+        return out
+
+
+class Launched:
+    """A batch whose work is queued on the device and whose results land in host memory: one
+    row per detector box (kept flag, box, score, label, then the classifiers' columns).
+
+    detections() waits for the copy and builds the Detection objects, on whichever thread
+    calls it: the engine calls it off its device thread, so a batch's Python work never
+    delays the next batch's launch.
+    """
+
+    def __init__(
+        self,
+        rows: torch.Tensor,
+        counts: list[int],
+        ready: torch.cuda.Event | None,
+        detector: LoadedModel,
+        layout: _Layout,
+    ) -> None:
+        self._rows = rows
+        self._counts = counts
+        self._ready = ready
+        self._detector = detector
+        self._layout = layout
+        self._built: list[list[Detection]] | None = None
+
+    def per_image(self) -> list[LaunchedImage]:
+        return [LaunchedImage(self, i) for i in range(len(self._counts))]
+
+    def detections(self) -> list[list[Detection]]:
+        """Per image, its detections above the threshold; built once, on the first call."""
+        if self._built is None:
+            if self._ready is not None:
+                self._ready.synchronize()
+            self._built = self._build()
+        return self._built
+
+    def _build(self) -> list[list[Detection]]:
+        rows = self._rows.tolist()  # one conversion for the batch, never a value at a time
+        labels: dict[int, str] = {}
+        out: list[list[Detection]] = []
+        start = 0
+        for count in self._counts:
+            items = []
+            for row in rows[start : start + count]:
+                if not row[0]:
+                    continue
+                index = int(row[6])
+                if index not in labels:
+                    labels[index] = self._detector.label(index)
+                items.append(
+                    Detection(
+                        row[1],
+                        row[2],
+                        row[3],
+                        row[4],
+                        score=row[5],
+                        label=labels[index],
+                        classifications=self._layout.classifications(row, 7),
+                    )
+                )
+            out.append(items)
+            start += count
+        return out
+
+
+@dataclass(frozen=True)
+class LaunchedImage:
+    """One image's share of a launched batch."""
+
+    batch: Launched
+    index: int
+
+    def detections(self) -> list[Detection]:
+        return self.batch.detections()[self.index]
+
+
+def _to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor to the device without waiting for the device (pinned on CUDA)."""
+    if device.type == "cuda":
+        return values.pin_memory().to(device, non_blocking=True)
+    return values.to(device)
+
+
+def _to_host(rows: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A batch's results to the host in one copy; on CUDA a non-blocking one into pinned
+    memory, with an event to wait on before reading it."""
+    if rows.device.type == "cpu":
+        return rows, None
+    if rows.device.type != "cuda":
+        return rows.cpu(), None
+    host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+    host.copy_(rows, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record(torch.cuda.current_stream(rows.device))
+    return host, ready
