@@ -91,14 +91,16 @@ def bench_writes(engine: Engine, uris: list[str], batch: int) -> WriteFigures:
     steps: dict[str, float] = defaultdict(float)
     n_det = 0
     for chunk_results, chunk_copy in zip(via_results.chunk_ids, via_copy.chunk_ids, strict=True):
-        claim_chunk(factory, chunk_results, worker="bench", retries=0, max_deliveries=5)
-        results = [ItemResult(i.capture_id, i.uri, 256, 192, dets)
-                   for i in pending_items(factory, chunk_results)]
+        with factory.begin() as s:
+            claim_chunk(s, chunk_results, worker="bench", retries=0, max_deliveries=5)
+            results = [ItemResult(i.capture_id, i.uri, 256, 192, dets)
+                       for i in pending_items(s, chunk_results)]
+            keys = [i.capture_id for i in pending_items(s, chunk_copy)]
         with _timed_statements(engine, steps):
             t0 = time.perf_counter()
-            n_det += write_results(factory, via_results.job_id, results).detections
+            with factory.begin() as s:
+                n_det += write_results(s, via_results.job_id, results).detections
             write_s += time.perf_counter() - t0
-        keys = [i.capture_id for i in pending_items(factory, chunk_copy)]
         t0 = time.perf_counter()
         first_id = _raw_copy(engine, via_copy.job_id, keys, dets, first_id)
         copy_s += time.perf_counter() - t0

@@ -1,6 +1,7 @@
 """What a worker does to the job store: claim a chunk, write results exactly once, end it.
 
-Every function here runs its own transaction, so a crash between two calls leaves the store
+Every function takes a Session, and the caller runs each call in a transaction of its
+own (`with sessions.begin() as s:`), so a crash between two calls leaves the store
 consistent: a capture's detections, classifications and its work item's state change
 together, and a redelivered chunk only sees the captures still pending.
 
@@ -17,10 +18,11 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, func, insert, select, text, update
+from sqlalchemy import bindparam, delete, insert, select, text, update
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
+from db.counts import chunk_item_counts, chunk_states
 from db.models import Capture, Chunk, Classification, Detection, Job, JobCapture
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState, JobState
 
@@ -80,7 +82,8 @@ class Claim:
     n_done: int = 0
     n_failed: int = 0
     deliveries: int = 0
-    pipeline: dict[str, Any] | None = None  # the models the job was enqueued for
+    pipeline: dict[str, Any] | None = None  # the job's PipelineSpec.to_dict()
+    fingerprint: str | None = None  # its fingerprint; None for jobs from before revision 0002
     boxes_from_job_id: int | None = None  # re-classification: the job whose boxes it reuses
 
 
@@ -103,7 +106,7 @@ def now() -> datetime:
 
 
 def claim_chunk(
-    factory: sessionmaker[Session],
+    s: Session,
     chunk_id: int,
     *,
     worker: str,
@@ -117,89 +120,87 @@ def claim_chunk(
     never ended, e.g. a chunk that kills its worker by running out of memory. Past
     `max_deliveries` of those the chunk is failed for good instead of looping forever.
     """
-    with factory.begin() as s:
-        row = s.execute(
-            select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items)
-            .where(Chunk.id == chunk_id)
-            .with_for_update()
-        ).first()
-        if row is None:
-            return Claim(Outcome.SKIP, chunk_id)
-        job_id, state, deliveries, n_items = row
-        if state in CHUNK_ENDED:
-            return Claim(Outcome.SKIP, chunk_id, job_id, state, n_items, deliveries=deliveries)
-        deliveries += 1
-        at = now()
-        if deliveries - retries > max_deliveries:
-            error = (
-                f"delivered {deliveries} times without finishing (last on {worker}); "
-                "its worker probably died on it (out of memory?)"
-            )
-            s.execute(
-                update(chunks_t)
-                .where(chunks_t.c.id == chunk_id)
-                .values(deliveries=deliveries, worker=worker, heartbeat_at=at)
-            )
-            _fail_chunk(s, chunk_id, job_id, error)
-            return Claim(Outcome.EXHAUSTED, chunk_id, job_id, ChunkState.FAILED.value, n_items,
-                         deliveries=deliveries)
+    row = s.execute(
+        select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items)
+        .where(Chunk.id == chunk_id)
+        .with_for_update()
+    ).first()
+    if row is None:
+        return Claim(Outcome.SKIP, chunk_id)
+    job_id, state, deliveries, n_items = row
+    if state in CHUNK_ENDED:
+        return Claim(Outcome.SKIP, chunk_id, job_id, state, n_items, deliveries=deliveries)
+    deliveries += 1
+    at = now()
+    if deliveries - retries > max_deliveries:
+        error = (
+            f"delivered {deliveries} times without finishing (last on {worker}); "
+            "its worker probably died on it (out of memory?)"
+        )
         s.execute(
             update(chunks_t)
             .where(chunks_t.c.id == chunk_id)
-            .values(
-                state=ChunkState.RUNNING.value,
-                worker=worker,
-                started_at=at,
-                heartbeat_at=at,
-                finished_at=None,
-                attempts=chunks_t.c.attempts + 1,
-                deliveries=deliveries,
-            )
+            .values(deliveries=deliveries, worker=worker, heartbeat_at=at)
         )
-        s.execute(
-            update(jobs_t)
-            .where(jobs_t.c.id == job_id, jobs_t.c.started_at.is_(None))
-            .values(started_at=at)
-        )
-        s.execute(
-            update(jobs_t)
-            .where(jobs_t.c.id == job_id, jobs_t.c.state == JobState.PENDING.value)
-            .values(state=JobState.RUNNING.value)
-        )
-        counts = _item_counts(s, chunk_id)
-        pipeline, boxes_from = s.execute(
-            select(Job.pipeline, Job.boxes_from_job_id).where(Job.id == job_id)
-        ).one()
-        return Claim(
-            Outcome.RUN,
-            chunk_id,
-            job_id,
-            ChunkState.RUNNING.value,
-            n_items,
-            n_done=counts.get(ItemState.DONE.value, 0),
-            n_failed=counts.get(ItemState.FAILED.value, 0),
+        _fail_chunk(s, chunk_id, job_id, error)
+        return Claim(Outcome.EXHAUSTED, chunk_id, job_id, ChunkState.FAILED.value, n_items,
+                     deliveries=deliveries)
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id)
+        .values(
+            state=ChunkState.RUNNING.value,
+            worker=worker,
+            started_at=at,
+            heartbeat_at=at,
+            finished_at=None,
+            attempts=chunks_t.c.attempts + 1,
             deliveries=deliveries,
-            pipeline=pipeline,
-            boxes_from_job_id=boxes_from,
         )
+    )
+    s.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id == job_id, jobs_t.c.started_at.is_(None))
+        .values(started_at=at)
+    )
+    s.execute(
+        update(jobs_t)
+        .where(jobs_t.c.id == job_id, jobs_t.c.state == JobState.PENDING.value)
+        .values(state=JobState.RUNNING.value)
+    )
+    counts = chunk_item_counts(s, chunk_id)
+    pipeline, fingerprint, boxes_from = s.execute(
+        select(Job.pipeline, Job.fingerprint, Job.boxes_from_job_id).where(Job.id == job_id)
+    ).one()
+    return Claim(
+        Outcome.RUN,
+        chunk_id,
+        job_id,
+        ChunkState.RUNNING.value,
+        n_items,
+        n_done=counts.done,
+        n_failed=counts.failed,
+        deliveries=deliveries,
+        pipeline=pipeline,
+        fingerprint=fingerprint,
+        boxes_from_job_id=boxes_from,
+    )
 
 
-def pending_items(factory: sessionmaker[Session], chunk_id: int) -> list[PendingItem]:
+def pending_items(s: Session, chunk_id: int) -> list[PendingItem]:
     """The chunk's captures still pending, in capture order: a redelivery skips what is done."""
-    with factory() as s:
-        rows = s.execute(
-            select(JobCapture.capture_id, Capture.uri)
-            .join(Capture, Capture.id == JobCapture.capture_id)
-            .where(JobCapture.chunk_id == chunk_id, JobCapture.state == ItemState.PENDING.value)
-            .order_by(JobCapture.capture_id)
-        )
-        return [PendingItem(cid, uri) for cid, uri in rows]
+    rows = s.execute(
+        select(JobCapture.capture_id, Capture.uri)
+        .join(Capture, Capture.id == JobCapture.capture_id)
+        .where(JobCapture.chunk_id == chunk_id, JobCapture.state == ItemState.PENDING.value)
+        .order_by(JobCapture.capture_id)
+    )
+    return [PendingItem(cid, uri) for cid, uri in rows]
 
 
-def write_results(
-    factory: sessionmaker[Session], job_id: int, results: Sequence[ResultLike]
-) -> WriteCounts:
-    """Write a batch of captures' results and mark their work items, in one transaction.
+def write_results(s: Session, job_id: int, results: Sequence[ResultLike]) -> WriteCounts:
+    """Write a batch of captures' results and mark their work items, in the caller's
+    transaction: one per batch, committed before the next.
 
     Only items still pending are written: they are locked first, in capture order (so a
     second delivery of the chunk waits here, then skips them, and two never deadlock). A
@@ -212,60 +213,59 @@ def write_results(
         return WriteCounts(0, 0, 0, 0)
     by_key = {r.key: r for r in results}
     at = now()
-    with factory.begin() as s:
-        jc = items_t.c
-        locked = s.execute(
-            select(jc.capture_id, jc.attempts)
-            .where(
-                jc.job_id == job_id,
-                jc.capture_id.in_(list(by_key)),
-                jc.state == ItemState.PENDING.value,
+    jc = items_t.c
+    locked = s.execute(
+        select(jc.capture_id, jc.attempts)
+        .where(
+            jc.job_id == job_id,
+            jc.capture_id.in_(list(by_key)),
+            jc.state == ItemState.PENDING.value,
+        )
+        .order_by(jc.capture_id)
+        .with_for_update()
+    ).all()
+    todo = [by_key[cid] for cid, _ in locked]
+    conn = s.connection()
+    written_before = [cid for cid, attempts in locked if attempts]
+    if written_before:
+        conn.execute(
+            delete(detections_t).where(
+                detections_t.c.job_id == job_id, detections_t.c.capture_id.in_(written_before)
             )
-            .order_by(jc.capture_id)
-            .with_for_update()
-        ).all()
-        todo = [by_key[cid] for cid, _ in locked]
-        conn = s.connection()
-        written_before = [cid for cid, attempts in locked if attempts]
-        if written_before:
-            conn.execute(
-                delete(detections_t).where(
-                    detections_t.c.job_id == job_id, detections_t.c.capture_id.in_(written_before)
-                )
+        )
+    ok = [r for r in todo if r.error_kind is None]
+    failed = [r for r in todo if r.error_kind is not None]
+    n_det = _insert_detections(conn, job_id, ok)
+    _record_sizes(conn, todo)
+    done = [r.key for r in ok]
+    if done:
+        conn.execute(
+            update(items_t)
+            .where(jc.job_id == job_id, jc.capture_id.in_(done))
+            .values(
+                state=ItemState.DONE.value,
+                attempts=jc.attempts + 1,
+                error_kind=None,
+                error=None,
+                finished_at=at,
             )
-        ok = [r for r in todo if r.error_kind is None]
-        failed = [r for r in todo if r.error_kind is not None]
-        n_det = _insert_detections(conn, job_id, ok)
-        _record_sizes(conn, todo)
-        done = [r.key for r in ok]
-        if done:
-            conn.execute(
-                update(items_t)
-                .where(jc.job_id == job_id, jc.capture_id.in_(done))
-                .values(
-                    state=ItemState.DONE.value,
-                    attempts=jc.attempts + 1,
-                    error_kind=None,
-                    error=None,
-                    finished_at=at,
-                )
-            )
-        if failed:
-            conn.execute(
-                update(items_t)
-                .where(jc.job_id == job_id, jc.capture_id == bindparam("cid"))
-                .values(
-                    state=ItemState.FAILED.value,
-                    attempts=jc.attempts + 1,
-                    error_kind=bindparam("kind"),
-                    error=bindparam("err"),
-                    finished_at=at,
-                ),
-                [
-                    {"cid": r.key, "kind": str(r.error_kind), "err": r.error or str(r.error_kind)}
-                    for r in failed
-                ],
-            )
+        )
+    if failed:
+        conn.execute(
+            update(items_t)
+            .where(jc.job_id == job_id, jc.capture_id == bindparam("cid"))
+            .values(
+                state=ItemState.FAILED.value,
+                attempts=jc.attempts + 1,
+                error_kind=bindparam("kind"),
+                error=bindparam("err"),
+                finished_at=at,
+            ),
+            [
+                {"cid": r.key, "kind": str(r.error_kind), "err": r.error or str(r.error_kind)}
+                for r in failed
+            ],
+        )
     return WriteCounts(len(done), len(failed), len(results) - len(todo), n_det)
 
 
@@ -381,27 +381,21 @@ def _record_sizes(conn: Any, results: Sequence[ResultLike]) -> None:
         )
 
 
-def heartbeat(factory: sessionmaker[Session], chunk_id: int) -> str | None:
+def heartbeat(s: Session, chunk_id: int) -> str | None:
     """Refresh the chunk's heartbeat and live counts; returns its state.
 
     A run that reads back `cancelled` stops.
     """
-    with factory.begin() as s:
-        counts = _item_counts(s, chunk_id)
-        s.execute(
-            update(chunks_t)
-            .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
-            .values(
-                heartbeat_at=now(),
-                n_done=counts.get(ItemState.DONE.value, 0),
-                n_failed=counts.get(ItemState.FAILED.value, 0),
-            )
-        )
-        return s.scalar(select(Chunk.state).where(Chunk.id == chunk_id))
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
+        .values(heartbeat_at=now(), **chunk_item_counts(s, chunk_id).columns())
+    )
+    return s.scalar(select(Chunk.state).where(Chunk.id == chunk_id))
 
 
 def finish_chunk(
-    factory: sessionmaker[Session],
+    s: Session,
     chunk_id: int,
     *,
     fetch_s: float,
@@ -413,50 +407,45 @@ def finish_chunk(
 
     Returns the job's state when this call ended the job, else None.
     """
-    with factory.begin() as s:
-        job_id = _lock_job_of(s, chunk_id)
-        if job_id is None:
-            return None
-        counts = _item_counts(s, chunk_id)
-        s.execute(
-            update(chunks_t)
-            .where(chunks_t.c.id == chunk_id, chunks_t.c.state.not_in(CHUNK_ENDED))
-            .values(
-                state=ChunkState.DONE.value,
-                finished_at=now(),
-                heartbeat_at=now(),
-                n_done=counts.get(ItemState.DONE.value, 0),
-                n_failed=counts.get(ItemState.FAILED.value, 0),
-                fetch_s=fetch_s,
-                gpu_s=gpu_s,
-                write_s=write_s,
-                metrics=metrics,
-                error=None,
-            )
+    job_id = _lock_job_of(s, chunk_id)
+    if job_id is None:
+        return None
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id, chunks_t.c.state.not_in(CHUNK_ENDED))
+        .values(
+            state=ChunkState.DONE.value,
+            finished_at=now(),
+            heartbeat_at=now(),
+            **chunk_item_counts(s, chunk_id).columns(),
+            fetch_s=fetch_s,
+            gpu_s=gpu_s,
+            write_s=write_s,
+            metrics=metrics,
+            error=None,
         )
-        return _finish_job_if_ended(s, job_id)
+    )
+    return _finish_job_if_ended(s, job_id)
 
 
-def fail_chunk(factory: sessionmaker[Session], chunk_id: int, error: str) -> str | None:
+def fail_chunk(s: Session, chunk_id: int, error: str) -> str | None:
     """Give a chunk up: it and its pending work items become `failed` with `error`.
 
     Returns the job's state when this call ended the job, else None.
     """
-    with factory.begin() as s:
-        job_id = _lock_job_of(s, chunk_id)
-        if job_id is None:
-            return None
-        return _fail_chunk(s, chunk_id, job_id, error)
+    job_id = _lock_job_of(s, chunk_id)
+    if job_id is None:
+        return None
+    return _fail_chunk(s, chunk_id, job_id, error)
 
 
-def mark_retrying(factory: sessionmaker[Session], chunk_id: int, error: str) -> None:
+def mark_retrying(s: Session, chunk_id: int, error: str) -> None:
     """A running chunk whose retry was scheduled goes back to `queued`, with the reason."""
-    with factory.begin() as s:
-        s.execute(
-            update(chunks_t)
-            .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
-            .values(state=ChunkState.QUEUED.value, error=error, heartbeat_at=now())
-        )
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
+        .values(state=ChunkState.QUEUED.value, error=error, heartbeat_at=now())
+    )
 
 
 def _fail_chunk(s: Session, chunk_id: int, job_id: int, error: str) -> str | None:
@@ -472,7 +461,6 @@ def _fail_chunk(s: Session, chunk_id: int, job_id: int, error: str) -> str | Non
             finished_at=at,
         )
     )
-    counts = _item_counts(s, chunk_id)
     s.execute(
         update(chunks_t)
         .where(chunks_t.c.id == chunk_id, chunks_t.c.state.not_in(CHUNK_ENDED))
@@ -480,8 +468,7 @@ def _fail_chunk(s: Session, chunk_id: int, job_id: int, error: str) -> str | Non
             state=ChunkState.FAILED.value,
             finished_at=at,
             error=error,
-            n_done=counts.get(ItemState.DONE.value, 0),
-            n_failed=counts.get(ItemState.FAILED.value, 0),
+            **chunk_item_counts(s, chunk_id).columns(),
         )
     )
     return _finish_job_if_ended(s, job_id)
@@ -497,11 +484,7 @@ def _lock_job_of(s: Session, chunk_id: int) -> int | None:
 
 
 def _finish_job_if_ended(s: Session, job_id: int) -> str | None:
-    by_state = dict(
-        s.execute(
-            select(Chunk.state, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.state)
-        ).all()
-    )
+    by_state = chunk_states(s, job_id)
     if any(state not in CHUNK_ENDED for state in by_state):
         return None
     state = JobState.FAILED.value if by_state.get(ChunkState.FAILED.value) else JobState.DONE.value
@@ -513,12 +496,3 @@ def _finish_job_if_ended(s: Session, job_id: int) -> str | None:
     ).rowcount
     return state if ended else None
 
-
-def _item_counts(s: Session, chunk_id: int) -> dict[str, int]:
-    return dict(
-        s.execute(
-            select(JobCapture.state, func.count())
-            .where(JobCapture.chunk_id == chunk_id)
-            .group_by(JobCapture.state)
-        ).all()
-    )

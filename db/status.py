@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.counts import chunk_states, job_item_counts
 from db.models import Capture, Chunk, Deployment, Job, JobCapture
 from db.states import CHUNK_ENDED, ItemState
 
@@ -72,7 +73,7 @@ def recent_jobs(session: Session, limit: int = 20) -> list[JobRow]:
         .order_by(Job.id.desc())
         .limit(limit)
     ).all()
-    counts = _item_counts(session, [job.id for job, _ in jobs])
+    counts = job_item_counts(session, [job.id for job, _ in jobs])
     return [_job_row(job, name, counts.get(job.id, {})) for job, name in jobs]
 
 
@@ -85,12 +86,8 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
     if found is None:
         return None
     job, name = found
-    items = _item_counts(session, [job_id]).get(job_id, {})
-    chunk_states = dict(
-        session.execute(
-            select(Chunk.state, func.count()).where(Chunk.job_id == job_id).group_by(Chunk.state)
-        ).all()
-    )
+    items = job_item_counts(session, [job_id]).get(job_id, {})
+    by_chunk_state = chunk_states(session, job_id)
     first_start, last_end = session.execute(
         select(func.min(Chunk.started_at), func.max(Chunk.finished_at)).where(
             Chunk.job_id == job_id
@@ -101,8 +98,8 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
     row = _job_row(job, name, items)
     throughput = None
     if started is not None:
-        all_ended = sum(chunk_states.values()) == sum(
-            n for state, n in chunk_states.items() if state in CHUNK_ENDED
+        all_ended = sum(by_chunk_state.values()) == sum(
+            n for state, n in by_chunk_state.items() if state in CHUNK_ENDED
         )
         end = finished or (_aware(last_end) if all_ended else None) or now or datetime.now(UTC)
         elapsed = (end - started).total_seconds()
@@ -122,7 +119,7 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
         started_at=started,
         finished_at=finished,
         captures=items,
-        chunks=chunk_states,
+        chunks=by_chunk_state,
         timings=chunk_timings(session, job_id),
         throughput=throughput,
         failures=failures,
@@ -193,20 +190,6 @@ def deployments(session: Session) -> list[DeploymentRow]:
         DeploymentRow(name, n, _aware(first), _aware(last), n_jobs)
         for name, n, first, last, n_jobs in rows
     ]
-
-
-def _item_counts(session: Session, job_ids: list[int]) -> dict[int, dict[str, int]]:
-    counts: dict[int, dict[str, int]] = {}
-    if not job_ids:
-        return counts
-    rows = session.execute(
-        select(JobCapture.job_id, JobCapture.state, func.count())
-        .where(JobCapture.job_id.in_(job_ids))
-        .group_by(JobCapture.job_id, JobCapture.state)
-    ).tuples()
-    for job_id, state, n in rows:
-        counts.setdefault(job_id, {})[state] = n
-    return counts
 
 
 def _job_row(job: Job, deployment: str, items: dict[str, int]) -> JobRow:

@@ -6,9 +6,10 @@ the captures still pending. Progress goes to Celery (state PROGRESS, shown by Fl
 the chunk row (heartbeat, live counts).
 
 Deadline: the default threads pool (and solo) ignore Celery's soft and hard time limits, so
-the task enforces settings.chunk_soft_time_limit_s itself, checked as results come back: past
-it the run stops, what is written stays written, and the chunk is retried for the rest. In
-the prefork pool Celery's own limits apply as well.
+the task enforces settings.chunk_soft_time_limit_s itself, from a timer (tasks.chunk_watch,
+which beats the heartbeat too) whatever the engine is doing: past it the run stops, what is
+written stays written, and the chunk is retried for the rest. In the prefork pool Celery's
+own limits apply as well.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from sqlalchemy import exc as sa_exc
 
 from db.results import (
     Outcome,
+    PendingItem,
     claim_chunk,
     fail_chunk,
     finish_chunk,
@@ -35,9 +37,12 @@ from db.results import (
     pending_items,
     write_results,
 )
+from db.reuse import stored_boxes
 from db.states import ChunkState
-from inference.types import ItemResult, WorkItem
+from inference.pipeline_spec import PipelineSpec
+from inference.types import Detection, ItemResult, WorkItem
 from tasks.celery_app import PROCESS_CHUNK, app
+from tasks.chunk_watch import ChunkStopped, ChunkWatch
 from tasks.worker_boot import Runtime, memory_guard, runtime
 
 log = get_task_logger(__name__)
@@ -56,21 +61,22 @@ class PipelineMismatch(Exception):
     wrong, and no retry on this worker can fix that."""
 
 
-def pipeline_mismatch(wanted: dict[str, Any] | None, loaded: dict[str, Any]) -> str | None:
-    """Compare the model names the job records (tasks.producer.pipeline_of) with the ones
-    this worker loaded (Pipeline.describe()); a job that names none is not checked."""
-    for role in ("detector", "classifier", "filter"):
-        want = (wanted or {}).get(role)
-        if not isinstance(want, dict) or not want.get("name"):
-            continue
-        have = (loaded.get(role) or {}).get("name")
-        if have != want["name"]:
-            return (
-                f"this worker runs {role} {have or 'none'}, the job was enqueued for "
-                f"{want['name']}: start workers with the job's TRAPQ_* model settings, then "
-                "`trapq requeue JOB --failed`"
-            )
-    return None
+def pipeline_mismatch(
+    job: dict[str, Any] | None, fingerprint: str | None, loaded: PipelineSpec
+) -> str | None:
+    """Why this worker must not write results for a job, or None: the fingerprint of the spec
+    it loaded differs from the job's. A job from before fingerprints (None) is not checked."""
+    mine = loaded.fingerprint()
+    if fingerprint is None or fingerprint == mine:
+        return None
+    try:
+        differs = ", ".join(loaded.differences(PipelineSpec.from_dict(job or {})))
+    except (KeyError, TypeError, ValueError):
+        differs = "its spec"
+    return (
+        f"this worker's pipeline {mine[:12]} is not the job's {fingerprint[:12]} ({differs}): "
+        "start workers with the job's TRAPQ_* model settings, then `trapq requeue JOB --failed`"
+    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -100,6 +106,25 @@ def describe(exc: BaseException) -> str:
         return f"{type(exc).__name__} ({type(exc.orig).__name__}): {detail[0] if detail else ''}"
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:ERROR_CHARS]}" if text else type(exc).__name__
+
+
+def work_items(
+    rt: Runtime, items: list[PendingItem], boxes_from_job_id: int | None
+) -> list[WorkItem]:
+    """The engine's items; a re-classification job's come with the source job's boxes (its
+    captures that the source has not done carry none and are detected)."""
+    if boxes_from_job_id is None:
+        return [WorkItem(i.capture_id, i.uri) for i in items]
+    with rt.sessions.begin() as session:
+        stored = stored_boxes(session, boxes_from_job_id, [i.capture_id for i in items])
+    work = []
+    for i in items:
+        boxes = stored.get(i.capture_id)
+        given = None if boxes is None else tuple(
+            Detection(b.x1, b.y1, b.x2, b.y2, b.score, b.label, source=b.source) for b in boxes
+        )
+        work.append(WorkItem(i.capture_id, i.uri, given))
+    return work
 
 
 @app.task(bind=True, name=PROCESS_CHUNK)
@@ -139,7 +164,8 @@ def _best_effort(fn: Any, rt: Runtime, chunk_id: int, error: str) -> None:
     # chunk then stays `running` with an old heartbeat, which `trapq requeue --stuck-after`
     # finds.
     try:
-        fn(rt.sessions, chunk_id, error)
+        with rt.sessions.begin() as session:
+            fn(session, chunk_id, error)
     except Exception as e:
         log.warning("chunk %s: could not record %r: %s", chunk_id, error, e)
 
@@ -160,22 +186,24 @@ class _ChunkRun:
     def execute(self) -> dict[str, Any]:
         s = self.rt.settings
         started = time.monotonic()
-        claim = claim_chunk(
-            self.rt.sessions,
-            self.chunk_id,
-            worker=self.task.request.hostname or "unknown",
-            retries=self.task.request.retries,
-            max_deliveries=s.max_deliveries,
-        )
+        with self.rt.sessions.begin() as session:
+            claim = claim_chunk(
+                session,
+                self.chunk_id,
+                worker=self.task.request.hostname or "unknown",
+                retries=self.task.request.retries,
+                max_deliveries=s.max_deliveries,
+            )
         if claim.outcome is not Outcome.RUN:
             log.info("chunk %s not run: %s (state %s)", self.chunk_id, claim.outcome, claim.state)
             return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
         assert claim.job_id is not None
         self.job_id = claim.job_id
-        mismatch = pipeline_mismatch(claim.pipeline, self.rt.description)
+        mismatch = pipeline_mismatch(claim.pipeline, claim.fingerprint, self.rt.spec)
         if mismatch:
             raise PipelineMismatch(mismatch)
-        items = pending_items(self.rt.sessions, self.chunk_id)
+        with self.rt.sessions.begin() as session:
+            items = pending_items(session, self.chunk_id)
         self.progress = {
             "chunk_id": self.chunk_id,
             "job_id": claim.job_id,
@@ -185,31 +213,40 @@ class _ChunkRun:
         }
         self._report()
         deadline = started + s.chunk_soft_time_limit_s
-        last_flush = last_beat = time.monotonic()
+        last_flush = last_report = time.monotonic()
         state: str | None = ChunkState.RUNNING.value
-        with self.rt.engine.run(WorkItem(i.capture_id, i.uri) for i in items) as run:
-            for result in run:
-                self._take(result)
-                t = time.monotonic()
-                if len(self.buffer) >= s.write_batch_size or (
-                    self.buffer and t - last_flush >= FLUSH_AFTER_S
-                ):
-                    self._flush()
-                    last_flush = t
-                if t - last_beat >= s.heartbeat_s:
-                    self._flush()
-                    state = heartbeat(self.rt.sessions, self.chunk_id)
-                    self._report()
-                    last_beat = time.monotonic()
-                    if state != ChunkState.RUNNING.value:
-                        break
-                if t > deadline:
-                    self._flush()
-                    raise ChunkRetry(
-                        f"past its deadline of {s.chunk_soft_time_limit_s}s "
-                        f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {len(items) - self.n_written} "
-                        "captures left; the retry goes on from there"
-                    )
+
+        def past_deadline() -> ChunkRetry:
+            return ChunkRetry(
+                f"past its deadline of {s.chunk_soft_time_limit_s}s "
+                f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {len(items) - self.n_written} "
+                "captures left; the retry goes on from there"
+            )
+
+        work = work_items(self.rt, items, claim.boxes_from_job_id)
+        with self.rt.engine.run(work) as run:
+            watch = ChunkWatch(
+                run, self._beat, every_s=s.heartbeat_s,
+                deadline=deadline, expired=past_deadline, name=f"trapq-chunk-{self.chunk_id}",
+            )
+            try:
+                with watch:
+                    for result in run:
+                        self._take(result)
+                        t = time.monotonic()
+                        if len(self.buffer) >= s.write_batch_size or (
+                            self.buffer and t - last_flush >= FLUSH_AFTER_S
+                        ):
+                            self._flush()
+                            last_flush = t
+                        if t - last_report >= s.heartbeat_s:
+                            self._report()
+                            last_report = t
+            except ChunkStopped as stopped:
+                state = stopped.state
+            except ChunkRetry:
+                self._flush()  # what came back before the deadline stays written
+                raise
         self._flush()
         if state != ChunkState.RUNNING.value:
             log.info("chunk %s stopped: it is %s", self.chunk_id, state)
@@ -229,14 +266,15 @@ class _ChunkRun:
             "worker": self.task.request.hostname,
             "delivery": claim.deliveries,
         }
-        job_state = finish_chunk(
-            self.rt.sessions,
-            self.chunk_id,
-            fetch_s=round(run.fetch_decode_s, 4),
-            gpu_s=round(run.gpu_s, 4),
-            write_s=round(self.write_s, 4),
-            metrics=metrics,
-        )
+        with self.rt.sessions.begin() as session:
+            job_state = finish_chunk(
+                session,
+                self.chunk_id,
+                fetch_s=round(run.fetch_decode_s, 4),
+                gpu_s=round(run.gpu_s, 4),
+                write_s=round(self.write_s, 4),
+                metrics=metrics,
+            )
         self._report()
         if job_state:
             log.info("job %s ended %s with chunk %s", self.job_id, job_state, self.chunk_id)
@@ -263,11 +301,17 @@ class _ChunkRun:
             self._flush()
         raise ChunkRetry(reason)
 
+    def _beat(self) -> str | None:
+        """The chunk's heartbeat (from the watch's thread); returns the chunk's state."""
+        with self.rt.sessions.begin() as session:
+            return heartbeat(session, self.chunk_id)
+
     def _flush(self) -> None:
         if not self.buffer:
             return
         t0 = time.perf_counter()
-        counts = write_results(self.rt.sessions, self.job_id, self.buffer)
+        with self.rt.sessions.begin() as session:
+            counts = write_results(session, self.job_id, self.buffer)
         self.write_s += time.perf_counter() - t0
         self.n_written += len(self.buffer)
         self.n_detections += counts.detections

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 from sqlalchemy import Engine, exc, func, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from db.models import Chunk, Classification, Detection, Job, JobCapture
@@ -27,6 +30,8 @@ from inference.types import Detection as Det
 from inference.types import ErrorKind, ItemResult
 from tests.worker_jobs import MadeJob, make_job
 
+T = TypeVar("T")
+
 
 def _job(engine: Engine, n: int = 4, chunk_size: int = 2) -> MadeJob:
     return make_job(engine, [f"/data/img{i}.jpg" for i in range(n)], chunk_size=chunk_size)
@@ -40,9 +45,15 @@ def _result(capture_id: int, n_boxes: int = 3) -> ItemResult:
     return ItemResult(capture_id, f"/data/{capture_id}.jpg", 640, 480, dets)
 
 
+def in_tx(factory: sessionmaker[Session], query: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run one job-store query in a transaction of its own, as the worker does."""
+    with factory.begin() as session:
+        return query(session, *args, **kwargs)
+
+
 def _claim(engine: Engine, chunk_id: int, retries: int = 0, max_deliveries: int = 3):  # noqa: ANN202
-    return claim_chunk(make_sessionmaker(engine), chunk_id, worker="w@test", retries=retries,
-                       max_deliveries=max_deliveries)
+    return in_tx(make_sessionmaker(engine), claim_chunk, chunk_id, worker="w@test",
+                 retries=retries, max_deliveries=max_deliveries)
 
 
 def test_writing_a_capture_twice_keeps_one_set_of_rows(clean_pg: Engine) -> None:
@@ -50,18 +61,18 @@ def test_writing_a_capture_twice_keeps_one_set_of_rows(clean_pg: Engine) -> None
     factory = make_sessionmaker(clean_pg)
     chunk = job.chunk_ids[0]
     assert _claim(clean_pg, chunk).outcome is Outcome.RUN
-    items = pending_items(factory, chunk)
+    items = in_tx(factory, pending_items, chunk)
     results = [_result(i.capture_id) for i in items]
 
-    first = write_results(factory, job.job_id, results)
-    again = write_results(factory, job.job_id, results)
+    first = in_tx(factory, write_results, job.job_id, results)
+    again = in_tx(factory, write_results, job.job_id, results)
 
     assert (first.done, first.skipped, first.detections) == (2, 0, 6)
     assert (again.done, again.skipped, again.detections) == (0, 2, 0)
     with clean_pg.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Detection)) == 6
         assert conn.scalar(select(func.count()).select_from(Classification)) == 6
-    assert pending_items(factory, chunk) == []
+    assert in_tx(factory, pending_items, chunk) == []
     with clean_pg.connect() as conn:
         topk = conn.scalar(select(Classification.topk).limit(1))
     assert topk == [["a", 0.7], ["b", 0.2]]
@@ -74,14 +85,16 @@ def test_a_capture_written_before_gets_its_new_rows_instead_of_the_old(clean_pg:
     factory = make_sessionmaker(clean_pg)
     chunk = job.chunk_ids[0]
     _claim(clean_pg, chunk)
-    first, second = pending_items(factory, chunk)
-    assert write_results(factory, job.job_id, [_result(first.capture_id, n_boxes=3)]).done == 1
+    first, second = in_tx(factory, pending_items, chunk)
+    written = in_tx(factory, write_results, job.job_id, [_result(first.capture_id, n_boxes=3)])
+    assert written.done == 1
     with clean_pg.begin() as conn:
         conn.execute(update(JobCapture).where(JobCapture.capture_id == first.capture_id)
                      .values(state="pending"))
     again = ItemResult(first.capture_id, first.uri, 800, 600, _result(0, n_boxes=2).detections)
 
-    counts = write_results(factory, job.job_id, [again, _result(second.capture_id, n_boxes=1)])
+    rewrite = [again, _result(second.capture_id, n_boxes=1)]
+    counts = in_tx(factory, write_results, job.job_id, rewrite)
 
     assert (counts.done, counts.detections) == (2, 3)
     with clean_pg.connect() as conn:
@@ -101,10 +114,10 @@ def test_failed_items_record_kind_and_reason_and_the_rest_is_done(clean_pg: Engi
     factory = make_sessionmaker(clean_pg)
     chunk = job.chunk_ids[0]
     _claim(clean_pg, chunk)
-    good, bad = pending_items(factory, chunk)
+    good, bad = in_tx(factory, pending_items, chunk)
     broken = ItemResult(bad.capture_id, bad.uri, error_kind=ErrorKind.UNDECODABLE,
                         error="truncated JPEG")
-    counts = write_results(factory, job.job_id, [_result(good.capture_id), broken])
+    counts = in_tx(factory, write_results, job.job_id, [_result(good.capture_id), broken])
     assert (counts.done, counts.failed) == (1, 1)
     with clean_pg.connect() as conn:
         row = conn.execute(
@@ -119,9 +132,9 @@ def test_last_chunk_to_finish_ends_the_job(clean_pg: Engine) -> None:
     factory = make_sessionmaker(clean_pg)
     for chunk in job.chunk_ids:
         _claim(clean_pg, chunk)
-        write_results(factory, job.job_id,
-                      [_result(i.capture_id) for i in pending_items(factory, chunk)])
-    ended = [finish_chunk(factory, c, fetch_s=0.1, gpu_s=0.2, write_s=0.3, metrics={"x": 1})
+        in_tx(factory, write_results, job.job_id,
+                      [_result(i.capture_id) for i in in_tx(factory, pending_items, chunk)])
+    ended = [in_tx(factory, finish_chunk, c, fetch_s=0.1, gpu_s=0.2, write_s=0.3, metrics={"x": 1})
              for c in job.chunk_ids]
     assert ended == [None, "done"]
     with clean_pg.connect() as conn:
@@ -157,10 +170,10 @@ def test_requeue_failed_resets_chunk_items_and_job(clean_pg: Engine) -> None:
     factory = make_sessionmaker(clean_pg)
     chunk = job.chunk_ids[0]
     _claim(clean_pg, chunk)
-    assert fail_chunk(factory, chunk, "gave up") == "failed"
+    assert in_tx(factory, fail_chunk, chunk, "gave up") == "failed"
 
-    assert plan_requeue(factory, job.job_id).chunk_ids == []
-    plan = plan_requeue(factory, job.job_id, failed=True)
+    assert in_tx(factory, plan_requeue, job.job_id).chunk_ids == []
+    plan = in_tx(factory, plan_requeue, job.job_id, failed=True)
 
     assert plan.failed == [chunk]
     with clean_pg.connect() as conn:
@@ -180,8 +193,8 @@ def test_requeue_stuck_picks_chunks_with_an_old_heartbeat(clean_pg: Engine) -> N
     with clean_pg.begin() as conn:
         conn.execute(update(Chunk).where(Chunk.id == old)
                      .values(heartbeat_at=func.now() - timedelta(minutes=30)))
-    assert heartbeat(factory, fresh) == "running"
-    plan = plan_requeue(factory, job.job_id, stuck_after=timedelta(minutes=10))
+    assert in_tx(factory, heartbeat, fresh) == "running"
+    plan = in_tx(factory, plan_requeue, job.job_id, stuck_after=timedelta(minutes=10))
     assert (plan.stuck, plan.pending, plan.failed) == ([old], [], [])
 
 
@@ -190,9 +203,9 @@ def test_cancelled_chunk_is_skipped_and_heartbeat_reports_it(clean_pg: Engine) -
     factory = make_sessionmaker(clean_pg)
     running, waiting = job.chunk_ids
     _claim(clean_pg, running)
-    cancelled = cancel_job(factory, job.job_id)
+    cancelled = in_tx(factory, cancel_job, job.job_id)
     assert (cancelled.previous_state, cancelled.n_chunks) == ("running", 2)
-    assert heartbeat(factory, running) == "cancelled"
+    assert in_tx(factory, heartbeat, running) == "cancelled"
     assert _claim(clean_pg, waiting).outcome is Outcome.SKIP
     with clean_pg.connect() as conn:
         assert conn.scalar(select(Job.state)) == "cancelled"
@@ -207,10 +220,10 @@ def test_sqlite_job_store_gets_the_same_exactly_once_writes(tmp_path: Path) -> N
     factory = make_sessionmaker(engine)
     chunk = job.chunk_ids[0]
     assert _claim(engine, chunk).outcome is Outcome.RUN
-    results = [_result(i.capture_id) for i in pending_items(factory, chunk)]
-    assert write_results(factory, job.job_id, results).detections == 6
-    assert write_results(factory, job.job_id, results).skipped == 2
-    assert finish_chunk(factory, chunk, fetch_s=0, gpu_s=0, write_s=0, metrics={}) == "done"
+    results = [_result(i.capture_id) for i in in_tx(factory, pending_items, chunk)]
+    assert in_tx(factory, write_results, job.job_id, results).detections == 6
+    assert in_tx(factory, write_results, job.job_id, results).skipped == 2
+    assert in_tx(factory, finish_chunk, chunk, fetch_s=0, gpu_s=0, write_s=0, metrics={}) == "done"
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Detection)) == 6
         topk = conn.scalar(select(Classification.topk).limit(1))
@@ -232,13 +245,13 @@ def test_a_failing_copy_raises_sqlalchemys_operational_error(clean_pg: Engine) -
         conn.execute(text("CREATE TRIGGER trapq_unit_fail BEFORE INSERT ON classifications "
                           "FOR EACH STATEMENT EXECUTE FUNCTION trapq_unit_fail()"))
     try:
-        results = [_result(i.capture_id) for i in pending_items(factory, chunk)]
+        results = [_result(i.capture_id) for i in in_tx(factory, pending_items, chunk)]
         with pytest.raises(exc.OperationalError, match="injected"):
-            write_results(factory, job.job_id, results)
+            in_tx(factory, write_results, job.job_id, results)
     finally:
         with clean_pg.begin() as conn:
             conn.execute(text("DROP TRIGGER trapq_unit_fail ON classifications"))
             conn.execute(text("DROP FUNCTION trapq_unit_fail()"))
-    assert len(pending_items(factory, chunk)) == 2
+    assert len(in_tx(factory, pending_items, chunk)) == 2
     with clean_pg.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Detection)) == 0

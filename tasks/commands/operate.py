@@ -1,18 +1,17 @@
-"""Running and repairing jobs: `trapq worker`, `requeue`, `cancel` and `export`."""
+"""Running and repairing jobs: `trapq worker`, `requeue` and `cancel`."""
 
 from __future__ import annotations
 
 import logging
-import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from kombu.exceptions import KombuError
 
-from tasks.cli_app import UserError, app, console
+from tasks.cli_app import app, console
 from tasks.commands.jobstore import settings as get_settings
+from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
 
 
@@ -70,9 +69,9 @@ def requeue(
     s = get_settings()
     factory = ready_session_factory(s)
     try:
-        with database_errors(s):
+        with database_errors(s), factory.begin() as session:
             plan = plan_requeue(
-                factory,
+                session,
                 job,
                 failed=failed,
                 stuck_after=timedelta(minutes=stuck_after) if stuck_after is not None else None,
@@ -103,8 +102,8 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     s = get_settings()
     factory = ready_session_factory(s)
     try:
-        with database_errors(s):
-            done = cancel_job(factory, job)
+        with database_errors(s), factory.begin() as session:
+            done = cancel_job(session, job)
     except JobNotFound:
         raise UserError(f"no job {job}; `trapq status` lists jobs") from None
     if done.previous_state in ("done", "failed", "cancelled"):
@@ -122,36 +121,3 @@ def cancel(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
         f"job {job} cancelled: {done.n_chunks} chunk(s) cancelled, "
         f"{len(done.task_ids)} task(s) revoked"
     )
-
-
-@app.command()
-def export(
-    job: Annotated[int, typer.Argument(help="Job id.")],
-    fmt: Annotated[str, typer.Option("--format", help="csv or jsonl.")] = "csv",
-    output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="File to write; default stdout.")
-    ] = None,
-) -> None:
-    """Write one row per detection: capture, box in pixels, scores and labels."""
-    from sqlalchemy import select
-
-    from db.models import Job
-    from tasks.export import export_job
-
-    if fmt not in ("csv", "jsonl"):
-        raise UserError(f"--format {fmt!r}: use csv or jsonl")
-    s = get_settings()
-    factory = ready_session_factory(s)
-    with database_errors(s):
-        with factory() as session:
-            if session.scalar(select(Job.id).where(Job.id == job)) is None:
-                raise UserError(f"no job {job}; `trapq status` lists jobs")
-        if output is None:
-            export_job(factory, job, fmt, sys.stdout)  # type: ignore[arg-type]
-            return
-        try:
-            with output.open("w", newline="", encoding="utf-8") as out:
-                n = export_job(factory, job, fmt, out)  # type: ignore[arg-type]
-        except OSError as e:
-            raise UserError(f"cannot write {output}: {e.strerror}") from None
-    console.print(f"{n} detection(s) of job {job} written to {output}", highlight=False)
