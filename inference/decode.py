@@ -28,6 +28,7 @@ class Header:
     height: int
     format: str
     orientation: int  # EXIF orientation tag, 1 when absent
+    gpu_decodable: bool = False  # a JPEG nvJPEG decodes faithfully (see nvjpeg_decodable)
 
     @property
     def pixels(self) -> int:
@@ -57,7 +58,50 @@ def read_header(data: bytes, max_pixels: int, uri: str) -> Header:
             ErrorKind.TOO_MANY_PIXELS,
             f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}: {uri}",
         )
-    return Header(width, height, fmt, orientation)
+    return Header(width, height, fmt, orientation, fmt == "JPEG" and nvjpeg_decodable(data))
+
+
+_SOF0 = 0xC0  # baseline DCT, Huffman
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # DHT, JPG, DAC are not frames
+_STANDALONE = frozenset({0x01, *range(0xD0, 0xD8)})  # TEM, RSTn: no length field
+_SOS = 0xDA
+
+
+def nvjpeg_decodable(data: bytes) -> bool:
+    """Only what the GPU decoder decodes faithfully goes to it: baseline (SOF0), 8-bit, grey or
+    three-component JPEGs whose data ends with an EOI marker.
+
+    torchvision refuses CMYK on the GPU, nvJPEG's hardware path takes baseline only, and
+    truncated or corrupt data can come back from it as "success" with junk pixels
+    (NVIDIA/DALI#3113); on the CPU decoder such a file fails alone, as UNDECODABLE. Only the
+    markers up to the frame header are read, so this costs microseconds.
+    """
+    if len(data) < 4 or data[:2] != b"\xff\xd8" or data[-2:] != b"\xff\xd9":
+        return False
+    i, n = 2, len(data)
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return False  # a segment must start with a marker
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return False
+        marker = data[i]
+        if marker in _STANDALONE:
+            i += 1
+            continue
+        if i + 3 > n:
+            return False
+        length = int.from_bytes(data[i + 1 : i + 3], "big")
+        if marker in _SOF_MARKERS:
+            if marker != _SOF0 or i + 9 > n:
+                return False
+            precision, components = data[i + 3], data[i + 8]
+            return precision == 8 and components in (1, 3)
+        if marker == _SOS or length < 2:
+            return False  # scan data before any frame header: not a JPEG we trust
+        i += 1 + length
+    return False
 
 
 def decode(data: bytes, header: Header, uri: str) -> torch.Tensor:
@@ -82,24 +126,27 @@ def decode_jpegs_on_device(
 ) -> list[torch.Tensor | None]:
     """Batch-decode JPEGs with nvJPEG; None where the GPU decoder refused one (decode it on CPU).
 
-    The orientation is applied here with tensor ops rather than trusted to the GPU decoder.
+    Callers send only nvjpeg_decodable files, so a batch fails rarely; when it does, each file
+    is decoded alone and only the one that fails alone goes to the CPU. The orientation is
+    applied here with tensor ops rather than trusted to the GPU decoder.
     """
     tensors = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    decoded: list[torch.Tensor | None]
     try:
-        decoded: list[torch.Tensor | None] = list(
-            decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
-        )
+        decoded = list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device))
     except RuntimeError:
-        decoded = []
-        for t in tensors:
-            try:
-                decoded.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=device))
-            except RuntimeError:
-                decoded.append(None)
+        decoded = [_decode_one_on_device(t, device) for t in tensors]
     return [
         None if image is None else orient(image, header.orientation)
         for image, header in zip(decoded, headers, strict=True)
     ]
+
+
+def _decode_one_on_device(data: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except RuntimeError:
+        return None
 
 
 def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from inference.decode import Header, decode, decode_jpegs_on_device, read_header
+from inference.decode import Header, decode, read_header
 from inference.fetch import Fetcher, FetchPolicy
 from inference.forward import BatchForward, ForwardOptions, LaunchedImage
+from inference.gpu_decode import DeviceDecoder, hand_over
 from inference.inflight import InFlight
 from inference.registry import Pipeline
 from inference.types import Detection, ErrorKind, ItemFailure, ItemResult, WorkItem
@@ -50,8 +51,9 @@ class _Pending:
     item: WorkItem
     header: Header
     charge: int
-    image: torch.Tensor | None = None  # decoded on the CPU (pinned on CUDA)
-    encoded: bytes | None = None  # a JPEG left for the GPU decoder
+    image: torch.Tensor | None = None  # decoded on the CPU (pinned on CUDA), or by nvJPEG
+    encoded: bytes | None = None  # a JPEG on its way to the GPU decoder
+    stream: Any = None  # the CUDA stream its frame was decoded on (torch.cuda.Stream)
     settled: bool = False  # its result is out and its share released
 
 
@@ -170,7 +172,10 @@ class Engine:
         self._decode_pool: ThreadPoolExecutor
         self._assemble_pool: ThreadPoolExecutor  # results to objects, off the device thread
         self._thread: threading.Thread | None = None
-        self._gpu_decode = self.config.gpu_decode and self.device.type == "cuda"
+        # nvJPEG on CUDA. torchvision's decode_jpeg batches the same way on a CPU, where only
+        # tests turn this on, to run the routing and hand-off without a GPU.
+        self.gpu_decode = self.config.gpu_decode and self.device.type == "cuda"
+        self._device_decoder: DeviceDecoder[_Pending] | None = None
         self._stats_lock = threading.Lock()
         self._images = self._batches = self._crops = self._errors = 0
         self._busy_s = 0.0
@@ -183,6 +188,10 @@ class Engine:
         self._forward = BatchForward(self.pipeline, self.config.forward)
         self._fetch_pool = ThreadPoolExecutor(self.config.fetch.pool_size, "trapq-fetch")
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, "trapq-decode")
+        if self.gpu_decode:
+            self._device_decoder = DeviceDecoder(
+                self.device, self.config.batch_size, self._gpu_decoded, self._gpu_refused
+            )
         self._assemble_pool = ThreadPoolExecutor(1, "trapq-assemble")
         self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="trapq-engine", daemon=True)
@@ -200,6 +209,9 @@ class Engine:
             return
         self._fetch_pool.shutdown(wait=True, cancel_futures=False)
         self._decode_pool.shutdown(wait=True, cancel_futures=False)
+        if self._device_decoder is not None:
+            self._device_decoder.close()
+            self._device_decoder = None
         self._queue.put(None)
         self._thread.join()
         self._assemble_pool.shutdown(wait=True, cancel_futures=False)
@@ -257,24 +269,54 @@ class Engine:
             header = read_header(data, self.config.max_image_pixels, item.uri)
         except ItemFailure as e:
             return self._fail(run, item, e.kind, e.message, 0, False)
-        charge = header.decoded_bytes
+        to_gpu = self.gpu_decode and header.gpu_decodable
+        # A JPEG for nvJPEG holds only its encoded bytes in host memory; its frame is made on
+        # the device.
+        charge = len(data) if to_gpu else header.decoded_bytes
         self._inflight.acquire_bytes(charge)
         t0 = time.perf_counter()
         pending = _Pending(run, item, header, charge)
-        try:
-            if self._gpu_decode and header.format == "JPEG":
-                pending.encoded = data
-            else:
-                image = decode(data, header, item.uri)
-                pending.image = image.pin_memory() if self.device.type == "cuda" else image
-        except ItemFailure as e:
-            return self._fail(run, item, e.kind, e.message, charge, False)
-        except Exception as e:
-            msg = f"cannot decode ({e!r}): {item.uri}"
-            return self._fail(run, item, ErrorKind.UNDECODABLE, msg, charge, False)
         self._inflight.mark_decoded()
-        run.add_times(fetch_decode_s=time.perf_counter() - t0)
+        if to_gpu and self._device_decoder is not None:
+            pending.encoded = data
+            self._device_decoder.put(pending, data, header)
+            return None
+        if self._decode_on_cpu(pending, data):
+            run.add_times(fetch_decode_s=time.perf_counter() - t0)
+            self._queue.put(pending)
+        return None
+
+    def _decode_on_cpu(self, pending: _Pending, data: bytes) -> bool:
+        """False: the item failed alone (its result is out, its share released)."""
+        try:
+            image = decode(data, pending.header, pending.item.uri)
+            pending.image = image.pin_memory() if self.device.type == "cuda" else image
+            return True
+        except ItemFailure as e:
+            kind, message = e.kind, e.message
+        except Exception as e:
+            kind, message = ErrorKind.UNDECODABLE, f"cannot decode ({e!r}): {pending.item.uri}"
+        self._fail(pending.run, pending.item, kind, message, pending.charge, True)
+        return False
+
+    def _gpu_decoded(
+        self, pending: _Pending, image: torch.Tensor, stream: torch.cuda.Stream | None
+    ) -> None:
+        """From the GPU decode thread: the frame and the stream it was made on."""
+        pending.image, pending.stream, pending.encoded = image, stream, None
         self._queue.put(pending)
+
+    def _gpu_refused(self, pending: _Pending, data: bytes) -> None:
+        """From the GPU decode thread: nvJPEG refused this file alone, so the CPU decodes it
+        there (rare, as only nvjpeg_decodable files are routed), never on the device thread.
+        Its share grows from encoded to decoded bytes first."""
+        pending.encoded = None
+        extra = pending.header.decoded_bytes - pending.charge
+        if extra > 0:
+            self._inflight.acquire_bytes(extra)
+            pending.charge += extra
+        if self._decode_on_cpu(pending, data):
+            self._queue.put(pending)
 
     def _fail(
         self,
@@ -406,27 +448,19 @@ class Engine:
             self._finish(pending.run, outcome, pending.charge, True)
 
     def _to_device(self, batch: list[_Pending]) -> list[torch.Tensor | ItemFailure]:
-        images: list[torch.Tensor | ItemFailure | None] = [None] * len(batch)
-        encoded = [i for i, p in enumerate(batch) if p.encoded is not None]
-        if encoded:
-            decoded = decode_jpegs_on_device(
-                [batch[i].encoded for i in encoded],  # type: ignore[misc]
-                [batch[i].header for i in encoded],
-                self.device,
-            )
-            for i, image in zip(encoded, decoded, strict=True):
-                images[i] = image
-        for i, p in enumerate(batch):
-            if images[i] is not None:
+        """Every item arrives decoded: on the CPU (copied here) or by nvJPEG on its own stream
+        (handed over to this thread's stream)."""
+        images: list[torch.Tensor | ItemFailure] = []
+        for p in batch:
+            if p.image is None:
+                images.append(ItemFailure(ErrorKind.UNDECODABLE, f"not decoded: {p.item.uri}"))
                 continue
-            try:
-                if p.image is None:  # the GPU decoder refused it: decode on the CPU instead
-                    p.image = decode(p.encoded or b"", p.header, p.item.uri).pin_memory()
-                images[i] = p.image.to(self.device, non_blocking=True)
-            except ItemFailure as e:
-                images[i] = e
-            p.encoded = p.image = None  # the batch's list holds the frame from here
-        return images  # type: ignore[return-value]
+            image = p.image
+            if image.device != self.device:
+                image = image.to(self.device, non_blocking=True)
+            images.append(hand_over(image, p.stream))
+            p.image = p.stream = None  # the batch's list holds the frame from here
+        return images
 
     def _forward_batch(
         self, ready: list[tuple[_Pending, torch.Tensor]]
