@@ -21,14 +21,16 @@ memory is the night's output arrays (a few numbers per detection) plus the live 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from typing import TypeVar
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 _INFEASIBLE = 1e6
+L = TypeVar("L", bound=Hashable)
 
 
 @dataclass(frozen=True)
@@ -261,6 +263,16 @@ def track_baseline(frames: Iterable[Frame], threshold: float = 1.0) -> NightTrac
             out.add(f.detection_ids, track, previous, cost)
         prev, prev_track, prev_emb = f, track, emb
     return out.build()
+
+
+def label_vote(labels: Sequence[L], scores: Sequence[float]) -> tuple[L, float]:
+    """A track's label: the one with the largest summed score. Its score is that sum over the
+    number of votes, so it falls both with low confidence and with disagreement."""
+    total: dict[L, float] = {}
+    for label, score in zip(labels, scores, strict=True):
+        total[label] = total.get(label, 0.0) + score
+    best = max(total, key=lambda k: total[k])
+    return best, total[best] / len(labels)
 
 
 def iterate_nights(frames: Iterable[Frame], gap_s: float) -> Iterator[list[Frame]]:

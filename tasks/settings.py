@@ -1,7 +1,8 @@
 """The one settings object, read from TRAPQ_* environment variables and an optional .env.
 
 Defaults are embedded (SQLite job store, Kombu's SQLAlchemy transport on SQLite as broker) so
-that the demo needs no server; production points the URLs at PostgreSQL and Redis.
+that the demo needs no server; production points the URLs at PostgreSQL and Redis. Sizes are in
+MiB (the _mb settings). tasks.worker_boot.engine_config is where they reach the engine.
 """
 
 from __future__ import annotations
@@ -51,9 +52,12 @@ class Settings(BaseSettings):
     concurrency: int = Field(2, ge=1, description="Chunk threads per worker process (per GPU).")
     pool: Literal["threads", "prefork", "solo"] = Field("threads", description="Celery pool.")
     max_memory_mb: int = Field(
-        0, ge=0, description="Worker RSS past which it restarts between chunks (0: no limit)."
+        0, ge=0, description="Worker RSS in MiB past which it restarts between chunks (0: off)."
     )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    worker_crash_pause_s: float = Field(
+        5.0, ge=0, description="`trapq worker`: pause before starting a crashed worker again."
+    )
     heartbeat_s: float = Field(
         5.0, gt=0, description="Seconds between a running chunk's heartbeats and progress reports."
     )
@@ -79,6 +83,7 @@ class Settings(BaseSettings):
     )
     filter_weights: str = Field("", description="Weights of the filter classifier.")
     filter_labels: str = Field("", description="Labels of the filter classifier.")
+    filter_sha256: str = Field("", description="Expected sha256 of the filter weights.")
     filter_negative: str = Field(
         "nonmoth", description="Filter label whose crops skip the second classifier."
     )
@@ -102,11 +107,42 @@ class Settings(BaseSettings):
         16, ge=1, description="Decoded images held per worker process (backpressure bound)."
     )
     max_bytes_in_flight_mb: int = Field(
-        512, ge=16, description="Decoded bytes held per worker process (backpressure bound)."
+        512, ge=16, description="Decoded MiB held per worker process (backpressure bound)."
+    )
+
+    # Tracking (occurrences); defaults tuned on synthetic nights (python -m bench.tracking --tune)
+    store_embeddings: bool = Field(
+        True, description="Store each detection's classifier features (float16) for tracking."
+    )
+    track_after_job: bool = Field(True, description="Track a job's nights when it ends.")
+    night_gap_s: float = Field(
+        7200.0, gt=0, description="Seconds without a capture that end one night's session."
+    )
+    track_w_embedding: float = Field(1.0, ge=0, description="Weight of 1 - cosine similarity.")
+    track_w_iou: float = Field(1.0, ge=0, description="Weight of 1 - IoU.")
+    track_w_area: float = Field(1.0, ge=0, description="Weight of 1 - area ratio.")
+    track_w_distance: float = Field(
+        1.0, ge=0, description="Weight of centroid distance / image diagonal."
+    )
+    track_w_missed: float = Field(
+        0.1, ge=0, description="Cost per capture a track went unseen."
+    )
+    track_max_cost: float = Field(1.0, gt=0, description="Links costing more are never made.")
+    track_max_distance: float = Field(
+        0.1, gt=0, description="Longest link, as centroid distance / image diagonal."
+    )
+    track_max_missed: int = Field(
+        3, ge=0, description="Captures an insect may be missed and keep its identity."
+    )
+    track_max_gap_s: float = Field(
+        1800.0, gt=0, description="Longest time an insect may go unseen and keep its identity."
+    )
+    track_embedding_momentum: float = Field(
+        0.5, ge=0, lt=1, description="Weight of a track's old appearance in its running one."
     )
 
     # Bad input
-    max_image_bytes: int = Field(64 * 2**20, ge=1024, description="Largest file fetched.")
+    max_image_mb: float = Field(64, gt=0, description="Largest file fetched, in MiB.")
     max_image_pixels: int = Field(100_000_000, ge=1, description="Largest image decoded.")
     http_connect_timeout_s: float = Field(5.0, gt=0, description="HTTP connect timeout.")
     http_read_timeout_s: float = Field(30.0, gt=0, description="HTTP read timeout.")
