@@ -11,6 +11,12 @@ All four use the same models, precision and ~N boxes per image (random weights, 
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/engine.py` runs as `python -m bench.engine` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import contextlib
 import os
@@ -20,7 +26,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -32,8 +37,9 @@ from torchvision.io import ImageReadMode, decode_image
 
 from inference.crops import normalize
 from inference.engine import Engine, EngineConfig
+from inference.fetch import FetchPolicy
 from inference.forward import DTYPES, BatchForward, ForwardOptions
-from inference.registry import Pipeline, load_pipeline
+from inference.registry import Pipeline, load_pipeline, model_source
 from inference.types import WorkItem
 
 T = TypeVar("T")
@@ -116,10 +122,9 @@ def build(args: argparse.Namespace) -> Pipeline:
         else {"box_detections_per_img": args.boxes}
     )
     return load_pipeline(
-        args.detector,
-        args.classifier,
+        model_source(args.detector, "detector", random_weights=True),
+        model_source(args.classifier, "classifier", random_weights=True),
         device=args.device,
-        random_weights=True,
         box_threshold=0.0,
         precision=args.precision,
         detector_kwargs=kwargs,
@@ -308,7 +313,7 @@ def main() -> None:
         )
         print(f"detector={args.detector} classifier={args.classifier} (random weights)")
         frames = resident_frames(pipeline, paths)
-        forward = BatchForward(pipeline, ForwardOptions(pipeline.precision, args.crop_batch_size))
+        forward = BatchForward(pipeline, ForwardOptions(args.crop_batch_size))
         forward(frames[:1])  # warms every model up for all four measurements
         swept = {
             size: in_thread(lambda size=size: ceiling(forward, frames, size)) for size in sizes
@@ -318,11 +323,10 @@ def main() -> None:
         best = max(swept, key=lambda size: swept[size][0])
         boxes = swept[best][1]
         config = EngineConfig(
+            fetch=FetchPolicy(pool_size=4),
+            forward=ForwardOptions(args.crop_batch_size),
             batch_size=best,
-            crop_batch_size=args.crop_batch_size,
-            precision=pipeline.precision,
             decode_threads=args.decode_threads,
-            fetch_threads=4,
             max_images_in_flight=max(2 * best, 8),
         )
 

@@ -12,6 +12,12 @@ TRAPQ_TEST_REDIS_URL (default redis://127.0.0.1:6379/1), as the tests use.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/enqueue.py` runs as `python -m bench.enqueue` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import os
 import resource

@@ -14,12 +14,17 @@ TRAPQ_TEST_REDIS_URL (default redis://127.0.0.1:6379/1), as the tests use.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/faults.py` runs as `python -m bench.faults` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 from sqlalchemy import Engine
 
@@ -35,8 +40,11 @@ RUNNERS: dict[str, Callable[[fs.Lab, int], fs.Outcome | fs.BadInputOutcome]] = {
     "pg_terminate": lambda lab, _: fs.pg_terminate(lab),
     "sigterm_warm": lambda lab, _: fs.sigterm_warm(lab),
     "bad_inputs": lambda lab, _: fs.bad_inputs(lab),
+    "supervisor_kill": lambda lab, _: fs.supervisor_kill(lab),
 }
 SCENARIOS = tuple(RUNNERS)
+# Scenario figures that go into the RESULT line (Outcome.counts), beside the audits' totals.
+RESULT_FIGURES = ("orphans", "orphan_exit_ms")
 
 
 def main() -> None:
@@ -107,11 +115,17 @@ def result_line(outcomes: dict[str, fs.Outcome | fs.BadInputOutcome | None], tri
         (bad.cases_ok, len(bad.results)) if isinstance(bad, fs.BadInputOutcome) else (0, 0)
     )
     failed = [name for name, o in outcomes.items() if o is None or not o.ok]
+    figures = {
+        key: value
+        for o in outcomes.values() if isinstance(o, fs.Outcome)
+        for key, value in o.counts.items() if key in RESULT_FIGURES
+    }
     return (
         f"scenarios not ok: {', '.join(failed) or 'none'}\n"
         f"RESULT kill_trials_ok={kill_ok}/{trials} "
         f"duplicates={sum(a.duplicates for a in audits)} lost={sum(a.lost for a in audits)} "
         f"bad_inputs_ok={bad_ok}/{bad_n}"
+        + "".join(f" {key}={value}" for key, value in figures.items())
     )
 
 

@@ -8,11 +8,15 @@ README's copy with this output. `--write README.md` replaces the block between t
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/settings_table.py`: import as `python -m bench.X` does
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import json
-import sys
 import typing
-from pathlib import Path
 from typing import Any
 
 from pydantic.fields import FieldInfo

@@ -24,6 +24,12 @@ TRAPQ_TEST_REDIS_URL (default redis://127.0.0.1:6379/1), as the tests use.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/soak.py` runs as `python -m bench.soak` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import contextlib
 import csv
@@ -32,13 +38,11 @@ import shutil
 import signal
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psutil
 import redis

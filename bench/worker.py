@@ -1,70 +1,61 @@
 """The overhead ceiling of the worker: everything that is not the model.
 
 A real Celery worker (subprocess, threads pool) on Redis and PostgreSQL processes a job of
-small JPEGs with zero-cost models: the `constant_boxes` detector (20 boxes per image) and a
-TorchScript classifier that returns constant logits. What is left is fetch, decode, crops,
-queueing, claims and the database writes. Side by side in one run it measures:
+tiny JPEGs with zero-cost models: the `constant_boxes` detector (20 boxes per image) and the
+`constant_classifier` (constant logits, 8 px crops, top-5). Their tensor work is negligible on
+a CPU too, so what is left is what a GPU host pays: fetch, decode, Celery, claims, result
+assembly and the database writes. Side by side in one run it measures:
 
   (a) the engine alone, in this process, over the same files (no queue, no database);
   (b) the database writes alone: write_results of the same number of captures x 20 boxes,
       beside a raw COPY of the same rows (bench.writes);
-  (c) the real worker end to end, from the first claim to the job's end.
+  (c) the real worker end to end, from the first claim to the job's end;
+  (d) 2 and 4 worker processes on one job against the same database (--workers): how many
+      GPU hosts one PostgreSQL serves.
 
-and prints (c) against (a) and (b). Uses a fresh temporary database and queue, removed after.
+and prints (c) against (a) and (b), with the load average (the machine may be shared). Uses a
+fresh temporary database and queue, removed after.
 
     .venv/bin/python -m bench.worker [--images 2000] [--chunk-size 200] [--concurrency 2]
-                                     [--pool threads|prefork|solo]
+                                     [--pool threads|prefork|solo] [--workers 1,2,4]
 
 Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/worker.py` runs as `python -m bench.worker` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
+import os
 import tempfile
 import time
-from pathlib import Path
 
 import torch
 from sqlalchemy import Engine, func, select
-from torch import nn
 
 from bench.writes import bench_writes, print_figures
 from db.models import Classification, Detection, Job
 from db.session import make_engine
 from inference.engine import Engine as InferenceEngine
-from inference.registry import load_pipeline
 from inference.types import WorkItem
 from tasks.settings import Settings
-from tasks.worker_boot import engine_config
+from tasks.worker_boot import engine_config, load_models
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 from tests.worker_jobs import make_job, send, write_jpegs
 from tests.worker_process import WorkerProcess, wait_for
 
 BOXES = 20
-
-
-class ConstantLogits(nn.Module):
-    """A classifier that costs nothing: the same two logits for every crop."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tensor([[2.0, 0.0]]).expand(x.shape[0], 2)
-
-
-def zero_cost_classifier(folder: Path) -> tuple[Path, Path]:
-    weights, labels = folder / "constant_classifier.pt", folder / "labels.txt"
-    torch.jit.script(ConstantLogits()).save(str(weights))
-    labels.write_text("moth\nnonmoth\n")
-    return weights, labels
+TOP_K = 5
 
 
 def bench_engine(settings: Settings, paths: list[Path]) -> float:
     """(a) images/s of the engine alone over the files."""
-    pipeline = load_pipeline(
-        detector=settings.detector, classifier=settings.classifier, device="cpu",
-        classifier_weights=settings.classifier_weights,
-        classifier_labels=settings.classifier_labels,
-    )
+    pipeline = load_models(settings.model_copy(update={"device": "cpu"}))
     engine = InferenceEngine(pipeline, engine_config(settings))
     engine.start()
     try:
@@ -74,6 +65,7 @@ def bench_engine(settings: Settings, paths: list[Path]) -> float:
     finally:
         engine.close()
     assert all(r.ok and len(r.detections) == BOXES for r in results)
+    assert all(len(d.classifications[0].topk) == TOP_K for r in results for d in r.detections)
     return len(paths) / elapsed
 
 
@@ -83,8 +75,9 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=2)
     parser.add_argument("--pool", choices=["threads", "prefork", "solo"], default="threads")
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--height", type=int, default=192)
+    parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--height", type=int, default=48)
+    parser.add_argument("--workers", default="1,2,4", help="worker processes per run, in turn")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -99,19 +92,17 @@ def main() -> None:
 def run(args: argparse.Namespace, url: str, queue: str, folder: Path) -> None:
     engine = make_engine(url)
     paths = write_jpegs(folder / "images", args.images, args.width, args.height)
-    weights, labels = zero_cost_classifier(folder)
     env = service_env(
         folder / "data", url, REDIS_URL, queue,
         TRAPQ_DETECTOR="constant_boxes",
-        TRAPQ_CLASSIFIER="demo_classifier",
-        TRAPQ_CLASSIFIER_WEIGHTS=str(weights),
-        TRAPQ_CLASSIFIER_LABELS=str(labels),
+        TRAPQ_CLASSIFIER="constant_classifier",
         TRAPQ_BATCH_SIZE="32",
         TRAPQ_MAX_IMAGES_IN_FLIGHT="64",
         TRAPQ_FETCH_THREADS="4",
         TRAPQ_DECODE_THREADS="2",
-        TRAPQ_TOP_K="1",
+        TRAPQ_TOP_K=str(TOP_K),
     )
+    print(f"load average at start: {_load()}", flush=True)
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
@@ -122,29 +113,64 @@ def run(args: argparse.Namespace, url: str, queue: str, folder: Path) -> None:
     print_figures(writes)
     writes_cps = writes.captures / writes.write_s
 
-    job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size)
-    worker = WorkerProcess(env, folder / "worker.log", pool=args.pool,
-                           concurrency=args.concurrency)
+    per_workers: dict[int, float] = {}
+    rps = 0.0
     try:
-        worker.start()
+        for n in [int(w) for w in args.workers.split(",")]:
+            cps, rows, class_rows, wall = end_to_end(args, env, engine, paths, folder, n)
+            per_workers[n] = cps
+            rps = rps or rows / wall
+            label = "(c) worker end to end:" if n == 1 else f"(d) {n} worker processes:"
+            print(f"{label:24s} {cps:8.0f} captures/s ({rows / wall:.0f} detection rows/s "
+                  f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
+                  f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency} each; "
+                  f"load {_load()})", flush=True)
+    finally:
+        engine.dispose()
+    one = per_workers.get(1) or next(iter(per_workers.values()))
+    print(f"worker / engine alone:   {one / engine_ips:8.2f}")
+    print(f"worker / writes alone:   {one / writes_cps:8.2f}")
+    scaling = " ".join(f"captures_per_s_{n}w={c:.0f}" for n, c in per_workers.items())
+    print(f"RESULT overhead_captures_per_s={one:.0f} rows_per_s={rps:.0f} "
+          f"write_vs_copy={writes.ratio:.2f} {scaling} load1={os.getloadavg()[0]:.2f}")
+
+
+def end_to_end(
+    args: argparse.Namespace,
+    env: dict[str, str],
+    engine: Engine,
+    paths: list[Path],
+    folder: Path,
+    n_workers: int,
+) -> tuple[float, int, int, float]:
+    """A fresh job over the captures, run by n worker processes: captures/s, detection and
+    classification rows, and the job's wall time from its first claim to its end."""
+    job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size,
+                   deployment=f"end-to-end-{n_workers}")
+    workers = [
+        WorkerProcess(env, folder / f"worker{n_workers}-{i}.log", pool=args.pool,
+                      concurrency=args.concurrency)
+        for i in range(n_workers)
+    ]
+    try:
+        for worker in workers:
+            worker.start()
         send(env, engine, job.chunk_ids)
         wait_for(lambda: _job_state(engine, job.job_id) in ("done", "failed"), 900,
-                 "the job", every=0.5, on_timeout=worker.tail)
+                 "the job", every=0.2, on_timeout=workers[0].tail)
         started, finished = _job_times(engine, job.job_id)
-        wall = (finished - started).total_seconds()
         rows, class_rows = _rows(engine, job.job_id)
-        worker.stop()
+        for worker in workers:
+            worker.stop()
     finally:
-        worker.kill()
-        engine.dispose()
-    cps, rps = args.images / wall, rows / wall
-    print(f"(c) worker end to end:   {cps:8.0f} captures/s ({rps:.0f} detection rows/s "
-          f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
-          f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency})")
-    print(f"worker / engine alone:   {cps / engine_ips:8.2f}")
-    print(f"worker / writes alone:   {cps / writes_cps:8.2f}")
-    print(f"RESULT overhead_captures_per_s={cps:.0f} rows_per_s={rps:.0f} "
-          f"write_vs_copy={writes.ratio:.2f}")
+        for worker in workers:
+            worker.kill()
+    wall = (finished - started).total_seconds()
+    return len(paths) / wall, rows, class_rows, wall
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _job_state(engine: Engine, job_id: int) -> str:
