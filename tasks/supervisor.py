@@ -5,8 +5,16 @@ starts); it counts GPUs from CUDA_VISIBLE_DEVICES or `nvidia-smi -L`. Each child
 `celery -A tasks worker` with CUDA_VISIBLE_DEVICES set to its GPU and the node name
 `gpu<N>@%h` (`cpu@%h` without a GPU). Ctrl-C or SIGTERM is forwarded as SIGTERM, Celery's
 warm shutdown: chunks in flight finish, or go back to the queue if a second signal (SIGQUIT,
-cold) cuts them short. A child that stops itself for the memory guard is started again at
-once; one that crashes is started again after a pause, unless it keeps crashing at start.
+cold) cuts them short; SIGQUIT first is cold at once. A child that stops itself for the
+memory guard is started again at once; one that crashes (a SIGKILL, the kernel's OOM
+killer) is started again after a pause, unless it keeps crashing at start; one whose models
+cannot load (LOAD_FAILED_EXIT) is not started again, since only the operator can fix that.
+
+Children stay in the supervisor's process group, so a signal to the group reaches them as
+the operator meant it: Ctrl-C in a terminal or `kill -TERM -PGID` stops everything warmly
+(Celery takes a repeated warm signal as one), `kill -KILL -PGID` kills everything. If the
+supervisor alone dies, its children stop too (tasks.orphan_guard): no worker runs on
+unsupervised, with no memory guard and perhaps old models.
 """
 
 from __future__ import annotations
@@ -22,12 +30,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
+from tasks.orphan_guard import SUPERVISOR_PID_ENV, die_with_parent
 from tasks.settings import Settings
-from tasks.worker_boot import MEMORY_RESTART_EXIT
+from tasks.worker_boot import LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
 
 log = logging.getLogger("trapq.supervisor")
 
-CRASH_PAUSE_S = 5.0
 FAST_CRASH_S = 60.0  # a child that dies sooner than this after its start crashed at start
 MAX_FAST_CRASHES = 5
 
@@ -101,6 +109,7 @@ def child_env(spec: WorkerSpec, environ: Mapping[str, str] = os.environ) -> dict
     env.setdefault("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD)
     name = spec.node.split("@", 1)[0]
     env["PGAPPNAME"] = f"trapq-worker-{name}"
+    env[SUPERVISOR_PID_ENV] = str(os.getpid())
     if spec.gpu is None:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env["TRAPQ_DEVICE"] = "cpu"
@@ -122,8 +131,10 @@ class _Child:
     restart_at: float | None = None
 
     def start(self) -> None:
-        # Own session: the terminal's Ctrl-C reaches the supervisor only, which forwards it.
-        self.proc = subprocess.Popen(self.argv, env=self.env, start_new_session=True)
+        supervisor = os.getpid()
+        self.proc = subprocess.Popen(
+            self.argv, env=self.env, preexec_fn=lambda: die_with_parent(supervisor)
+        )
         self.started = time.monotonic()
         self.restart_at = None
         log.info("started %s (pid %d, GPU %s)", self.spec.node, self.proc.pid,
@@ -133,6 +144,7 @@ class _Child:
 @dataclass
 class Supervisor:
     children: list[_Child]
+    crash_pause_s: float
     stopping: int = 0  # signals received
     exit_code: int = 0
     _poll_s: float = field(default=0.5)
@@ -146,12 +158,12 @@ class Supervisor:
             _Child(s, celery_argv(settings.queue, s.node, pool=pool, concurrency=concurrency,
                                   loglevel=loglevel), child_env(s))
             for s in specs
-        ])
+        ], settings.worker_crash_pause_s)
 
     def run(self) -> int:
         """Start every child and wait until all have stopped; returns the exit code."""
         previous = {sig: signal.signal(sig, self._on_signal)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+                    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGQUIT)}
         try:
             for child in self.children:
                 child.start()
@@ -185,20 +197,25 @@ class Supervisor:
             child.fast_crashes = 0
             child.start()
             return
+        if code == LOAD_FAILED_EXIT:
+            log.error("%s could not load its models (exit %d, its log says why); not starting "
+                      "it again", child.spec.node, code)
+            self.exit_code = code
+            return
         child.fast_crashes = child.fast_crashes + 1 if now - child.started < FAST_CRASH_S else 1
         if child.fast_crashes >= MAX_FAST_CRASHES:
             log.error("%s exited %d, %d times right after start; not starting it again",
                       child.spec.node, code, child.fast_crashes)
             self.exit_code = code or 1
             return
-        log.error("%s exited %d; starting it again in %.0fs", child.spec.node, code,
-                  CRASH_PAUSE_S)
-        child.restart_at = now + CRASH_PAUSE_S
+        log.error("%s exited %d; starting it again in %.1fs", child.spec.node, code,
+                  self.crash_pause_s)
+        child.restart_at = now + self.crash_pause_s
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        self.stopping += 1
-        # First signal: warm shutdown (finish chunks in hand); second: cold (they return
-        # to the queue, delivered again by the broker).
+        # First signal: warm shutdown (finish chunks in hand); a second one, or SIGQUIT: cold
+        # (they return to the queue, delivered again by the broker).
+        self.stopping += 2 if signum == signal.SIGQUIT else 1
         forward = signal.SIGTERM if self.stopping == 1 else signal.SIGQUIT
         log.warning("%s: %s shutdown of %d worker(s)", signal.Signals(signum).name,
                     "warm" if forward == signal.SIGTERM else "cold", len(self.children))

@@ -24,6 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import redis
 from sqlalchemy import Engine, text
 
@@ -240,6 +241,84 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
     notes.append(f"{deliveries} deliveries of {len(job.chunk_ids)} chunks")
     return Outcome("sigkill_restart", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
                    ok, trials, notes, {"deliveries": deliveries, "chunks": len(job.chunk_ids)})
+
+
+TRAPQ = Path(sys.executable).with_name("trapq")
+ORPHAN_LIMIT_S = 10.0
+
+
+def trapq_worker(lab: Lab, env: dict[str, str], *extra: str) -> WorkerProcess:
+    """`trapq worker --gpus cpu` (one supervised Celery worker, node cpu@host), not started."""
+    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1", *extra]
+    return lab.workers(env, argv=argv, node="cpu@%h")
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    """The processes still running (a zombie waiting for its reaper has ended)."""
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def supervisor_kill(lab: Lab, trials: int = 3, n: int = 48, chunk_size: int = 6) -> Outcome:
+    """SIGKILL `trapq worker` (the supervisor alone, not its process group) mid-chunk,
+    `trials` times over one job, starting it again each time.
+
+    Its Celery worker must stop within ORPHAN_LIMIT_S (parent-death signal: warm shutdown,
+    cold past a grace), its chunk in flight finished or back on the queue; the trial counts
+    when no child outlived the limit. Audited like every scenario: nothing lost or doubled.
+    """
+    env = fault_env(lab.env)
+    ok = 0
+    orphans = 0
+    exit_s: list[float] = []
+    finished = redelivered = 0
+    notes: list[str] = []
+    with ImageServer() as server:
+        supervisor = trapq_worker(lab, env).start()
+        ref_id, job = _reference_then_job(lab, env, server, supervisor, n, chunk_size, "orphan")
+        send(env, lab.engine, job.chunk_ids)
+        for trial in range(trials):
+            try:
+                _wait_mid_chunk(lab, job, supervisor, f"trial {trial}: a chunk half done")
+            except AssertionError as e:
+                notes.append(str(e).splitlines()[0])
+                break
+            in_flight = _running_chunks(lab.engine, job.job_id)
+            children = psutil.Process(supervisor.pid).children(recursive=True)
+            os.kill(supervisor.pid, signal.SIGKILL)
+            supervisor.wait(30)
+            killed_at = time.monotonic()
+            while alive(children) and time.monotonic() - killed_at < ORPHAN_LIMIT_S:
+                time.sleep(0.05)
+            left = alive(children)
+            exit_s.append(time.monotonic() - killed_at)
+            orphans += len(left)
+            for p in left:
+                p.kill()
+            with lab.engine.connect() as conn:
+                done = conn.scalar(text(
+                    "SELECT count(*) FROM chunks WHERE id = ANY(:ids) AND state = 'done'"
+                ), {"ids": in_flight})
+            finished += done
+            redelivered += len(in_flight) - done
+            ok += not left
+            supervisor = trapq_worker(lab, env).start()
+        state = wait_job_end(lab.engine, job.job_id, supervisor)
+        supervisor.stop()
+    notes.append(
+        f"children gone {max(exit_s, default=0):.1f}s at most after the supervisor's SIGKILL "
+        f"(limit {ORPHAN_LIMIT_S:.0f}s); orphans {orphans}; chunks in flight finished "
+        f"{finished}, back on the queue {redelivered}"
+    )
+    return Outcome("supervisor_kill", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
+                   ok, trials, notes, {"orphans": orphans,
+                                       "orphan_exit_ms": round(1000 * max(exit_s, default=0))})
 
 
 def free_port() -> int:
@@ -532,7 +611,7 @@ def bad_inputs(lab: Lab, chunk_size: int = 6) -> BadInputOutcome:
     captures (one local, one over HTTP), so every chunk has valid images around bad ones."""
     env = worker_env(
         lab.env,
-        TRAPQ_MAX_IMAGE_BYTES=str(MAX_IMAGE_BYTES),
+        TRAPQ_MAX_IMAGE_MB=str(MAX_IMAGE_BYTES / 2**20),
         TRAPQ_HTTP_READ_TIMEOUT_S=str(READ_TIMEOUT_S),
         TRAPQ_HTTP_CONNECT_TIMEOUT_S="2",
         TRAPQ_HTTP_MAX_REDIRECTS="3",

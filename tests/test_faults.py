@@ -62,3 +62,12 @@ def test_sigterm_finishes_chunks_in_flight_and_a_new_worker_does_the_rest(lab: f
     outcome = fs.sigterm_warm(lab)
     assert outcome.trials == 2 and outcome.trials_ok == 2, outcome.line()
     _assert_exactly_once(outcome)
+
+
+def test_children_of_a_sigkilled_trapq_worker_stop_within_10s_and_lose_and_double_nothing(
+    lab: fs.Lab,
+) -> None:
+    outcome = fs.supervisor_kill(lab, trials=2)
+    assert outcome.counts["orphans"] == 0, outcome.line()
+    assert outcome.trials_ok == 2, outcome.line()
+    _assert_exactly_once(outcome)
