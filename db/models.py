@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Float,
     ForeignKey,
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -93,6 +95,8 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     error: Mapped[str | None] = mapped_column(Text)
+    # When its detections were last linked into occurrences (None: not yet).
+    tracked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A re-classification job: its boxes are this job's detections (the detector not run).
     boxes_from_job_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"),
@@ -167,6 +171,7 @@ class Detection(Base):
         ),
         Index("ix_detections_job_capture", "job_id", "capture_id"),
         Index("ix_detections_source", "source_detection_id"),
+        Index("ix_detections_occurrence", "occurrence_id"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -185,6 +190,13 @@ class Detection(Base):
         BigInteger().with_variant(Integer(), "sqlite"),
         ForeignKey("detections.id", ondelete="SET NULL", name="fk_detections_source"),
     )
+    # The classifier's penultimate features as float16 bytes (TRAPQ_STORE_EMBEDDINGS).
+    embedding: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # The individual this detection is a sighting of, once the job is tracked.
+    occurrence_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("occurrences.id", ondelete="SET NULL", name="fk_detections_occurrence"),
+    )
 
 
 class Classification(Base):
@@ -197,3 +209,45 @@ class Classification(Base):
     label: Mapped[str] = mapped_column(String(200))
     score: Mapped[float] = mapped_column(Float)
     topk: Mapped[list[Any] | None] = mapped_column(JSON)
+
+
+class Occurrence(Base):
+    """One individual insect: a track of one job's detections over consecutive captures of
+    one night. Abundance counts these, not detections."""
+
+    __tablename__ = "occurrences"
+    __table_args__ = (Index("ix_occurrences_job_night", "job_id", "night"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
+    night: Mapped[date] = mapped_column(Date)  # the evening the night's session began
+    first_capture_id: Mapped[int] = mapped_column(
+        ForeignKey("captures.id", ondelete="CASCADE")
+    )
+    last_capture_id: Mapped[int] = mapped_column(ForeignKey("captures.id", ondelete="CASCADE"))
+    first_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    n_detections: Mapped[int] = mapped_column(Integer)
+    # Score-weighted vote over the track's classifications; score = winner's sum / votes.
+    label: Mapped[str] = mapped_column(String(200))
+    score: Mapped[float] = mapped_column(Float)
+
+
+class TrackLink(Base):
+    """Why two detections are one individual: the later one, the one before it in the track,
+    and the link's cost, so a person can review the doubtful (costly) links."""
+
+    __tablename__ = "track_links"
+    __table_args__ = (Index("ix_track_links_occurrence_cost", "occurrence_id", "cost"),)
+
+    detection_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("detections.id", ondelete="CASCADE"),
+        primary_key=True,
+    )
+    previous_detection_id: Mapped[int] = mapped_column(
+        ForeignKey("detections.id", ondelete="CASCADE")
+    )
+    occurrence_id: Mapped[int] = mapped_column(ForeignKey("occurrences.id", ondelete="CASCADE"))
+    cost: Mapped[float] = mapped_column(Float)
