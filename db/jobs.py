@@ -47,13 +47,14 @@ def count_captures(
     deployment_id: int,
     *,
     pipeline: dict[str, Any],
+    fingerprint: str | None = None,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int | None = None,
     only_unprocessed: bool = False,
 ) -> int:
     """How many captures create_job would take with the same arguments (for --dry-run)."""
-    done_in = _same_pipeline_jobs(session, deployment_id, pipeline) if only_unprocessed else []
+    done_in = _same_pipeline_jobs(session, deployment_id, fingerprint) if only_unprocessed else []
     where = _capture_filter(deployment_id, since, until, done_in)
     chosen = select(captures.id).where(*where).limit(limit).subquery()
     return session.scalar(select(func.count()).select_from(chosen)) or 0
@@ -64,19 +65,24 @@ def create_job(
     deployment_id: int,
     *,
     pipeline: dict[str, Any],
+    fingerprint: str | None = None,
     chunk_size: int,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int | None = None,
     only_unprocessed: bool = False,
+    boxes_from_job_id: int | None = None,
 ) -> JobPlan:
     """Create the job, its chunks and one pending work item per selected capture.
 
     Captures are taken in (captured_at, id) order, so a chunk holds neighbouring frames.
     `since` is inclusive, `until` exclusive; either one leaves out captures without a time.
+    `pipeline` is the job's PipelineSpec as a dict and `fingerprint` its fingerprint.
     `only_unprocessed` leaves out captures already `done` in an earlier job of this
-    deployment whose pipeline is equal to this one (same models, weights and threshold):
+    deployment with the same fingerprint (same weights' bytes, labels and thresholds):
     a new model or threshold processes everything again, a rerun only what is missing.
+    `boxes_from_job_id` makes it a re-classification job reusing that job's boxes (checked
+    by the caller, see db.reuse).
 
     The caller commits. Run it in one snapshot (REPEATABLE READ on PostgreSQL, as the
     producer does); should captures still change between the count and the insert, the
@@ -84,7 +90,7 @@ def create_job(
     """
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
-    done_in = _same_pipeline_jobs(session, deployment_id, pipeline) if only_unprocessed else []
+    done_in = _same_pipeline_jobs(session, deployment_id, fingerprint) if only_unprocessed else []
     where = _capture_filter(deployment_id, since, until, done_in)
     n = session.scalar(
         select(func.count()).select_from(select(captures.id).where(*where).limit(limit).subquery())
@@ -94,9 +100,11 @@ def create_job(
     job = Job(
         deployment_id=deployment_id,
         pipeline=pipeline,
+        fingerprint=fingerprint,
         chunk_size=chunk_size,
         n_captures=n,
         n_chunks=n_chunks,
+        boxes_from_job_id=boxes_from_job_id,
     )
     session.add(job)
     session.flush()
@@ -139,12 +147,34 @@ def mark_chunks_queued(session: Session, sent: Sequence[tuple[int, str]], at: da
     session.connection().execute(stmt, [{"cid": cid, "tid": tid, "at": at} for cid, tid in sent])
 
 
+@dataclass(frozen=True)
+class ChunkPlace:
+    """Where a chunk sits: its job, its position (from 1) and how many the job has."""
+
+    job_id: int
+    number: int
+    of: int
+
+
+def chunk_places(session: Session, chunk_ids: Sequence[int]) -> dict[int, ChunkPlace]:
+    """The place of each chunk that exists, by chunk id (one query for any number)."""
+    if not chunk_ids:
+        return {}
+    rows = session.execute(
+        select(Chunk.id, Chunk.job_id, Chunk.seq, Job.n_chunks)
+        .join(Job, Job.id == Chunk.job_id)
+        .where(Chunk.id.in_(list(chunk_ids)))
+    ).tuples()
+    return {cid: ChunkPlace(job_id, seq + 1, n) for cid, job_id, seq, n in rows}
+
+
 def _same_pipeline_jobs(
-    session: Session, deployment_id: int, pipeline: dict[str, Any]
+    session: Session, deployment_id: int, fingerprint: str | None
 ) -> list[int]:
-    # JSON has no equality operator in PostgreSQL; the deployment's jobs are few, compare here.
-    rows = session.execute(select(Job.id, Job.pipeline).where(Job.deployment_id == deployment_id))
-    return [job_id for job_id, p in rows if p == pipeline]
+    if fingerprint is None:  # a pipeline without a spec matches nothing already done
+        return []
+    where = (Job.deployment_id == deployment_id, Job.fingerprint == fingerprint)
+    return list(session.scalars(select(Job.id).where(*where)))
 
 
 def _capture_filter(

@@ -20,6 +20,7 @@ import torchvision
 from torch import nn
 
 from inference import weights as W
+from inference.pipeline_spec import ModelSource, PipelineSpec, sha256_of
 
 Role = Literal["detector", "classifier"]
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -40,8 +41,8 @@ class ConstantBoxes(nn.Module):
         self.boxes = boxes
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-        cols = math.ceil(math.sqrt(self.boxes))
-        rows = math.ceil(self.boxes / cols)
+        cols = max(1, math.ceil(math.sqrt(self.boxes)))  # 0 boxes: an empty grid
+        rows = max(1, math.ceil(self.boxes / cols))
         out = []
         for image in images:
             h, w = image.shape[-2:]
@@ -53,6 +54,19 @@ class ConstantBoxes(nn.Module):
             labels = torch.ones(self.boxes, dtype=torch.int64, device=image.device)
             out.append({"boxes": boxes, "scores": scores, "labels": labels})
         return out
+
+
+class ConstantLogits(nn.Module):
+    """A classifier that costs nothing: the same logits for every crop (class i scores -i, so
+    its top-k is classes 0..k-1). With constant_boxes and an 8 px crop it leaves a worker only
+    the host's work: TRAPQ_CLASSIFIER=constant_classifier (bench.worker)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.register_buffer("logits", -torch.arange(num_classes, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(x.shape[0], -1)
 
 
 def _tv_detector(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -98,6 +112,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
     "tiny_detector": _demo("tiny_detector"),
     "tiny_classifier": _demo("tiny_classifier"),
     "constant_boxes": ConstantBoxes,
+    "constant_logits": ConstantLogits,
 }
 
 
@@ -161,17 +176,27 @@ REGISTRY: dict[str, ModelSpec] = {
         _classifier("efficientnet_v2_s", 384, "classifier.1.weight"),
         _classifier("convnext_tiny", 224, "classifier.2.weight"),
         _classifier("mobilenet_v3_large", 224, "classifier.3.weight"),
-        ModelSpec(
+        ModelSpec(  # a tiny input: the frames' resize costs next to nothing as well
             "constant_boxes",
             "detector",
             "constant_boxes",
-            (320, 640),
+            (48, 64),
             2,
             None,
             mean=None,
             std=None,
             default_labels=None,
             builder_kwargs={"boxes": 20},
+        ),
+        ModelSpec(
+            "constant_classifier",
+            "classifier",
+            "constant_logits",
+            (8, 8),
+            10,
+            None,
+            mean=None,
+            std=None,
         ),
         ModelSpec(  # FCOS: no background class; sizes as in inference/architectures.py
             "demo_detector",
@@ -203,9 +228,19 @@ REGISTRY: dict[str, ModelSpec] = {
 class LoadedModel:
     module: nn.Module
     spec: ModelSpec
-    labels: list[str]
-    version: str  # sha256[:12] of the weights, "random" or "builtin"
+    source: ModelSource  # what was loaded: its name, weights' sha256 and labels
     num_classes: int | None
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.source.labels
+
+    @property
+    def version(self) -> str:
+        """sha256[:12] of the weights; "random" or "builtin" without a weight file."""
+        if self.source.sha256:
+            return self.source.sha256[:12]
+        return "builtin" if self.spec.num_classes_key is None else "random"
 
     def label(self, index: int) -> str:
         """Detector label files may leave out the background class 0; both layouts are read."""
@@ -216,14 +251,6 @@ class LoadedModel:
             return labels[index - 1]
         return str(index)
 
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.spec.name,
-            "architecture": self.spec.architecture,
-            "version": self.version,
-            "num_classes": self.num_classes,
-        }
-
 
 @dataclass
 class Pipeline:
@@ -232,16 +259,32 @@ class Pipeline:
     classifier: LoadedModel
     filter: LoadedModel | None = None
     box_threshold: float = 0.5
-    precision: str = "fp32"
+    precision: str = "fp32"  # resolved once, by load_pipeline: bf16, fp16 or fp32
+    top_k: int = 5
+    filter_negative_label: str = "nonmoth"
+
+    @property
+    def spec(self) -> PipelineSpec:
+        """The spec of what this pipeline loaded and runs; its fingerprint is the job's check."""
+        return PipelineSpec(
+            detector=self.detector.source,
+            classifier=self.classifier.source,
+            filter=self.filter.source if self.filter else None,
+            box_threshold=self.box_threshold,
+            top_k=self.top_k,
+            filter_negative_label=self.filter_negative_label,
+        )
 
     def describe(self) -> dict[str, Any]:
+        """One log line's worth: names and versions, where and how it runs, the fingerprint."""
+        models = {"detector": self.detector, "classifier": self.classifier, "filter": self.filter}
         return {
-            "detector": self.detector.describe(),
-            "classifier": self.classifier.describe(),
-            "filter": self.filter.describe() if self.filter else None,
+            **{role: m and f"{m.spec.name}@{m.version}" for role, m in models.items()},
             "device": str(self.device),
             "precision": self.precision,
             "box_threshold": self.box_threshold,
+            "top_k": self.top_k,
+            "fingerprint": self.spec.fingerprint(),
         }
 
 
@@ -257,52 +300,78 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def load_model(
-    name: str,
-    role: Role,
-    device: torch.device,
-    weights: str | None = None,
-    labels: str | None = None,
-    sha256: str | None = None,
-    random_weights: bool = False,
-    cache_dir: Path | None = None,
-    **kwargs: Any,
-) -> LoadedModel:
+def _entry(name: str, role: Role) -> ModelSpec:
     spec = REGISTRY.get(name)
     if spec is None:
         raise W.WeightsError(f"unknown model '{name}'; known: {', '.join(sorted(REGISTRY))}")
     if spec.role != role:
         raise W.WeightsError(f"'{name}' is a {spec.role}, not a {role}")
-    label_list = (
-        W.load_labels(labels or spec.default_labels)
-        if (labels or (spec.default_labels and not random_weights))
-        else []
-    )
+    return spec
+
+
+def model_source(
+    name: str,
+    role: Role,
+    *,
+    weights: str = "",
+    labels: str = "",
+    sha256: str = "",
+    random_weights: bool = False,
+    cache_dir: Path | None = None,
+) -> ModelSource:
+    """Find a model's weights and labels and hash the weights' bytes; builds nothing, so the
+    producer can name a job's pipeline as cheaply as a worker checks it.
+
+    `weights` and `labels` default to the registry's; a URL is downloaded once into
+    `cache_dir`. `sha256`, when given, pins the weights: a file with other bytes is refused.
+    """
+    spec = _entry(name, role)
+    label_file = labels or ("" if random_weights else spec.default_labels or "")
+    label_names = tuple(W.load_labels(label_file)) if label_file else ()
+    location = weights or spec.default_weights
+    if spec.num_classes_key is None or random_weights:
+        return ModelSource(name, "", label_names, spec.input_size, None)
+    if not location:
+        raise W.WeightsError(f"'{name}' needs weights: give a file or URL")
+    path = W.resolve(location, cache_dir)
+    digest = sha256_of(path)
+    if sha256 and digest != sha256.strip().lower():
+        raise W.WeightsError(
+            f"sha256 mismatch for {path}: expected {sha256}, file has {digest}; "
+            "the file is corrupt or not the one you meant"
+        )
+    return ModelSource(name, str(path), label_names, spec.input_size, digest)
+
+
+def load_model(source: ModelSource, role: Role, device: torch.device, **kwargs: Any) -> LoadedModel:
+    """Build the model of `source` on `device`. Its weights must still hash to source.sha256,
+    so the pipeline's spec names the bytes actually loaded."""
+    spec = _entry(source.name, role)
     builder = ARCHITECTURES[spec.architecture]
     build_kwargs = {**spec.builder_kwargs, **kwargs}
-    source = weights or spec.default_weights
-    if spec.num_classes_key is None or random_weights or not source:
-        if spec.num_classes_key is not None and not random_weights:
-            raise W.WeightsError(f"'{name}' needs weights: give a file or URL")
+    if source.sha256 is None:
         # Seeded, so every worker process of a job builds the same random model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             module = builder(num_classes=spec.num_classes, **build_kwargs)
-        version = "builtin" if spec.num_classes_key is None else "random"
-        return _ready(LoadedModel(module, spec, label_list, version, spec.num_classes), device)
-    ckpt = W.load_checkpoint(W.resolve(source, cache_dir), sha256)
+        return _ready(LoadedModel(module, spec, source, spec.num_classes), device)
+    ckpt = W.load_checkpoint(Path(source.weights), source.sha256)
     if ckpt.scripted is not None:
-        n = len(label_list) or None
-        return _ready(LoadedModel(ckpt.scripted, spec, label_list, ckpt.sha256[:12], n), device)
-    assert ckpt.state_dict is not None
-    n = W.num_classes(ckpt.state_dict, spec.num_classes_key, spec.num_classes_divisor, source)
+        n = len(source.labels) or None
+        return _ready(LoadedModel(ckpt.scripted, spec, source, n), device)
+    assert ckpt.state_dict is not None and spec.num_classes_key is not None
+    n = W.num_classes(
+        ckpt.state_dict, spec.num_classes_key, spec.num_classes_divisor, source.weights
+    )
     module = builder(num_classes=n, **build_kwargs)
     try:
         module.load_state_dict(ckpt.state_dict)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise W.WeightsError(f"{source} does not fit {spec.architecture}: {first}") from None
-    return _ready(LoadedModel(module, spec, label_list, ckpt.sha256[:12], n), device)
+        raise W.WeightsError(
+            f"{source.weights} does not fit {spec.architecture}: {first}"
+        ) from None
+    return _ready(LoadedModel(module, spec, source, n), device)
 
 
 def _ready(model: LoadedModel, device: torch.device) -> LoadedModel:
@@ -313,67 +382,34 @@ def _ready(model: LoadedModel, device: torch.device) -> LoadedModel:
 
 
 def load_pipeline(
-    detector: str = "demo_detector",
-    classifier: str = "demo_classifier",
-    device: str = "auto",
-    detector_weights: str | None = None,
-    detector_labels: str | None = None,
-    detector_sha256: str | None = None,
-    classifier_weights: str | None = None,
-    classifier_labels: str | None = None,
-    classifier_sha256: str | None = None,
-    filter_classifier: str | None = None,
-    filter_weights: str | None = None,
-    filter_labels: str | None = None,
-    random_weights: bool = False,
-    cache_dir: Path | None = None,
+    detector: ModelSource,
+    classifier: ModelSource,
+    filter: ModelSource | None = None,
+    *,
     box_threshold: float = 0.5,
+    top_k: int = 5,
+    filter_negative_label: str = "nonmoth",
+    device: str = "auto",
     precision: str = "auto",
     detector_kwargs: Mapping[str, Any] | None = None,
 ) -> Pipeline:
-    """The explicit I/O step: read weights and labels, build the models, move them to the device.
+    """The explicit I/O step: build the models of three sources and move them to the device.
 
-    detector_kwargs go to the architecture builder (e.g. box_detections_per_img, or boxes for
-    constant_boxes).
+    Precision is resolved here, once (auto: bf16 on CUDA, fp32 on CPU). detector_kwargs go to
+    the architecture builder (e.g. box_detections_per_img, or boxes for constant_boxes).
     """
     dev = resolve_device(device)
-    det_spec = REGISTRY.get(detector)
     det_kwargs = dict(detector_kwargs or {})
-    if det_spec is not None and det_spec.threshold_kwarg:
-        det_kwargs.setdefault(det_spec.threshold_kwarg, box_threshold)
-    det = load_model(
-        detector,
-        "detector",
+    threshold_kwarg = _entry(detector.name, "detector").threshold_kwarg
+    if threshold_kwarg:
+        det_kwargs.setdefault(threshold_kwarg, box_threshold)
+    return Pipeline(
         dev,
-        detector_weights,
-        detector_labels,
-        detector_sha256,
-        random_weights,
-        cache_dir,
-        **det_kwargs,
+        load_model(detector, "detector", dev, **det_kwargs),
+        load_model(classifier, "classifier", dev),
+        load_model(filter, "classifier", dev) if filter else None,
+        box_threshold,
+        resolve_precision(precision, dev),
+        top_k,
+        filter_negative_label,
     )
-    cls = load_model(
-        classifier,
-        "classifier",
-        dev,
-        classifier_weights,
-        classifier_labels,
-        classifier_sha256,
-        random_weights,
-        cache_dir,
-    )
-    flt = (
-        load_model(
-            filter_classifier,
-            "classifier",
-            dev,
-            filter_weights,
-            filter_labels,
-            None,
-            random_weights,
-            cache_dir,
-        )
-        if filter_classifier
-        else None
-    )
-    return Pipeline(dev, det, cls, flt, box_threshold, resolve_precision(precision, dev))

@@ -19,6 +19,7 @@ class ErrorKind(StrEnum):
     TOO_MANY_PIXELS = "too_many_pixels"  # decompression bomb guard
     UNDECODABLE = "undecodable"  # empty, truncated, not an image
     MODEL = "model"  # the model failed on this item alone (e.g. OOM at batch size 1)
+    FETCH_BUG = "fetch_bug"  # fetch raised what it does not foresee: trapq's bug, not transient
 
 
 TRANSIENT_KINDS = frozenset({ErrorKind.HTTP_SERVER, ErrorKind.TIMEOUT, ErrorKind.NETWORK})
@@ -37,6 +38,8 @@ class ItemFailure(Exception):
 class WorkItem:
     key: int  # the caller's id for the item (a capture id)
     uri: str
+    # Given boxes (re-classification): the detector is skipped and only these are classified.
+    boxes: tuple[Detection, ...] | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class Detection:
     score: float
     label: str
     classifications: list[Classification] = field(default_factory=list)
+    source: int | None = None  # the caller's id of the given box this one copies
 
 
 @dataclass

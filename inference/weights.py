@@ -20,8 +20,9 @@ import requests
 import torch
 from torch import nn
 
+from inference.pipeline_spec import sha256_of
+
 WRAPPER_KEYS = ("model_state_dict", "state_dict", "model")
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "trapq" / "weights"
 
 
 class WeightsError(Exception):
@@ -37,8 +38,9 @@ class Checkpoint:
     scripted: nn.Module | None = None
 
 
-def resolve(source: str, cache_dir: Path | None = None, timeout_s: float = 60.0) -> Path:
-    """A local path for a weight source: the file itself, or a URL downloaded once into the cache.
+def resolve(source: str, cache_dir: Path | None, timeout_s: float = 60.0) -> Path:
+    """A local path for a weight source: the file itself, or a URL downloaded once into
+    cache_dir (TRAPQ_WEIGHTS_CACHE_DIR; a URL without one is refused).
 
     The download goes to a temporary file in the cache folder and is renamed into place, so a
     crash mid-download never leaves a truncated file that later runs would trust.
@@ -49,7 +51,9 @@ def resolve(source: str, cache_dir: Path | None = None, timeout_s: float = 60.0)
         if not path.is_file():
             raise WeightsError(f"weights file not found: {path}")
         return path
-    folder = Path(cache_dir or DEFAULT_CACHE_DIR)
+    if cache_dir is None:
+        raise WeightsError(f"no cache folder to download {source} into")
+    folder = Path(cache_dir)
     name = Path(urlsplit(source).path).name or "weights"
     target = folder / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-{name}"
     if target.is_file():
@@ -69,14 +73,6 @@ def resolve(source: str, cache_dir: Path | None = None, timeout_s: float = 60.0)
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path, expected_sha256: str | None = None) -> Checkpoint:

@@ -1,8 +1,9 @@
-"""Alembic environment: the URL comes from the Config (trapq db upgrade) or TRAPQ_DATABASE_URL."""
+"""Alembic environment: the URL is the Config's (`trapq db upgrade` sets it, see
+migrations.alembic_config) or, from the alembic command line, `-x url=URL`. Nothing else: a
+migration run against a guessed database is worse than one refused."""
 
 from __future__ import annotations
 
-import os
 from logging.config import fileConfig
 
 from alembic import context
@@ -18,9 +19,13 @@ target_metadata = Base.metadata
 
 
 def database_url() -> str:
-    url = config.get_main_option("sqlalchemy.url") or ""
-    if not url or url.startswith("driver://"):
-        url = os.environ.get("TRAPQ_DATABASE_URL", "sqlite:///.trapq/trapq.db")
+    given = context.get_x_argument(as_dictionary=True).get("url", "")
+    url = config.get_main_option("sqlalchemy.url") or given
+    if not url:
+        raise SystemExit(
+            "no database URL: run `trapq db upgrade` (it uses TRAPQ_DATABASE_URL), or "
+            "`alembic -x url=URL ...`"
+        )
     return url
 
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pydantic import ValidationError
 
-from tasks.cli_app import UserError, fail, settings_problem
+from tasks.cli_app import fail, settings_problem
+from tasks.errors import UserError
 
 __all__ = ["main"]
 

@@ -1,4 +1,4 @@
-"""The Typer app every command module registers on, and the one-line error exit."""
+"""The Typer app every command module registers on, and the one-line error exit (tasks.errors)."""
 
 from __future__ import annotations
 
@@ -17,10 +17,6 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
-
-
-class UserError(Exception):
-    """An error the user can fix; the CLI prints its message on one line and exits 1."""
 
 
 def fail(message: str) -> NoReturn:

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from PIL import ExifTags, Image
 
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
-from tasks.cli_app import UserError
+from tasks.errors import UserError
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
 from tasks.timestamps import parse_timestamp
@@ -26,6 +26,8 @@ from tasks.timestamps import parse_timestamp
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp"})
 EXIF_DATETIME_ORIGINAL = ExifTags.Base.DateTimeOriginal
 EXIF_OFFSET_TIME_ORIGINAL = ExifTags.Base.OffsetTimeOriginal
+EXIF_ORIENTATION = ExifTags.Base.Orientation
+TRANSPOSED_ORIENTATIONS = frozenset({5, 6, 7, 8})  # rotated by 90 degrees one way or the other
 
 
 @dataclass(frozen=True)
@@ -161,7 +163,7 @@ def local_row(path: Path, uri: str | None = None) -> CaptureRow:
     row = CaptureRow(uri=uri or str(path), captured_at=None, width=None, height=None)
     try:
         with Image.open(path) as im:
-            row["width"], row["height"] = im.size
+            row["width"], row["height"] = upright_size(im)
             row["captured_at"] = exif_time(im)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         pass  # not readable here: the worker records why, if it cannot read it either
@@ -171,6 +173,14 @@ def local_row(path: Path, uri: str | None = None) -> CaptureRow:
         except OSError:
             pass  # e.g. on a share mounted only on the workers
     return row
+
+
+def upright_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) once EXIF orientation is applied, as workers decode it and boxes lie."""
+    width, height = im.size
+    if im.getexif().get(EXIF_ORIENTATION) in TRANSPOSED_ORIENTATIONS:
+        return height, width
+    return width, height
 
 
 def exif_time(im: Image.Image) -> datetime | None:

@@ -11,7 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from celery import Celery
 from celery.utils import uuid
@@ -19,9 +18,11 @@ from kombu.exceptions import KombuError
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.imports import find_deployment
-from db.jobs import count_captures, create_job, mark_chunks_queued
+from db.jobs import ChunkPlace, chunk_places, count_captures, create_job, mark_chunks_queued
+from db.reuse import box_source_problem, find_box_source
 from tasks.celery_app import PROCESS_CHUNK, make_app
-from tasks.cli_app import UserError
+from tasks.errors import UserError
+from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
 
@@ -45,6 +46,7 @@ class EnqueueResult:
     sent: int = 0
     failed: int = 0
     error: str = ""
+    boxes_from_job_id: int | None = None  # re-classification: whose boxes it reuses
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -74,6 +76,12 @@ def check_broker(app: Celery) -> None:
             ) from None
 
 
+def chunk_task_name(place: ChunkPlace | None) -> str | None:
+    """The name Flower shows for a chunk's task; None (the task's own name) for a chunk
+    that no longer exists (the worker will skip it)."""
+    return None if place is None else f"job {place.job_id} · chunk {place.number}/{place.of}"
+
+
 def send_chunks(
     settings: Settings, session_factory: sessionmaker[Session], chunk_ids: Sequence[int]
 ) -> SendResult:
@@ -86,8 +94,14 @@ def send_chunks(
     claim makes such a second delivery harmless). After a few failed batches in a row the
     broker is taken to be gone and the remaining chunks stay `pending` untried. Callers that
     resend a chunk (requeue) set it back to `pending` first.
+
+    Each message carries a shadow name (`job 12 · chunk 3/40`, see chunk_task_name): Flower
+    and the worker's log show it instead of the bare task name, so the jobs' tasks can be
+    told apart. Celery's retries keep it.
     """
     app = producer_app(settings)
+    with database_errors(settings), session_factory.begin() as session:
+        places = chunk_places(session, chunk_ids)
     n_sent = n_failed = in_a_row = 0
     error = ""
     with app.producer_or_acquire() as producer:
@@ -102,6 +116,7 @@ def send_chunks(
                             queue=settings.queue,
                             task_id=task_id,
                             producer=producer,
+                            shadow=chunk_task_name(places.get(chunk_id)),
                         )
             except (KombuError, OSError) as e:
                 n_failed += len(part)
@@ -118,40 +133,6 @@ def send_chunks(
     return SendResult(sent=n_sent, failed=n_failed, error=error)
 
 
-def pipeline_of(settings: Settings) -> dict[str, Any]:
-    """What makes two jobs' results comparable: models, weights and thresholds, no secrets."""
-
-    def model(name: str, weights: str, labels: str, sha256: str = "") -> dict[str, str]:
-        return {
-            "name": name,
-            "weights": _public(weights),
-            "labels": _public(labels),
-            "sha256": sha256,
-        }
-
-    pipeline: dict[str, Any] = {
-        "detector": model(
-            settings.detector,
-            settings.detector_weights,
-            settings.detector_labels,
-            settings.detector_sha256,
-        ),
-        "classifier": model(
-            settings.classifier,
-            settings.classifier_weights,
-            settings.classifier_labels,
-            settings.classifier_sha256,
-        ),
-        "box_threshold": settings.box_threshold,
-        "top_k": settings.top_k,
-    }
-    if settings.filter_classifier:
-        pipeline["filter"] = model(
-            settings.filter_classifier, settings.filter_weights, settings.filter_labels
-        ) | {"negative": settings.filter_negative}
-    return pipeline
-
-
 def enqueue(
     settings: Settings,
     deployment_name: str,
@@ -162,12 +143,18 @@ def enqueue(
     chunk_size: int | None = None,
     only_unprocessed: bool = False,
     dry_run: bool = False,
+    reuse_detections_from: int | None = None,
+    reuse_detections: bool = False,
 ) -> EnqueueResult:
     """Plan a job over a deployment's captures and send its chunks.
 
     Counting and planning share one snapshot (REPEATABLE READ on PostgreSQL), so an import
     running meanwhile cannot make the count and the chunks disagree. Nothing is created
     when no capture matches or the broker does not answer.
+
+    `reuse_detections_from` makes a re-classification job that reuses that job's boxes
+    (it must have run the same detector and box threshold); `reuse_detections` picks the
+    newest done job that did, and runs a full job when there is none.
     """
     size = chunk_size or settings.chunk_size
     if size < 1:
@@ -175,9 +162,11 @@ def enqueue(
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
     factory = ready_session_factory(settings)
-    pipeline = pipeline_of(settings)
+    spec = pipeline_spec(settings)
+    pipeline = spec.to_dict()
     selection = {
         "pipeline": pipeline,
+        "fingerprint": spec.fingerprint(),
         "since": since,
         "until": until,
         "limit": limit,
@@ -194,12 +183,18 @@ def enqueue(
             raise UserError(
                 f"unknown deployment {deployment_name!r}; `trapq deployments` lists them"
             )
+        boxes_from = _box_source(
+            session, deployment_id, pipeline, reuse_detections_from, reuse_detections
+        )
         n = count_captures(session, deployment_id, **selection)
         if n == 0:
             raise UserError(f"no captures of {deployment_name!r} match; nothing to enqueue")
         if dry_run:
-            return EnqueueResult(None, deployment_name, n, -(-n // size))
-        plan = create_job(session, deployment_id, chunk_size=size, **selection)
+            return EnqueueResult(None, deployment_name, n, -(-n // size),
+                                 boxes_from_job_id=boxes_from)
+        plan = create_job(
+            session, deployment_id, chunk_size=size, boxes_from_job_id=boxes_from, **selection
+        )
     result = send_chunks(settings, factory, plan.chunk_ids)
     return EnqueueResult(
         job_id=plan.job_id,
@@ -209,15 +204,23 @@ def enqueue(
         sent=result.sent,
         failed=result.failed,
         error=result.error,
+        boxes_from_job_id=boxes_from,
     )
 
 
-def _public(location: str) -> str:
-    """A weights location without credentials or query (presigned URLs carry secrets)."""
-    parts = urlsplit(location)
-    if not parts.scheme or len(parts.scheme) == 1:
-        return location
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+def _box_source(
+    session: Session,
+    deployment_id: int,
+    pipeline: dict[str, Any],
+    named: int | None,
+    automatic: bool,
+) -> int | None:
+    if named is None:
+        return find_box_source(session, deployment_id, pipeline) if automatic else None
+    problem = box_source_problem(session, deployment_id, pipeline, named)
+    if problem:
+        raise UserError(
+            f"--reuse-detections-from {named}: {problem}; re-classification keeps the "
+            "detector and box threshold (`trapq status` lists jobs)"
+        )
+    return named

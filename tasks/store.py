@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 import migrations
 from db.session import make_engine, make_sessionmaker
-from tasks.cli_app import UserError
+from tasks.errors import UserError
 from tasks.settings import Settings
 
 

@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import threading
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import psutil
 from celery import signals
@@ -27,9 +27,15 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference.pipeline_spec import PipelineSpec
 from tasks.metrics import start_metrics_logger
+from tasks.pipeline import model_sources
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
+
+if TYPE_CHECKING:
+    from inference.engine import EngineConfig
+    from inference.registry import Pipeline
 
 log = logging.getLogger("trapq.worker")
 
@@ -45,7 +51,7 @@ class Runtime:
     settings: Settings
     engine: Any  # inference.engine.Engine, imported lazily so the worker parent stays torch-free
     sessions: sessionmaker[Session]
-    description: dict[str, Any]
+    spec: PipelineSpec  # what this process loaded; a job of another fingerprint is refused
     metrics: Any  # tasks.metrics.MetricsLogger: images/s, batch sizes, GPU busy, once a minute
 
 
@@ -63,51 +69,64 @@ def runtime() -> Runtime:
         return _runtime
 
 
-def engine_config(settings: Settings) -> Any:
-    """EngineConfig from the settings of the same names (Engine and Bad input sections)."""
+def engine_config(s: Settings) -> EngineConfig:
+    """Every engine setting, by name: a setting renamed on either side fails here, loudly."""
     from inference.engine import EngineConfig
+    from inference.fetch import FetchPolicy
+    from inference.forward import ForwardOptions
 
-    values: dict[str, Any] = {}
-    for f in fields(EngineConfig):
-        if hasattr(settings, f.name):
-            value = getattr(settings, f.name)
-            values[f.name] = tuple(value) if isinstance(value, list) else value
-    values["max_bytes_in_flight"] = settings.max_bytes_in_flight_mb * 2**20
-    return EngineConfig(**values)
+    return EngineConfig(
+        fetch=FetchPolicy(
+            max_image_bytes=int(s.max_image_mb * 2**20),
+            http_connect_timeout_s=s.http_connect_timeout_s,
+            http_read_timeout_s=s.http_read_timeout_s,
+            http_max_redirects=s.http_max_redirects,
+            allowed_schemes=tuple(s.allowed_schemes),
+            allowed_roots=tuple(s.allowed_roots),
+            allowed_hosts=tuple(s.allowed_hosts),
+            pool_size=s.fetch_threads,
+        ),
+        forward=ForwardOptions(crop_batch_size=s.crop_batch_size, compile=s.compile),
+        batch_size=s.batch_size,
+        batch_wait_ms=s.batch_wait_ms,
+        gpu_decode=s.gpu_decode,
+        decode_threads=s.decode_threads,
+        max_images_in_flight=s.max_images_in_flight,
+        max_bytes_in_flight=s.max_bytes_in_flight_mb * 2**20,
+        max_image_pixels=s.max_image_pixels,
+    )
+
+
+def load_models(s: Settings) -> Pipeline:
+    """The models the TRAPQ_* settings name, loaded; precision is resolved here, once."""
+    from inference.registry import load_pipeline as load
+
+    detector, classifier, flt = model_sources(s)
+    return load(
+        detector,
+        classifier,
+        flt,
+        box_threshold=s.box_threshold,
+        top_k=s.top_k,
+        filter_negative_label=s.filter_negative,
+        device=s.device,
+        precision=s.precision,
+    )
 
 
 def _load(s: Settings) -> Runtime:
     from inference.engine import Engine
-    from inference.registry import load_pipeline
 
-    pipeline = load_pipeline(
-        detector=s.detector,
-        classifier=s.classifier,
-        device=s.device,
-        detector_weights=s.detector_weights or None,
-        detector_labels=s.detector_labels or None,
-        detector_sha256=s.detector_sha256 or None,
-        classifier_weights=s.classifier_weights or None,
-        classifier_labels=s.classifier_labels or None,
-        classifier_sha256=s.classifier_sha256 or None,
-        filter_classifier=s.filter_classifier or None,
-        filter_weights=s.filter_weights or None,
-        filter_labels=s.filter_labels or None,
-        random_weights=s.random_weights,
-        cache_dir=s.weights_cache_dir,
-        box_threshold=s.box_threshold,
-        precision=s.precision,
-    )
+    pipeline = load_models(s)
     engine = Engine(pipeline, engine_config(s))
     engine.start()
-    description = pipeline.describe()
     log.info(
         "trapq engine loaded in pid %d (CUDA_VISIBLE_DEVICES=%s): %s",
         os.getpid(),
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
-        json.dumps(description, sort_keys=True),
+        json.dumps(pipeline.describe(), sort_keys=True),
     )
-    return Runtime(s, engine, session_factory(s), description, start_metrics_logger(engine))
+    return Runtime(s, engine, session_factory(s), pipeline.spec, start_metrics_logger(engine))
 
 
 def close() -> None:

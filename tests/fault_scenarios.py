@@ -184,7 +184,7 @@ def _reference_then_job(
                                       deployment=deployment)
 
 
-def _mid_chunk(engine: Engine, job_id: int, worker: WorkerProcess) -> bool:
+def mid_chunk(engine: Engine, job_id: int, worker: WorkerProcess) -> bool:
     """True while `worker` runs a chunk of the job of which it has written some captures
     (since this delivery started) and has some left. A killed worker's chunk row still
     says `running`, so the worker's name and the start time are what tell them apart."""
@@ -198,10 +198,10 @@ def _mid_chunk(engine: Engine, job_id: int, worker: WorkerProcess) -> bool:
         ), {"j": job_id, "w": worker.node.split("@", 1)[0] + "@%"}))
 
 
-def _wait_mid_chunk(
+def wait_mid_chunk(
     lab: Lab, job: MadeJob, worker: WorkerProcess, what: str = "a chunk half done"
 ) -> None:
-    wait_for(lambda: _mid_chunk(lab.engine, job.job_id, worker), 60, what, every=0.05,
+    wait_for(lambda: mid_chunk(lab.engine, job.job_id, worker), 60, what, every=0.05,
              on_timeout=worker.tail)
 
 
@@ -222,7 +222,7 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
         last_kill = time.monotonic()
         for trial in range(trials):
             try:
-                _wait_mid_chunk(lab, job, worker, f"trial {trial}: a chunk half done")
+                wait_mid_chunk(lab, job, worker, f"trial {trial}: a chunk half done")
             except AssertionError as e:
                 notes.append(str(e).splitlines()[0])
                 break
@@ -285,7 +285,7 @@ def supervisor_kill(lab: Lab, trials: int = 3, n: int = 48, chunk_size: int = 6)
         send(env, lab.engine, job.chunk_ids)
         for trial in range(trials):
             try:
-                _wait_mid_chunk(lab, job, supervisor, f"trial {trial}: a chunk half done")
+                wait_mid_chunk(lab, job, supervisor, f"trial {trial}: a chunk half done")
             except AssertionError as e:
                 notes.append(str(e).splitlines()[0])
                 break
@@ -403,7 +403,7 @@ def redis_restart(lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "redis")
         send(env, lab.engine, job.chunk_ids)
-        _wait_mid_chunk(lab, job, worker)
+        wait_mid_chunk(lab, job, worker)
         broker.stop(signal.SIGTERM)
         time.sleep(down_s)
         broker.start()
@@ -425,7 +425,7 @@ def redis_data_lost(lab: Lab, n: int = 48, chunk_size: int = 6) -> Outcome:
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "lost")
         send(env, lab.engine, job.chunk_ids)
-        _wait_mid_chunk(lab, job, worker)
+        wait_mid_chunk(lab, job, worker)
         broker.stop(signal.SIGKILL)
         broker.start()
         wait_for(lambda: not _running_chunks(lab.engine, job.job_id), 60,
@@ -530,7 +530,7 @@ def sigterm_warm(lab: Lab, n: int = 48, chunk_size: int = 8) -> Outcome:
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "term")
         send(env, lab.engine, job.chunk_ids)
         wait_for(lambda: len(_running_chunks(lab.engine, job.job_id)) == 2
-                 and _mid_chunk(lab.engine, job.job_id, worker), 60, "two chunks in flight",
+                 and mid_chunk(lab.engine, job.job_id, worker), 60, "two chunks in flight",
                  every=0.05, on_timeout=worker.tail)
         in_flight = _running_chunks(lab.engine, job.job_id)
         worker.signal(signal.SIGTERM)

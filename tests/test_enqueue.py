@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,8 @@ import tasks.producer as producer
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
 from db.jobs import create_job
 from db.session import make_sessionmaker
+from inference.pipeline_spec import PipelineSpec
+from inference.registry import REGISTRY
 from tasks.celery_app import PROCESS_CHUNK
 from tasks.settings import Settings
 from tests.trapq_cli import one_line_error, trapq
@@ -172,12 +175,36 @@ def test_only_unprocessed_skips_captures_done_by_a_job_with_the_same_pipeline(
             {"job": first.job_id},
         )
 
-    again = producer.enqueue(settings, "trap-a", chunk_size=10, only_unprocessed=True)
-    other_model = settings.model_copy(update={"box_threshold": 0.3})
-    new_pipeline = producer.enqueue(other_model, "trap-a", chunk_size=10, only_unprocessed=True)
+    weights = Path(REGISTRY["demo_classifier"].default_weights or "")
+    moved = shutil.copy(weights, settings.data_dir / "same-bytes.pt")
+    other = settings.data_dir / "other-bytes.pt"
+    other.write_bytes(weights.read_bytes() + b"\0")  # never loaded: enqueue only hashes it
+    variants = {
+        "again": {},
+        "same bytes elsewhere": {"classifier_weights": str(moved)},
+        "other threshold": {"box_threshold": 0.3},
+        "other weights": {"classifier_weights": str(other)},
+        "other top-k": {"top_k": 3},
+    }
+    taken = {
+        name: producer.enqueue(
+            settings.model_copy(update=change), "trap-a", only_unprocessed=True, dry_run=True
+        ).n_captures
+        for name, change in variants.items()
+    }
 
-    assert again.n_captures == 70
-    assert new_pipeline.n_captures == 100
+    assert taken == {
+        "again": 70,
+        "same bytes elsewhere": 70,
+        "other threshold": 100,
+        "other weights": 100,
+        "other top-k": 100,
+    }
+    with clean_pg.connect() as conn:
+        stored, fingerprint = conn.execute(
+            text("SELECT pipeline, fingerprint FROM jobs WHERE id = :j"), {"j": first.job_id}
+        ).one()
+    assert PipelineSpec.from_dict(stored).fingerprint() == fingerprint
 
 
 def test_dry_run_counts_but_creates_and_sends_nothing(
@@ -266,6 +293,16 @@ def test_enqueue_command_prints_the_job_id_and_fills_the_queue(
         (["enqueue", "no-such-trap"], {}, "unknown deployment 'no-such-trap'"),
         (["enqueue", "trap-a", "--since", "last tuesday"], {}, "--since: not a timestamp"),
         (["enqueue", "trap-a", "--since", "2030-01-01"], {}, "no captures of 'trap-a' match"),
+        (
+            ["enqueue", "trap-a"],
+            {"TRAPQ_CLASSIFIER_WEIGHTS": "/no/such/weights.pt"},
+            "weights file not found: /no/such/weights.pt",
+        ),
+        (
+            ["enqueue", "trap-a"],
+            {"TRAPQ_FILTER_CLASSIFIER": "demo_classifier", "TRAPQ_FILTER_SHA256": "0" * 64},
+            "sha256 mismatch",
+        ),
         (
             ["enqueue", "trap-a"],
             {"TRAPQ_BROKER_URL": "redis://:hunter2@127.0.0.1:1/0"},

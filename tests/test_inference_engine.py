@@ -17,8 +17,17 @@ from torch import nn
 from inference.crops import crop_and_resize
 from inference.decode import decode, read_header
 from inference.engine import Engine, EngineConfig
+from inference.fetch import FetchPolicy
 from inference.forward import BatchForward, ForwardOptions
-from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline, load_pipeline
+from inference.pipeline_spec import ModelSource
+from inference.registry import (
+    ConstantBoxes,
+    LoadedModel,
+    ModelSpec,
+    Pipeline,
+    load_pipeline,
+    model_source,
+)
 from inference.types import Detection, ErrorKind, ItemResult, WorkItem
 from tests.inference_fixtures import HttpServer, chw, encode, http_server, structured_image
 
@@ -82,7 +91,8 @@ class Slow(ConstantBoxes):
 
 def detector(module: nn.Module, size: tuple[int, int] = (64, 96)) -> LoadedModel:
     spec = ModelSpec("test_detector", "detector", "test", size, 2, None, mean=None, std=None)
-    return LoadedModel(module.eval(), spec, ["background", "insect"], "test", 2)
+    source = ModelSource(spec.name, "", ("background", "insect"), size, None)
+    return LoadedModel(module.eval(), spec, source, 2)
 
 
 def classifier(
@@ -90,7 +100,8 @@ def classifier(
 ) -> LoadedModel:
     labels = labels or ["a", "b", "c"]
     spec = ModelSpec(name, "classifier", "test", (16, 16), len(labels), None)
-    return LoadedModel((module or TinyNet(len(labels))).eval(), spec, labels, "test", len(labels))
+    source = ModelSource(name, "", tuple(labels), (16, 16), None)
+    return LoadedModel((module or TinyNet(len(labels))).eval(), spec, source, len(labels))
 
 
 def pipeline(det: LoadedModel, flt: LoadedModel | None = None) -> Pipeline:
@@ -98,7 +109,11 @@ def pipeline(det: LoadedModel, flt: LoadedModel | None = None) -> Pipeline:
 
 
 def engine_for(pipe: Pipeline, **config: object) -> Engine:
-    defaults: dict[str, object] = {"fetch_threads": 2, "decode_threads": 1, "batch_wait_ms": 5}
+    defaults: dict[str, object] = {
+        "fetch": FetchPolicy(pool_size=2),
+        "decode_threads": 1,
+        "batch_wait_ms": 5,
+    }
     return Engine(pipe, EngineConfig(**{**defaults, **config}))  # type: ignore[arg-type]
 
 
@@ -133,10 +148,9 @@ def real_pipeline() -> Pipeline:
     spread so that near-ties cannot reorder detections between runs."""
     torch.manual_seed(0)
     pipe = load_pipeline(
-        "fasterrcnn_mobilenet_v3_large_320_fpn",
-        "mobilenet_v3_large",
+        model_source("fasterrcnn_mobilenet_v3_large_320_fpn", "detector", random_weights=True),
+        model_source("mobilenet_v3_large", "classifier", random_weights=True),
         device="cpu",
-        random_weights=True,
         box_threshold=0.0,
         detector_kwargs={"box_detections_per_img": 6},
     )
@@ -151,7 +165,7 @@ def test_batched_equals_one_at_a_time(real_pipeline: Pipeline) -> None:
         chw(structured_image(w, h, seed=i))
         for i, (w, h) in enumerate([(320, 240), (640, 480), (160, 120)])
     ]
-    forward = BatchForward(real_pipeline, ForwardOptions(precision="fp32", crop_batch_size=5))
+    forward = BatchForward(real_pipeline, ForwardOptions(crop_batch_size=5))
     batched = forward(images)
     for image, together in zip(images, batched, strict=True):
         alone = forward([image])[0]
@@ -168,7 +182,7 @@ def test_engine_batches_give_the_same_results_as_single_forwards(
         write(tmp_path / f"{i}.png", encode(structured_image(w, h, seed=10 + i), "PNG"))
         for i, (w, h) in enumerate([(320, 240), (640, 480), (160, 120), (320, 240)])
     ]
-    forward = BatchForward(real_pipeline, ForwardOptions(precision="fp32"))
+    forward = BatchForward(real_pipeline, ForwardOptions())
     with engine_for(real_pipeline, batch_size=4, batch_wait_ms=500) as engine:
         results = by_key(list(engine.run(WorkItem(i, u) for i, u in enumerate(uris))))
         stats = engine.stats()
@@ -265,14 +279,14 @@ def test_every_bad_input_gets_its_own_error_and_good_items_still_come_back(
         str(outside): ErrorKind.FORBIDDEN,
     }
     pipe = pipeline(detector(ConstantBoxes(boxes=3)))
-    config = {
-        "allowed_roots": (root,),
-        "max_image_bytes": 200_000,
-        "max_image_pixels": 1_000_000,
-        "http_read_timeout_s": 0.5,
-        "http_max_redirects": 2,
-        "batch_size": 4,
-    }
+    fetch = FetchPolicy(
+        allowed_roots=(root,),
+        max_image_bytes=200_000,
+        http_read_timeout_s=0.5,
+        http_max_redirects=2,
+        pool_size=2,
+    )
+    config = {"fetch": fetch, "max_image_pixels": 1_000_000, "batch_size": 4}
     uris = list(cases)
     with engine_for(pipe, **config) as engine:
         results = by_key(list(engine.run(WorkItem(i, u) for i, u in enumerate(uris))))
@@ -324,7 +338,7 @@ def test_decoded_images_held_never_exceed_the_bound(
     pipe = pipeline(detector(Slow(boxes=2)))
     config = {
         "batch_size": 2,
-        "fetch_threads": 4,
+        "fetch": FetchPolicy(pool_size=4),
         "decode_threads": 2,
         "max_images_in_flight": max_images,
         "max_bytes_in_flight": max_frames_of_bytes * frame_bytes,
@@ -406,7 +420,8 @@ def test_crops_the_filter_calls_negative_skip_the_second_classifier(
     uri = write(tmp_path / "a.jpg", encode(structured_image(48, 32, seed=0)))
     flt = classifier(FixedLogits(filter_logits), ["moth", "nonmoth"], name="filter")
     pipe = pipeline(detector(ConstantBoxes(boxes=3)), flt)
-    with engine_for(pipe, top_k=2, filter_negative="nonmoth") as engine:
+    pipe.top_k, pipe.filter_negative_label = 2, "nonmoth"
+    with engine_for(pipe) as engine:
         [result] = list(engine.run([WorkItem(1, uri)]))
     for d in result.detections:
         assert len(d.classifications) == expected
@@ -435,7 +450,8 @@ def test_bf16_runs_the_classifier_in_bfloat16_and_hands_back_float_scores(
     pipe = pipeline(detector(ConstantBoxes(boxes=2)))
     logits: list[torch.dtype] = []
     hook = pipe.classifier.module.register_forward_hook(lambda _m, _i, o: logits.append(o.dtype))
-    with engine_for(pipe, precision="bf16") as engine:
+    pipe.precision = "bf16"
+    with engine_for(pipe) as engine:
         [result] = list(engine.run([WorkItem(1, uri)]))
     hook.remove()
     assert logits == [torch.bfloat16]

@@ -6,17 +6,25 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torchvision
 
-from inference.registry import REGISTRY, load_model, load_pipeline
-from inference.weights import WeightsError, sha256_of
+from inference.pipeline_spec import sha256_of
+from inference.registry import REGISTRY, LoadedModel, Role, load_model, load_pipeline, model_source
+from inference.weights import WeightsError
 from tests.inference_fixtures import http_server
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
+
+
+def load(name: str, role: Role, boxes: int | None = None, **source: Any) -> LoadedModel:
+    """model_source then load_model, as load_pipeline does for each of its models."""
+    kwargs = {} if boxes is None else {"boxes": boxes}
+    return load_model(model_source(name, role, **source), role, CPU, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +55,7 @@ def test_each_checkpoint_shape_loads_with_its_class_count(
 ) -> None:
     path = tmp_path / "cls.pt"
     torch.save(wrap(classifier_state), path)
-    model = load_model("mobilenet_v3_large", "classifier", CPU, weights=str(path))
+    model = load("mobilenet_v3_large", "classifier", weights=str(path))
     assert model.num_classes == 7
     assert model.version == sha256_of(path)[:12]
     loaded = model.module.state_dict()
@@ -64,8 +72,8 @@ def test_torchscript_classifier_is_accepted(
     torch.jit.trace(net, x).save(str(path))
     labels = tmp_path / "labels.txt"
     labels.write_text("\n".join(f"species {i}" for i in range(7)))
-    model = load_model(
-        "mobilenet_v3_large", "classifier", CPU, weights=str(path), labels=str(labels)
+    model = load(
+        "mobilenet_v3_large", "classifier", weights=str(path), labels=str(labels)
     )
     assert isinstance(model.module, torch.jit.ScriptModule)
     assert model.num_classes == 7 and model.label(6) == "species 6"
@@ -78,16 +86,16 @@ def test_detector_class_counts_from_checkpoints(tmp_path: Path) -> None:
         weights=None, weights_backbone=None, num_classes=3
     )
     torch.save({"model_state_dict": frcnn.state_dict()}, tmp_path / "frcnn.pt")
-    model = load_model(
-        "fasterrcnn_mobilenet_v3_large_320_fpn", "detector", CPU, weights=str(tmp_path / "frcnn.pt")
+    model = load(
+        "fasterrcnn_mobilenet_v3_large_320_fpn", "detector", weights=str(tmp_path / "frcnn.pt")
     )
     assert model.num_classes == 3
     ssd = torchvision.models.detection.ssdlite320_mobilenet_v3_large(
         weights=None, weights_backbone=None, num_classes=5
     )
     torch.save(ssd.state_dict(), tmp_path / "ssd.pt")
-    model = load_model(
-        "ssdlite320_mobilenet_v3_large", "detector", CPU, weights=str(tmp_path / "ssd.pt")
+    model = load(
+        "ssdlite320_mobilenet_v3_large", "detector", weights=str(tmp_path / "ssd.pt")
     )
     assert model.num_classes == 5  # 6 anchors x 5 classes in the head's rows
 
@@ -97,13 +105,13 @@ def test_labels_from_text_json_list_and_json_mapping(tmp_path: Path) -> None:
     (tmp_path / "b.json").write_text(json.dumps(["background", "moth", "beetle"]))
     (tmp_path / "c.json").write_text(json.dumps({"2": "beetle", "0": "background", "1": "moth"}))
     for name in ("a.txt", "b.json", "c.json"):
-        model = load_model("constant_boxes", "detector", CPU, labels=str(tmp_path / name))
-        assert model.labels == ["background", "moth", "beetle"]
+        model = load("constant_boxes", "detector", labels=str(tmp_path / name))
+        assert model.labels == ("background", "moth", "beetle")
 
 
 def test_detector_labels_without_background_are_shifted(tmp_path: Path) -> None:
     (tmp_path / "l.txt").write_text("moth\n")
-    model = load_model("constant_boxes", "detector", CPU, labels=str(tmp_path / "l.txt"))
+    model = load("constant_boxes", "detector", labels=str(tmp_path / "l.txt"))
     assert model.num_classes == 2 and model.label(1) == "moth"
 
 
@@ -118,10 +126,9 @@ def test_url_weights_are_fetched_once_then_served_from_cache(
         server.files["w.pt"] = path.read_bytes()
         url = f"{server.base}/file/w.pt"
         for _ in range(2):
-            model = load_model(
+            model = load(
                 "mobilenet_v3_large",
                 "classifier",
-                CPU,
                 weights=url,
                 sha256=digest,
                 cache_dir=cache,
@@ -136,7 +143,7 @@ def test_wrong_sha256_is_refused(tmp_path: Path, classifier_state: dict[str, tor
     path = tmp_path / "w.pt"
     torch.save(classifier_state, path)
     with pytest.raises(WeightsError, match="sha256 mismatch"):
-        load_model("mobilenet_v3_large", "classifier", CPU, weights=str(path), sha256="0" * 64)
+        load("mobilenet_v3_large", "classifier", weights=str(path), sha256="0" * 64)
 
 
 def test_checkpoint_of_another_architecture_is_refused(
@@ -144,34 +151,37 @@ def test_checkpoint_of_another_architecture_is_refused(
 ) -> None:
     torch.save(classifier_state, tmp_path / "w.pt")
     with pytest.raises(WeightsError, match="fc.weight"):
-        load_model("resnet50", "classifier", CPU, weights=str(tmp_path / "w.pt"))
+        load("resnet50", "classifier", weights=str(tmp_path / "w.pt"))
 
 
 def test_unknown_model_and_wrong_role_are_named() -> None:
     with pytest.raises(WeightsError, match="unknown model 'yolo'"):
-        load_model("yolo", "detector", CPU, random_weights=True)
+        load("yolo", "detector", random_weights=True)
     with pytest.raises(WeightsError, match="is a classifier, not a detector"):
-        load_model("resnet50", "detector", CPU, random_weights=True)
+        load("resnet50", "detector", random_weights=True)
 
 
 def test_every_registered_torchvision_model_builds_without_downloading() -> None:
     for name in ("ssdlite320_mobilenet_v3_large", "mobilenet_v3_large"):
         spec = REGISTRY[name]
-        assert load_model(name, spec.role, CPU, random_weights=True).version == "random"
+        assert load(name, spec.role, random_weights=True).version == "random"
 
 
-def test_pipeline_describe_names_models_versions_device_and_precision() -> None:
+def test_pipeline_describe_names_models_versions_device_precision_and_fingerprint() -> None:
     pipeline = load_pipeline(
-        "constant_boxes", "mobilenet_v3_large", device="cpu", random_weights=True
+        model_source("constant_boxes", "detector"),
+        model_source("mobilenet_v3_large", "classifier", random_weights=True),
+        device="cpu",
     )
     described = pipeline.describe()
-    assert described["detector"]["name"] == "constant_boxes"
-    assert described["classifier"]["version"] == "random"
+    assert described["detector"] == "constant_boxes@builtin"
+    assert described["classifier"] == "mobilenet_v3_large@random"
     assert described["device"] == "cpu" and described["precision"] == "fp32"
+    assert described["fingerprint"] == pipeline.spec.fingerprint()
 
 
 def test_constant_boxes_gives_n_boxes_inside_each_image() -> None:
-    model = load_model("constant_boxes", "detector", CPU, boxes=7)
+    model = load("constant_boxes", "detector", boxes=7)
     out = model.module([torch.zeros(3, 50, 80), torch.zeros(3, 120, 30)])
     for o, (h, w) in zip(out, [(50, 80), (120, 30)], strict=True):
         assert o["boxes"].shape == (7, 4)
@@ -179,7 +189,11 @@ def test_constant_boxes_gives_n_boxes_inside_each_image() -> None:
 
 
 def test_demo_models_build_and_run_with_random_weights() -> None:
-    pipeline = load_pipeline("demo_detector", "demo_classifier", device="cpu", random_weights=True)
+    pipeline = load_pipeline(
+        model_source("demo_detector", "detector", random_weights=True),
+        model_source("demo_classifier", "classifier", random_weights=True),
+        device="cpu",
+    )
     assert pipeline.classifier.spec.input_size == (64, 64)
     with torch.inference_mode():
         out = pipeline.detector.module([torch.rand(3, 60, 80)])
@@ -192,5 +206,5 @@ def test_demo_checkpoints_load_from_the_registry_defaults(name: str) -> None:
     spec = REGISTRY[name]
     if not Path(spec.default_weights or "").is_file():
         pytest.skip(f"{spec.default_weights} not trained yet")
-    model = load_model(name, spec.role, CPU)
+    model = load(name, spec.role)
     assert model.version != "random" and model.num_classes == len(model.labels)

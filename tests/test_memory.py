@@ -28,7 +28,8 @@ from sqlalchemy import Engine
 import inference.engine
 from inference.engine import Engine as InferenceEngine
 from inference.engine import EngineConfig
-from inference.registry import ConstantBoxes, Pipeline, load_pipeline
+from inference.fetch import FetchPolicy
+from inference.registry import ConstantBoxes, Pipeline, load_pipeline, model_source
 from inference.types import WorkItem
 from tests.inference_fixtures import encode, structured_image
 from tests.local_http import QuietHandler, serving
@@ -94,7 +95,11 @@ def live_frames(monkeypatch: pytest.MonkeyPatch) -> LiveFrames:
 
 @pytest.fixture(scope="module")
 def slow_pipeline() -> Pipeline:
-    pipe = load_pipeline("constant_boxes", "demo_classifier", device="cpu", random_weights=True)
+    pipe = load_pipeline(
+        model_source("constant_boxes", "detector"),
+        model_source("demo_classifier", "classifier", random_weights=True),
+        device="cpu",
+    )
     detector = dataclasses.replace(pipe.detector, module=SlowBoxes(boxes=2).eval())
     return dataclasses.replace(pipe, detector=detector, box_threshold=0.0)
 
@@ -111,7 +116,7 @@ def test_decoded_frames_alive_never_exceed_the_in_flight_bound(
     png = tmp_path / "a.png"  # PNG: decoded on the CPU by decode(), whatever the device
     png.write_bytes(encode(structured_image(WIDTH, HEIGHT, seed=0), "PNG"))
     config = EngineConfig(
-        batch_size=batch_size, batch_wait_ms=5, fetch_threads=4, decode_threads=2,
+        fetch=FetchPolicy(pool_size=4), batch_size=batch_size, batch_wait_ms=5, decode_threads=2,
         max_images_in_flight=max_images, max_bytes_in_flight=max_frames_of_bytes * FRAME_BYTES,
     )
     got: dict[int, int] = {}

@@ -328,21 +328,3 @@ def test_chunk_past_its_deadline_stops_and_its_retry_finishes_the_rest(
     (chunk,) = chunk_rows(clean_pg, job.job_id)
     assert chunk.attempts >= 2
     assert "past its deadline of 10s" in worker.log_text()
-
-
-def test_worker_with_other_models_than_the_job_fails_its_chunk_and_writes_nothing(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
-) -> None:
-    paths = write_jpegs(tmp_path / "images", 2)
-    wanted = {"detector": {"name": "demo_detector"}, "classifier": {"name": "demo_classifier"}}
-    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2, pipeline=wanted)
-    env = worker_env(service_env)  # runs constant_boxes
-    worker = worker_factory(env).start()
-    send(env, clean_pg, job.chunk_ids)
-
-    assert _wait_job_end(clean_pg, job.job_id, worker) == "failed"
-    (chunk,) = chunk_rows(clean_pg, job.job_id)
-    assert "runs detector constant_boxes, the job was enqueued for demo_detector" in chunk.error
-    assert chunk.attempts == 1
-    assert item_states(clean_pg, job.job_id) == {"failed": 2}
-    assert detections_per_capture(clean_pg, job.job_id) == {}

@@ -18,6 +18,7 @@ from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
 from db.models import Chunk, Detection, Job, JobCapture
 from db.session import make_sessionmaker
+from inference.pipeline_spec import PipelineSpec
 from tasks.producer import send_chunks
 from tasks.settings import Settings
 
@@ -86,15 +87,23 @@ class MadeJob:
 
 def make_job(
     engine: Engine, uris: list[str], *, chunk_size: int, deployment: str = "test-deployment",
-    pipeline: dict[str, object] | None = None,
+    spec: PipelineSpec | None = None,
 ) -> MadeJob:
+    """A job over `uris`; with `spec` it records that pipeline and its fingerprint, as
+    `trapq enqueue` does, else a placeholder pipeline that workers do not check."""
     factory = make_sessionmaker(engine)
     with factory.begin() as s:
         dep = get_or_create_deployment(s, deployment)
         insert_captures(
             s, dep, [{"uri": u, "captured_at": None, "width": None, "height": None} for u in uris]
         )
-        plan = create_job(s, dep, pipeline=pipeline or {"test": True}, chunk_size=chunk_size)
+        plan = create_job(
+            s,
+            dep,
+            pipeline=spec.to_dict() if spec else {"test": True},
+            fingerprint=spec.fingerprint() if spec else None,
+            chunk_size=chunk_size,
+        )
     return MadeJob(plan.job_id, plan.chunk_ids, plan.n_captures)
 
 

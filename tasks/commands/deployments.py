@@ -15,8 +15,9 @@ from typing import Annotated, Any
 import typer
 
 from db.deployments import CAPTURE_METHODS, DeploymentMetadata, set_metadata
-from tasks.cli_app import UserError, console
+from tasks.cli_app import console
 from tasks.commands.jobstore import deployments_app, settings, timestamp
+from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
 
 # Camtrap DP deployment term -> (column of `deployments`, parser of the CSV cell).

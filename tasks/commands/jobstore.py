@@ -23,7 +23,8 @@ from rich.table import Table
 import migrations
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState
 from db.status import JobRow, JobStatus, deployments, job_status, recent_jobs
-from tasks.cli_app import UserError, app, console, err_console, settings_problem
+from tasks.cli_app import app, console, err_console, settings_problem
+from tasks.errors import UserError
 from tasks.importer import BadRow, import_source
 from tasks.producer import enqueue as enqueue_job
 from tasks.settings import Settings, get_settings
@@ -109,6 +110,15 @@ def enqueue(
         bool, typer.Option(help="Skip captures done by an earlier job with the same pipeline.")
     ] = False,
     dry_run: Annotated[bool, typer.Option(help="Count, create nothing, send nothing.")] = False,
+    reuse_detections_from: Annotated[
+        int | None,
+        typer.Option(help="Re-classify: reuse this job's boxes, run only the classifiers."),
+    ] = None,
+    reuse_detections: Annotated[
+        bool,
+        typer.Option(help="Re-classify with the boxes of the newest done job that ran the "
+                     "same detector and box threshold, if any."),
+    ] = False,
 ) -> None:
     """Create a job over a deployment's captures and send one message per chunk.
 
@@ -124,17 +134,25 @@ def enqueue(
         chunk_size=chunk_size,
         only_unprocessed=only_unprocessed,
         dry_run=dry_run,
+        reuse_detections_from=reuse_detections_from,
+        reuse_detections=reuse_detections,
+    )
+    boxes = (
+        f", boxes of job {result.boxes_from_job_id}"
+        if result.boxes_from_job_id is not None
+        else (", no earlier job with this detector: boxes detected" if reuse_detections else "")
     )
     if result.job_id is None:
         console.print(
-            f"dry run: {result.n_captures} captures of {deployment} in {result.n_chunks} chunks",
+            f"dry run: {result.n_captures} captures of {deployment} in {result.n_chunks} "
+            f"chunks{boxes}",
             highlight=False,
         )
         return
     console.print(result.job_id, highlight=False)
     err_console.print(
         f"job {result.job_id}: {result.n_captures} captures of {deployment} in "
-        f"{result.n_chunks} chunks, {result.sent} sent to queue {s.queue!r}",
+        f"{result.n_chunks} chunks, {result.sent} sent to queue {s.queue!r}{boxes}",
         highlight=False,
     )
     if result.failed:

@@ -21,9 +21,9 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from db.states import ItemState
 from db.status import JobStatus, job_status
 from db.summary import DrawnBox, boxes_of, busiest_captures, kind_counts
-from tasks.cli_app import UserError
 from tasks.demo.scenes import generate_night
-from tasks.export import export_job
+from tasks.errors import UserError
+from tasks.exports.table import write_csv
 from tasks.importer import import_source
 from tasks.producer import enqueue
 from tasks.settings import Settings
@@ -171,6 +171,6 @@ def run_demo(
             report.annotated.append(annotated_dir / source.name)
             annotate(source, boxes, report.annotated[-1])
     report.csv = out / "detections.csv"
-    with report.csv.open("w", newline="") as f:
-        export_job(factory, queued.job_id, "csv", f)
+    with report.csv.open("w", newline="") as f, factory() as session:
+        write_csv(session, queued.job_id, f)
     return report

@@ -1,0 +1,107 @@
+"""A job's pipeline is checked whole by a real worker: same architecture with other weights, or
+another box threshold, writes nothing for the job; the same weights' bytes at another path do.
+
+The job's spec is built by tasks.pipeline.pipeline_spec, the function `trapq enqueue` uses.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from sqlalchemy import Engine
+
+from inference.registry import REGISTRY
+from tasks.pipeline import pipeline_spec
+from tests.trapq_cli import trapq
+from tests.worker_jobs import (
+    BOXES_PER_IMAGE,
+    ENDED,
+    chunk_rows,
+    detections_per_capture,
+    item_states,
+    job_state,
+    make_job,
+    send,
+    settings_of,
+    worker_env,
+    write_jpegs,
+)
+from tests.worker_process import wait_for, worker_factory  # noqa: F401
+
+pytestmark = pytest.mark.slow
+DEMO_CLASSIFIER = Path(REGISTRY["demo_classifier"].default_weights or "")
+
+
+def _other_weights(path: Path) -> Path:
+    """The demo classifier's architecture and shapes, one weight changed: other bytes."""
+    state = torch.load(DEMO_CLASSIFIER, map_location="cpu", weights_only=True)
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    state[key] = state[key] + 0.01
+    torch.save(state, path)
+    return path
+
+
+def _env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
+    """A worker of the real demo classifier (not random weights) behind constant_boxes."""
+    return worker_env(service_env, TRAPQ_RANDOM_WEIGHTS="false", **overrides)
+
+
+def _wait_end(engine: Engine, job_id: int, worker: object) -> str:
+    wait_for(lambda: job_state(engine, job_id) in ENDED, 120, f"job {job_id} to end",
+             on_timeout=worker.tail)  # type: ignore[attr-defined]
+    return job_state(engine, job_id)
+
+
+@pytest.mark.parametrize(
+    "worker_settings, differs",
+    [
+        ({"TRAPQ_CLASSIFIER_WEIGHTS": "other"}, "classifier sha256"),
+        ({"TRAPQ_BOX_THRESHOLD": "0.3"}, "box_threshold"),
+    ],
+    ids=["other-weights", "other-threshold"],
+)
+def test_worker_whose_pipeline_differs_from_the_jobs_writes_nothing_for_it(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    worker_settings: dict[str, str], differs: str,
+) -> None:
+    if not DEMO_CLASSIFIER.is_file():
+        pytest.skip("demo classifier not trained")
+    paths = write_jpegs(tmp_path / "images", 2)
+    settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
+    spec = pipeline_spec(settings)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2, spec=spec)
+    if worker_settings.get("TRAPQ_CLASSIFIER_WEIGHTS") == "other":
+        worker_settings = {"TRAPQ_CLASSIFIER_WEIGHTS": str(_other_weights(tmp_path / "b.pt"))}
+    env = _env(service_env, **worker_settings)
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    assert _wait_end(clean_pg, job.job_id, worker) == "failed"
+    (chunk,) = chunk_rows(clean_pg, job.job_id)
+    assert f"is not the job's {spec.fingerprint()[:12]} ({differs})" in (chunk.error or "")
+    assert "\n" not in (chunk.error or "") and chunk.attempts == 1
+    assert item_states(clean_pg, job.job_id) == {"failed": 2}
+    assert detections_per_capture(clean_pg, job.job_id) == {}
+
+
+def test_the_same_weights_at_another_path_run_the_job(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+) -> None:
+    """The fingerprint names the bytes, not where a machine keeps them."""
+    if not DEMO_CLASSIFIER.is_file():
+        pytest.skip("demo classifier not trained")
+    paths = write_jpegs(tmp_path / "images", 2)
+    settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2, spec=pipeline_spec(settings))
+    copy = shutil.copy(DEMO_CLASSIFIER, tmp_path / "elsewhere.pt")
+    env = _env(service_env, TRAPQ_CLASSIFIER_WEIGHTS=str(copy))
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    assert _wait_end(clean_pg, job.job_id, worker) == "done"
+    assert set(detections_per_capture(clean_pg, job.job_id).values()) == {BOXES_PER_IMAGE}
+    out = trapq(env, "enqueue", "test-deployment", "--only-unprocessed", "--dry-run")
+    assert out.returncode != 0 and "no captures of 'test-deployment' match" in out.stderr
