@@ -1,0 +1,110 @@
+"""Re-classification: which earlier job's boxes a new job may reuse, and loading those boxes.
+
+A job whose detector and box threshold equal an earlier job's would find the same boxes
+again, so it reuses that job's detections: its workers skip the detector and run only the
+crop classifiers (images are still fetched and decoded, to cut the crops). A capture the
+source job has not done (failed, or not in it) is detected as usual, so a re-classification
+job covers every capture it was enqueued for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from db.models import Detection, Job, JobCapture
+from db.states import ItemState, JobState
+
+
+@dataclass(frozen=True)
+class StoredBox:
+    """A source job's detection as its copies need it; `source` is the original detection
+    (the source's own source when it is itself a copy), so all copies of a box share one."""
+
+    source: int
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    label: str
+
+
+def detector_identity(pipeline: dict[str, Any]) -> dict[str, Any]:
+    """What decides a job's boxes: its detector (where its file lay aside) and box threshold."""
+    detector = dict(pipeline.get("detector") or {})
+    detector.pop("weights", None)
+    return {"detector": detector, "box_threshold": pipeline.get("box_threshold")}
+
+
+def box_source_problem(
+    session: Session, deployment_id: int, pipeline: dict[str, Any], job_id: int
+) -> str | None:
+    """Why job `job_id` cannot lend its boxes to a new job of `pipeline`, or None if it can."""
+    found = session.execute(
+        select(Job.deployment_id, Job.pipeline, Job.boxes_from_job_id).where(Job.id == job_id)
+    ).first()
+    if found is None:
+        return f"there is no job {job_id}"
+    dep, source_pipeline, _ = found
+    if dep != deployment_id:
+        return f"job {job_id} is of another deployment"
+    mine, theirs = detector_identity(pipeline), detector_identity(source_pipeline)
+    if mine != theirs:
+        what = "detector" if mine["detector"] != theirs["detector"] else "box threshold"
+        return f"job {job_id} ran another {what} than the one configured now"
+    return None
+
+
+def find_box_source(session: Session, deployment_id: int, pipeline: dict[str, Any]) -> int | None:
+    """The newest `done` job of the deployment with the same detector and box threshold."""
+    wanted = detector_identity(pipeline)
+    rows = session.execute(
+        select(Job.id, Job.pipeline)
+        .where(Job.deployment_id == deployment_id, Job.state == JobState.DONE.value)
+        .order_by(Job.id.desc())
+    )
+    # JSON has no equality operator in PostgreSQL; a deployment's jobs are few, compare here.
+    return next((job_id for job_id, p in rows if detector_identity(p) == wanted), None)
+
+
+def stored_boxes(
+    s: Session, source_job_id: int, capture_ids: Sequence[int]
+) -> dict[int, list[StoredBox]]:
+    """The source job's boxes per capture it has done (an empty list: done, nothing found).
+
+    Captures it has not done are absent: they are to be detected afresh.
+    """
+    if not capture_ids:
+        return {}
+    done = s.scalars(
+        select(JobCapture.capture_id).where(
+            JobCapture.job_id == source_job_id,
+            JobCapture.capture_id.in_(list(capture_ids)),
+            JobCapture.state == ItemState.DONE.value,
+        )
+    ).all()
+    boxes: dict[int, list[StoredBox]] = {cid: [] for cid in done}
+    if not boxes:
+        return boxes
+    rows = s.execute(
+        select(
+            Detection.capture_id,
+            func.coalesce(Detection.source_detection_id, Detection.id),
+            Detection.x1,
+            Detection.y1,
+            Detection.x2,
+            Detection.y2,
+            Detection.score,
+            Detection.label,
+        )
+        .where(Detection.job_id == source_job_id, Detection.capture_id.in_(list(boxes)))
+        .order_by(Detection.capture_id, Detection.id)
+    )
+    for cid, source, x1, y1, x2, y2, score, label in rows:
+        boxes[cid].append(StoredBox(source, x1, y1, x2, y2, score, label))
+    return boxes
