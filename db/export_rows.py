@@ -1,0 +1,234 @@
+"""What exports read: a job's context and its results, streamed from a server-side cursor.
+
+Results come as one ordered query (work items, their detections, their classifications) read
+with yield_per and folded into one record per capture as they stream by, so memory holds one
+capture's detections at a time whatever the size of the job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, select
+from sqlalchemy.orm import Session
+
+from db.models import Capture, Classification, Deployment, Detection, Job, JobCapture
+from db.states import ItemState
+
+STREAM_ROWS = 5000
+SAMPLE_DETECTIONS = 10_000
+
+
+@dataclass(frozen=True)
+class JobContext:
+    job_id: int
+    state: str
+    pipeline: dict[str, Any]
+    fingerprint: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    deployment: Deployment
+
+
+@dataclass(frozen=True)
+class ClassificationRecord:
+    classifier: str
+    label: str
+    score: float
+    topk: list[tuple[str, float]]  # highest first, the top-1 included
+
+
+@dataclass
+class DetectionRecord:
+    """A box in original-image pixels, (x1, y1) top-left, (x2, y2) bottom-right."""
+
+    id: int
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    label: str
+    classes: dict[str, ClassificationRecord] = field(default_factory=dict)
+
+
+@dataclass
+class CaptureRecord:
+    capture_id: int
+    uri: str
+    captured_at: datetime | None
+    width: int | None
+    height: int | None
+    state: str  # the work item's: pending, done or failed
+    error: str | None
+    finished_at: datetime | None
+    detections: list[DetectionRecord] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class JobCounts:
+    by_state: dict[str, int]
+    done_without_size: int  # done captures whose pixel size is unknown (processed long ago)
+    without_time: int  # captures with no timestamp at all
+    first: datetime | None
+    last: datetime | None
+
+
+def job_context(session: Session, job_id: int) -> JobContext | None:
+    row = session.execute(
+        select(Job, Deployment).join(Deployment, Deployment.id == Job.deployment_id)
+        .where(Job.id == job_id)
+    ).first()
+    if row is None:
+        return None
+    job, deployment = row
+    return JobContext(
+        job_id=job.id,
+        state=job.state,
+        pipeline=job.pipeline or {},
+        fingerprint=job.fingerprint,
+        created_at=_aware(job.created_at) or job.created_at,
+        finished_at=_aware(job.finished_at),
+        deployment=deployment,
+    )
+
+
+def job_counts(session: Session, job_id: int) -> JobCounts:
+    """What an export checks before writing anything, in two aggregate queries."""
+    jc, c = JobCapture, Capture
+    by_state = dict(
+        session.execute(
+            select(jc.state, func.count()).where(jc.job_id == job_id).group_by(jc.state)
+        ).all()
+    )
+    done = jc.state == ItemState.DONE.value
+    no_size, no_time, first, last = session.execute(
+        select(
+            func.count().filter(and_(done, c.width.is_(None))),
+            func.count().filter(c.captured_at.is_(None)),
+            func.min(c.captured_at),
+            func.max(c.captured_at),
+        )
+        .select_from(jc)
+        .join(c, c.id == jc.capture_id)
+        .where(jc.job_id == job_id)
+    ).one()
+    return JobCounts(by_state, no_size, no_time, _aware(first), _aware(last))
+
+
+def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
+    """Every capture of the job in capture order, with its detections and classifications."""
+    jc, c, d, k = JobCapture, Capture, Detection, Classification
+    stmt = (
+        select(
+            jc.capture_id, c.uri, c.captured_at, c.width, c.height, jc.state, jc.error,
+            jc.finished_at, d.id, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
+            k.classifier, k.label, k.score, k.topk,
+        )
+        .select_from(jc)
+        .join(c, c.id == jc.capture_id)
+        .outerjoin(d, and_(d.job_id == jc.job_id, d.capture_id == jc.capture_id))
+        .outerjoin(k, k.detection_id == d.id)
+        .where(jc.job_id == job_id)
+        .order_by(jc.capture_id, d.id, k.id)
+        .execution_options(yield_per=STREAM_ROWS)
+    )
+    current: CaptureRecord | None = None
+    detection: DetectionRecord | None = None
+    for (cap_id, uri, at, width, height, state, error, finished, det_id, x1, y1, x2, y2, score,
+         label, classifier, k_label, k_score, topk) in session.execute(stmt):
+        if current is None or cap_id != current.capture_id:
+            if current is not None:
+                yield current
+            current = CaptureRecord(cap_id, uri, _aware(at), width, height, state, error,
+                                    _aware(finished))
+            detection = None
+        if det_id is None:
+            continue
+        if detection is None or detection.id != det_id:
+            detection = DetectionRecord(det_id, x1, y1, x2, y2, score, label)
+            current.detections.append(detection)
+        if classifier is not None:
+            ranked = [(str(lbl), float(sc)) for lbl, sc in topk] if topk else []
+            detection.classes[classifier] = ClassificationRecord(
+                classifier, k_label, k_score, ranked or [(k_label, k_score)]
+            )
+    if current is not None:
+        yield current
+
+
+@dataclass
+class DetectionRow:
+    """One detection with its capture, for the flat CSV/JSONL exports."""
+
+    capture_id: int
+    uri: str
+    captured_at: datetime | None
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    label: str
+    classes: dict[str, tuple[str, float]]  # classifier -> (label, score)
+
+
+def classifiers_of(session: Session, job_id: int) -> list[str]:
+    """The classifier names of this job: the flat exports' extra column pairs.
+
+    Taken from the job's pipeline (filter first, then the classifier), plus any other name
+    found on the job's first detections, so a big job is not scanned whole to learn them.
+    """
+    pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id)) or {}
+    names = [
+        part["name"]
+        for part in (pipeline.get("filter"), pipeline.get("classifier"))
+        if isinstance(part, dict) and part.get("name")
+    ]
+    first = select(Detection.id).where(Detection.job_id == job_id).limit(SAMPLE_DETECTIONS)
+    found = session.scalars(
+        select(Classification.classifier)
+        .where(Classification.detection_id.in_(first.scalar_subquery()))
+        .distinct()
+    )
+    return names + sorted(set(found) - set(names))
+
+
+def detection_rows(session: Session, job_id: int) -> Iterator[DetectionRow]:
+    """The job's detections in capture order, classifications folded in as they stream by."""
+    d, c, k = Detection, Capture, Classification
+    stmt = (
+        select(
+            d.id, d.capture_id, c.uri, c.captured_at, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
+            k.classifier, k.label, k.score,
+        )
+        .join(c, c.id == d.capture_id)
+        .outerjoin(k, k.detection_id == d.id)
+        .where(d.job_id == job_id)
+        .order_by(d.capture_id, d.id, k.id)
+        .execution_options(yield_per=STREAM_ROWS)
+    )
+    current: DetectionRow | None = None
+    current_id = None
+    for det_id, cap_id, uri, at, x1, y1, x2, y2, score, label, name, k_label, k_score in (
+        session.execute(stmt)
+    ):
+        if det_id != current_id:
+            if current is not None:
+                yield current
+            current_id = det_id
+            current = DetectionRow(cap_id, uri, at, x1, y1, x2, y2, score, label, {})
+        if name is not None and current is not None:
+            current.classes[name] = (k_label, k_score)
+    if current is not None:
+        yield current
+
+
+def _aware(t: datetime | None) -> datetime | None:
+    """SQLite gives naive datetimes back; the job store keeps UTC."""
+    if t is None or t.tzinfo is not None:
+        return t
+    return t.replace(tzinfo=UTC)

@@ -1,0 +1,66 @@
+"""`trapq export JOB --format csv|jsonl|camtrapdp|megadetector|coco`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from tasks.cli_app import app, err_console
+from tasks.commands.jobstore import settings
+from tasks.exports import FORMATS, ExportOptions, export
+from tasks.store import database_errors, ready_session_factory
+
+
+@app.command("export")
+def export_(
+    job: Annotated[int, typer.Argument(help="Job id.")],
+    fmt: Annotated[str, typer.Option("--format", help=", ".join(FORMATS) + ".")] = "csv",
+    output: Annotated[
+        Path | None,
+        typer.Option("-o", "--output", help="File to write (camtrapdp: a folder); default stdout."),
+    ] = None,
+    root: Annotated[
+        str | None,
+        typer.Option(help="Write image paths relative to this folder or URI prefix "
+                     "(megadetector, coco, camtrapdp)."),
+    ] = None,
+    title: Annotated[str | None, typer.Option(help="camtrapdp: title of the package.")] = None,
+    project_title: Annotated[
+        str | None, typer.Option(help="camtrapdp: title of the study (required).")
+    ] = None,
+    sampling_design: Annotated[
+        str | None,
+        typer.Option(help="camtrapdp (required): simpleRandom, systematicRandom, "
+                     "clusteredRandom, experimental, targeted or opportunistic."),
+    ] = None,
+    contributor: Annotated[
+        list[str] | None,
+        typer.Option(help="camtrapdp (required, repeatable): '[ROLE:]Name <email>'."),
+    ] = None,
+    public_media: Annotated[
+        bool, typer.Option(help="camtrapdp: the image files are publicly accessible.")
+    ] = False,
+    min_probability: Annotated[
+        float,
+        typer.Option(min=0.0, max=1.0,
+                     help="camtrapdp: classifier scores below this are observationType unknown."),
+    ] = 0.5,
+) -> None:
+    """Write a job's results: trapq's flat CSV/JSONL, or Camtrap DP, MegaDetector or COCO."""
+    options = ExportOptions(
+        root=root,
+        title=title,
+        project_title=project_title,
+        sampling_design=sampling_design,
+        contributors=tuple(contributor or ()),
+        public_media=public_media,
+        min_probability=min_probability,
+    )
+    s = settings()
+    factory = ready_session_factory(s)
+    with database_errors(s):
+        written = export(factory, job, fmt, output, options)
+    where = output if output is not None else "stdout"
+    err_console.print(f"job {job}: {written} written to {where} ({fmt})", highlight=False)

@@ -1,0 +1,139 @@
+"""What the field formats share: options, the job's models, paths, boxes, times, label ids."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
+
+from db.export_rows import ClassificationRecord, DetectionRecord
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Options of `trapq export`; each format reads the ones it needs."""
+
+    root: str | None = None  # files are written relative to this folder or URI prefix
+    title: str | None = None
+    project_title: str | None = None
+    sampling_design: str | None = None
+    contributors: tuple[str, ...] = ()
+    public_media: bool = False
+    min_probability: float = 0.5  # below it a classification is `unknown` in Camtrap DP
+
+
+@dataclass(frozen=True)
+class JobModels:
+    """The models of a job's pipeline (jobs.pipeline, PipelineSpec.to_dict()) as exports name
+    them. Jobs enqueued before the spec carried labels have none: ids then follow first sight."""
+
+    detector: str
+    detector_labels: tuple[str, ...]
+    classifier: str | None
+    classifier_labels: tuple[str, ...]
+    filter: str | None
+    box_threshold: float | None
+
+    @classmethod
+    def of(cls, pipeline: dict[str, Any]) -> JobModels:
+        def part(role: str) -> dict[str, Any]:
+            value = pipeline.get(role)
+            return value if isinstance(value, dict) else {}
+
+        detector, classifier, flt = part("detector"), part("classifier"), part("filter")
+        threshold = pipeline.get("box_threshold")
+        return cls(
+            detector=str(detector.get("name") or "detector"),
+            detector_labels=tuple(str(x) for x in detector.get("labels") or ()),
+            classifier=str(classifier["name"]) if classifier.get("name") else None,
+            classifier_labels=tuple(str(x) for x in classifier.get("labels") or ()),
+            filter=str(flt["name"]) if flt.get("name") else None,
+            box_threshold=float(threshold) if threshold is not None else None,
+        )
+
+    def species(self, detection: DetectionRecord) -> ClassificationRecord | None:
+        """The species classifier's result for this box; None if it gave none (e.g. the
+        filter sent the crop away)."""
+        if self.classifier is not None:
+            return detection.classes.get(self.classifier)
+        others = [k for name, k in detection.classes.items() if name != self.filter]
+        return others[0] if others else None
+
+    def names(self) -> str:
+        return " + ".join(n for n in (self.detector, self.filter, self.classifier) if n)
+
+
+class LabelIds:
+    """Category ids by label: the model's label order first, then labels as first seen."""
+
+    def __init__(self, labels: tuple[str, ...], first_id: int) -> None:
+        self._ids: dict[str, int] = {}
+        self._next = first_id
+        for label in labels:
+            self.id_of(label)
+
+    def id_of(self, label: str) -> int:
+        found = self._ids.get(label)
+        if found is None:
+            found = self._ids[label] = self._next
+            self._next += 1
+        return found
+
+    def items(self) -> list[tuple[int, str]]:
+        return [(i, label) for label, i in self._ids.items()]
+
+
+def local_path(uri: str) -> Path | None:
+    """The file a capture URI names on this machine, or None for a remote URI."""
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return Path(url2pathname(parts.path))
+    if len(parts.scheme) <= 1:  # no scheme, or a Windows drive letter
+        return Path(uri)
+    return None
+
+
+def file_of(uri: str, root: str | None) -> str:
+    """The capture's name relative to root when it lies below it, else its URI as recorded.
+
+    root is a folder (local captures) or a URI prefix such as s3://bucket/night-1/.
+    """
+    if root is None:
+        return uri
+    path, root_path = local_path(uri), local_path(root)
+    if path is not None and root_path is not None:
+        try:
+            return Path(os.path.abspath(path)).relative_to(os.path.abspath(root_path)).as_posix()
+        except ValueError:
+            return uri
+    prefix = root.rstrip("/") + "/"
+    return uri[len(prefix):] if uri.startswith(prefix) else uri
+
+
+def normalized_box(
+    d: DetectionRecord, width: int | None, height: int | None
+) -> tuple[float, float, float, float] | None:
+    """[x_min, y_min, width, height] as fractions of the image, top-left origin, inside [0, 1].
+
+    None when the image size is unknown or the box has no area inside the image.
+    """
+    if not width or not height:
+        return None
+    x1, x2 = (min(max(v / width, 0.0), 1.0) for v in (d.x1, d.x2))
+    y1, y2 = (min(max(v / height, 0.0), 1.0) for v in (d.y1, d.y2))
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return x1, y1, x2 - x1, y2 - y1
+
+
+def utc_z(t: datetime) -> str:
+    """ISO 8601 in UTC to the second with a Z designator (`2024-06-01T21:15:00Z`)."""
+    return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
