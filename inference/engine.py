@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from inference.decode import Header, decode, read_header
+from inference.device_fault import DeviceFault, is_device_fault
 from inference.fetch import Fetcher, FetchPolicy
 from inference.forward import BatchForward, ForwardOptions, LaunchedImage
 from inference.gpu_decode import DeviceDecoder, hand_over
@@ -164,6 +165,7 @@ class Engine:
         self.pipeline = pipeline
         self.config = config or EngineConfig()
         self.device = pipeline.device
+        self.fault: str | None = None  # the CUDA error that ended this engine's device use
         self._forward: BatchForward | None = None
         self._fetcher = Fetcher(self.config.fetch)
         self._inflight = InFlight(self.config.max_images_in_flight, self.config.max_bytes_in_flight)
@@ -200,6 +202,8 @@ class Engine:
     def run(self, items: Iterable[WorkItem]) -> Run:
         if self._thread is None:
             raise RuntimeError("Engine.start() first")
+        if self.fault is not None:
+            raise DeviceFault(f"the device failed earlier in this process: {self.fault}")
         return Run(self, items)
 
     def close(self) -> None:
@@ -369,11 +373,16 @@ class Engine:
                     break
                 batch.append(nxt)
             try:
+                if self.fault is not None:  # never touch a faulted device again
+                    raise DeviceFault(self.fault)
                 self._run_batch(batch)
-            except Exception as e:  # a bug or a device fault: fail the batch, keep the thread
-                message = f"engine failed on this batch ({type(e).__name__}: {e})"[:300]
-                for pending in batch:
-                    self._settle(pending, ErrorKind.MODEL, message)
+            except Exception as e:
+                if is_device_fault(e):
+                    self._on_device_fault(batch, e)
+                else:  # a bug: fail the batch, keep the thread
+                    message = f"engine failed on this batch ({type(e).__name__}: {e})"[:300]
+                    for pending in batch:
+                        self._settle(pending, ErrorKind.MODEL, message)
             del batch, first
             if stop:
                 return
@@ -423,6 +432,9 @@ class Engine:
                 try:
                     outcome = outcome.detections()
                 except Exception as e:
+                    if is_device_fault(e):
+                        self._on_device_fault([pending], e)
+                        continue
                     outcome = f"engine failed on this batch ({type(e).__name__}: {e})"[:300]
             if isinstance(outcome, str):
                 self._settle(pending, ErrorKind.MODEL, outcome, (w, h))
@@ -430,6 +442,19 @@ class Engine:
             with self._stats_lock:
                 self._crops += len(outcome)
             self._settle(pending, ItemResult(pending.item.key, pending.item.uri, w, h, outcome))
+
+    def _on_device_fault(self, batch: list[_Pending], error: BaseException) -> None:
+        """A CUDA error that lasts for the process: the device is not used again, the runs of
+        these items (and of every later item) raise DeviceFault, and their items stay pending
+        for a retry in a fresh process. Nothing is failed for the device's fault."""
+        with self._stats_lock:
+            if self.fault is None:
+                text = str(error).strip().splitlines()
+                self.fault = f"{type(error).__name__}: {text[0][:300] if text else ''}"
+        fault = DeviceFault(f"CUDA device fault; this process must restart ({self.fault})")
+        for pending in batch:
+            pending.run.interrupt(fault)
+            self._settle(pending, None)
 
     def _settle(
         self,
@@ -499,8 +524,11 @@ class Engine:
             return self._forward_batch(ready)
         except Exception as e:
             out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
+            device_fault = is_device_fault(e)
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         # Here the exception, its traceback and the attempt's tensors are gone.
+        if device_fault:  # splitting cannot help: every later CUDA call fails too
+            raise DeviceFault(first)
         if out_of_memory and self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(ready) == 1:

@@ -11,15 +11,17 @@ from typing import Any
 from celery import Celery
 
 from tasks.settings import Settings, get_settings
+from tasks.visibility import redis_broker_options
 
 PROCESS_CHUNK = "trapq.process_chunk"
+TRACK_JOB = "trapq.track_job"  # tasks.tracking: occurrences once a job ends
 
 
 def celery_config(s: Settings) -> dict[str, Any]:
     # Kombu's SQLAlchemy transport hands every transport option to create_engine(), and has
     # no visibility timeout to set: the options below are for Redis only.
     redis_opts = {"visibility_timeout": s.visibility_timeout_s}
-    broker_opts = redis_opts if s.broker_url.startswith("redis") else {}
+    broker_opts = redis_broker_options(s) if s.broker_url.startswith("redis") else {}
     backend_opts = redis_opts if s.result_backend.startswith("redis") else {}
     return {
         "broker_url": s.broker_url,
@@ -44,11 +46,15 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "task_track_started": True,
         "result_extended": True,
         "task_default_queue": s.queue,
-        "task_routes": {PROCESS_CHUNK: {"queue": s.queue}},
+        "task_routes": {PROCESS_CHUNK: {"queue": s.queue}, TRACK_JOB: {"queue": s.queue}},
         "broker_connection_retry_on_startup": True,
         "result_expires": 7 * 24 * 3600,
         "worker_proc_alive_timeout": 60,
-        "include": ["tasks.chunk"],
+        # Guards: a worker started by `trapq worker` stops when that dies; a worker with
+        # another visibility timeout than its queue's live workers does not start.
+        "include": [
+            "tasks.chunk", "tasks.orphan_guard", "tasks.visibility_guard", "tasks.tracking"
+        ],
     }
 
 

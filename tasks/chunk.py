@@ -15,6 +15,7 @@ own limits apply as well.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,8 +24,8 @@ import redis.exceptions
 from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
-from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
 
 from db.results import (
     Outcome,
@@ -39,11 +40,13 @@ from db.results import (
 )
 from db.reuse import stored_boxes
 from db.states import ChunkState
+from inference.device_fault import DeviceFault
 from inference.pipeline_spec import PipelineSpec
 from inference.types import Detection, ItemResult, WorkItem
-from tasks.celery_app import PROCESS_CHUNK, app
+from tasks.celery_app import PROCESS_CHUNK, TRACK_JOB, app
 from tasks.chunk_watch import ChunkStopped, ChunkWatch
-from tasks.worker_boot import Runtime, memory_guard, runtime
+from tasks.settings import get_settings
+from tasks.worker_boot import Runtime, memory_guard, runtime, stop_for_device_fault
 
 log = get_task_logger(__name__)
 
@@ -51,9 +54,14 @@ FLUSH_AFTER_S = 1.0  # longest a finished capture waits in the write buffer
 ERROR_CHARS = 500
 
 
-class ChunkRetry(Exception):
-    """Not the chunk's own fault and worth another try: every capture failed transiently
-    (the image host is down), or the chunk ran past its deadline."""
+class Transient(Exception):
+    """Not the chunk's own fault and worth another try: Celery retries it (ChunkTask).
+    Raised as is by the chunk, or wrapping (as __cause__) what is_transient picks out."""
+
+
+class ChunkRetry(Transient):
+    """Every capture failed transiently (the image host is down), or the chunk ran past its
+    deadline."""
 
 
 class PipelineMismatch(Exception):
@@ -80,13 +88,15 @@ def pipeline_mismatch(
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Errors of the database, broker or network, not of the chunk: retry with backoff."""
+    """Errors of the database, broker, network or device, not of the chunk: retry with
+    backoff. The one place that says so; bad input never is (it fails its capture alone)."""
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(
         exc,
         (
-            ChunkRetry,
+            Transient,
+            DeviceFault,  # the GPU's, not the chunk's: retried by a fresh worker process
             SoftTimeLimitExceeded,
             sa_exc.OperationalError,
             kombu.exceptions.OperationalError,
@@ -101,6 +111,8 @@ def is_transient(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """One line for the chunk row and the log: a database error without its SQL and
     parameters (a batch's worth), anything else cut to a readable length."""
+    if type(exc) is Transient and exc.__cause__ is not None:
+        return describe(exc.__cause__)
     if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
         detail = str(exc.orig).strip().splitlines()
         return f"{type(exc).__name__} ({type(exc.orig).__name__}): {detail[0] if detail else ''}"
@@ -127,45 +139,63 @@ def work_items(
     return work
 
 
-@app.task(bind=True, name=PROCESS_CHUNK)
-def process_chunk(self: Task, chunk_id: int) -> dict[str, Any]:
-    """Process one chunk; transient failures retry with exponential backoff and full jitter.
-
-    After settings.max_retries retries the chunk is `failed` with the error text (its
-    pending captures too), and `trapq requeue --failed` can send it again. Any other error
-    fails the chunk at once. Both re-raise, so Flower shows the task as failed.
+class ChunkTask(Task):
+    """Celery's own retry for Transient errors: exponential backoff with full jitter, from
+    the TRAPQ_RETRY_* settings, at most TRAPQ_MAX_RETRIES times. The hooks keep the chunk row
+    true: `running` with the reason while a retry waits, `failed` (its pending captures too)
+    once no retry is left or for any other error, and the memory guard after every run.
+    Failures re-raise, so Flower shows the task as failed; `trapq requeue --failed` resends.
     """
-    rt = runtime()
-    s = rt.settings
-    try:
-        return _ChunkRun(self, rt, chunk_id).execute()
-    except Exception as exc:
+
+    _s = get_settings()
+    autoretry_for = (Transient,)
+    max_retries = _s.max_retries
+    retry_backoff = _s.retry_backoff_s
+    retry_backoff_max = _s.retry_backoff_max_s
+    retry_jitter = _s.retry_jitter
+
+    def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        error = f"retry {self.request.retries + 1}/{self.max_retries}: {describe(exc)}"
+        log.warning("chunk %s: %s", args[0], error)
+        delivery = getattr(self.request, "chunk_delivery", None)
+        if delivery is not None:  # None: it failed before its claim, the row is as it was
+            _best_effort(args[0], error, lambda s: mark_retrying(s, args[0], error, delivery))
+
+    def on_failure(
+        self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any
+    ) -> None:
         error = describe(exc)
-        retries = self.request.retries
-        if is_transient(exc) and retries < s.max_retries:
-            countdown = get_exponential_backoff_interval(
-                s.retry_backoff_s, retries, s.retry_backoff_max_s, full_jitter=True
-            )
-            log.warning("chunk %s: %s; retry %d/%d in %ds", chunk_id, error, retries + 1,
-                        s.max_retries, countdown)
-            _best_effort(mark_retrying, rt, chunk_id, f"retry {retries + 1}: {error}")
-            raise self.retry(exc=exc, countdown=countdown, max_retries=s.max_retries) from None
-        if is_transient(exc):
-            error = f"gave up after {retries} retries: {error}"
-        log.error("chunk %s failed: %s", chunk_id, error, exc_info=not is_transient(exc))
-        _best_effort(fail_chunk, rt, chunk_id, error)
-        raise
-    finally:
+        if isinstance(exc, Transient):
+            error = f"gave up after {self.request.retries} retries: {error}"
+        log.error("chunk %s failed: %s", args[0], error, exc_info=not isinstance(exc, Transient))
+        _best_effort(args[0], error, lambda s: fail_chunk(s, args[0], error))
+
+    def after_return(self, *_: Any, **__: Any) -> None:
         memory_guard()
 
 
-def _best_effort(fn: Any, rt: Runtime, chunk_id: int, error: str) -> None:
+@app.task(bind=True, base=ChunkTask, name=PROCESS_CHUNK)
+def process_chunk(self: ChunkTask, chunk_id: int) -> dict[str, Any]:
+    """Process one chunk; what is_transient picks out goes to Celery's retry as Transient."""
+    try:
+        return _ChunkRun(self, runtime(), chunk_id).execute()
+    except Transient:
+        raise
+    except Exception as exc:
+        if isinstance(exc, DeviceFault):
+            stop_for_device_fault(describe(exc))
+        if is_transient(exc):
+            raise Transient(describe(exc)) from exc
+        raise
+
+
+def _best_effort(chunk_id: int, error: str, record: Callable[[Session], object]) -> None:
     # Recording why may fail for the very reason we are here (the database is gone); the
     # chunk then stays `running` with an old heartbeat, which `trapq requeue --stuck-after`
     # finds.
     try:
-        with rt.sessions.begin() as session:
-            fn(session, chunk_id, error)
+        with runtime().sessions.begin() as session:
+            record(session)
     except Exception as e:
         log.warning("chunk %s: could not record %r: %s", chunk_id, error, e)
 
@@ -199,6 +229,7 @@ class _ChunkRun:
             return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
         assert claim.job_id is not None
         self.job_id = claim.job_id
+        self.task.request.chunk_delivery = claim.deliveries  # for ChunkTask.on_retry
         mismatch = pipeline_mismatch(claim.pipeline, claim.fingerprint, self.rt.spec)
         if mismatch:
             raise PipelineMismatch(mismatch)
@@ -214,7 +245,6 @@ class _ChunkRun:
         self._report()
         deadline = started + s.chunk_soft_time_limit_s
         last_flush = last_report = time.monotonic()
-        state: str | None = ChunkState.RUNNING.value
 
         def past_deadline() -> ChunkRetry:
             return ChunkRetry(
@@ -243,14 +273,13 @@ class _ChunkRun:
                             self._report()
                             last_report = t
             except ChunkStopped as stopped:
-                state = stopped.state
+                self._flush()
+                log.info("chunk %s stopped: %s", self.chunk_id, stopped)
+                return {"chunk_id": self.chunk_id, "state": stopped.state}
             except ChunkRetry:
                 self._flush()  # what came back before the deadline stays written
                 raise
         self._flush()
-        if state != ChunkState.RUNNING.value:
-            log.info("chunk %s stopped: it is %s", self.chunk_id, state)
-            return {"chunk_id": self.chunk_id, "state": state}
         if self.held:
             self._give_up_on_held()
         elapsed = time.monotonic() - started
@@ -278,6 +307,9 @@ class _ChunkRun:
         self._report()
         if job_state:
             log.info("job %s ended %s with chunk %s", self.job_id, job_state, self.chunk_id)
+            if self.rt.settings.track_after_job:
+                # Sent once: only the transaction that ended the job returns its state.
+                app.send_task(TRACK_JOB, args=[self.job_id])
         return {**self.progress, "state": ChunkState.DONE.value, "metrics": metrics}
 
     def _take(self, result: ItemResult) -> None:
@@ -294,7 +326,7 @@ class _ChunkRun:
     def _give_up_on_held(self) -> None:
         first = self.held[0]
         reason = f"every capture failed transiently, e.g. {first.uri}: {first.error}"
-        if self.task.request.retries >= self.rt.settings.max_retries:
+        if self.task.request.retries >= self.task.max_retries:
             # Last try: the captures end failed with their own reasons, then the chunk.
             self.buffer.extend(self.held)
             self.held.clear()

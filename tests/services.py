@@ -59,14 +59,17 @@ def temporary_database(prefix: str, migrate: bool = True) -> Iterator[str]:
 
 @contextlib.contextmanager
 def temporary_queue(prefix: str) -> Iterator[str]:
-    """A fresh queue name; its Redis list and Kombu's bindings of its exchange (named as the
-    queue) are deleted afterwards."""
+    """A fresh queue name; its Redis list, Kombu's bindings of its exchange (named as the
+    queue), its unacknowledged messages and its workers' visibility leases (tasks.visibility)
+    are deleted afterwards."""
     name = f"{prefix}-{uuid.uuid4().hex[:10]}"
     try:
         yield name
     finally:
         client = redis.Redis.from_url(REDIS_URL)
-        client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}")
+        client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}",
+                      f"{name}.unacked", f"{name}.unacked_index", f"{name}.unacked_mutex",
+                      *client.scan_iter(match=f"trapq:{name}:visibility:*"))
         client.close()
 
 
