@@ -53,6 +53,7 @@ class DetectionLike(Protocol):
     label: str
     classifications: Sequence[ClassificationLike]
     source: int | None  # the detection whose box this one copies (re-classification)
+    embedding: bytes | None  # float16 features for tracking (TRAPQ_STORE_EMBEDDINGS)
 
 
 class ResultLike(Protocol):
@@ -288,6 +289,7 @@ def _insert_detections(conn: Any, job_id: int, results: Sequence[ResultLike]) ->
             "score": float(d.score),
             "label": d.label,
             "source_detection_id": d.source,
+            "embedding": d.embedding,
         }
         for key, d in dets
     ]
@@ -322,7 +324,7 @@ _PG_DETECTION_IDS = text(
 )
 _PG_COPY_DETECTIONS = (
     "COPY detections (id, job_id, capture_id, x1, y1, x2, y2, score, label, "
-    "source_detection_id) FROM STDIN"
+    "source_detection_id, embedding) FROM STDIN"
 )
 _PG_COPY_CLASSIFICATIONS = (
     "COPY classifications (detection_id, classifier, label, score, topk) FROM STDIN"
@@ -341,7 +343,7 @@ def _insert_detections_pg(
                 for det_id, (key, d) in zip(ids, dets, strict=True):
                     copy.write_row((det_id, job_id, key, float(d.x1), float(d.y1),
                                     float(d.x2), float(d.y2), float(d.score), d.label,
-                                    d.source))
+                                    d.source, d.embedding))
             if not classified:
                 return
             statement = _PG_COPY_CLASSIFICATIONS
@@ -439,11 +441,16 @@ def fail_chunk(s: Session, chunk_id: int, error: str) -> str | None:
     return _fail_chunk(s, chunk_id, job_id, error)
 
 
-def mark_retrying(s: Session, chunk_id: int, error: str) -> None:
-    """A running chunk whose retry was scheduled goes back to `queued`, with the reason."""
+def mark_retrying(s: Session, chunk_id: int, error: str, delivery: int) -> None:
+    """A running chunk whose retry was scheduled goes back to `queued`, with the reason.
+
+    Only if no later delivery claimed it meanwhile: the retry message is out before Celery
+    calls its on_retry hook, and a short countdown lets another worker start it first.
+    """
+    c = chunks_t.c
     s.execute(
         update(chunks_t)
-        .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
+        .where(c.id == chunk_id, c.state == ChunkState.RUNNING.value, c.deliveries == delivery)
         .values(state=ChunkState.QUEUED.value, error=error, heartbeat_at=now())
     )
 

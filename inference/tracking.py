@@ -44,11 +44,11 @@ class TrackParams:
     w_embedding: float = 1.0  # (1 - cosine similarity) of the classifier's features
     w_iou: float = 1.0  # (1 - IoU)
     w_area: float = 1.0  # (1 - smaller area / larger area)
-    w_distance: float = 1.0  # centroid distance / image diagonal
+    w_distance: float = 5.0  # centroid distance / image diagonal
     w_missed: float = 0.1  # per capture the track went unseen: prefer the freshest track
-    max_cost: float = 1.0  # gate: pairs costing more are never linked
-    max_distance: float = 0.1  # gate: centroid distance / image diagonal
-    max_missed: int = 3  # gate: captures a track may go unseen and still be continued
+    max_cost: float = 2.0  # gate: pairs costing more are never linked
+    max_distance: float = 0.15  # gate: centroid distance / image diagonal
+    max_missed: int = 5  # gate: captures a track may go unseen and still be continued
     max_gap_s: float = 1800.0  # gate: seconds since the track was last seen
     embedding_momentum: float = 0.5  # weight of the old appearance in a track's running one
 
@@ -128,10 +128,12 @@ def _terms(
 
 def _embedding_distance(a: np.ndarray | None, b: np.ndarray | None, shape: tuple[int, int]
                         ) -> np.ndarray:
-    """1 - cosine similarity; zero where either side has no embedding (geometry decides)."""
+    """1 - cosine similarity of unit rows; zero where either side has no embedding (an
+    all-zero row, or None), so geometry alone decides there."""
     if a is None or b is None:
         return np.zeros(shape, np.float32)
-    return 1.0 - np.clip(a @ b.T, -1.0, 1.0)
+    known = (a != 0).any(axis=1)
+    return np.where(known[:, None], 1.0 - np.clip(a @ b.T, -1.0, 1.0), 0.0)
 
 
 class _Builder:
@@ -208,9 +210,13 @@ def track_night(frames: Iterable[Frame], params: TrackParams | None = None) -> N
             t_last[rows] = f.detection_ids[cols]
             t_frame[rows] = index
             t_time[rows] = f.taken_at
-            if t_emb is not None and emb is not None:
+            if emb is not None:
+                t_emb = _with_width(t_emb, len(t_id), emb.shape[1])
                 m = p.embedding_momentum
-                t_emb[rows] = _normalise(m * t_emb[rows] + (1 - m) * emb[cols])
+                old = t_emb[rows]
+                known = (old != 0).any(axis=1, keepdims=True)
+                t_emb[rows] = np.where(known, _normalise(m * old + (1 - m) * emb[cols]),
+                                       emb[cols])
         new = np.flatnonzero(track < 0)
         if new.size:
             track[new] = np.arange(next_track, next_track + new.size)
@@ -221,9 +227,17 @@ def track_night(frames: Iterable[Frame], params: TrackParams | None = None) -> N
             t_frame = np.concatenate([t_frame, np.full(new.size, index)])
             t_time = np.concatenate([t_time, np.full(new.size, f.taken_at)])
             if emb is not None:
-                t_emb = emb[new] if t_emb is None else np.concatenate([t_emb, emb[new]])
+                t_emb = np.concatenate([_with_width(t_emb, len(t_id) - new.size,
+                                                    emb.shape[1]), emb[new]])
+            elif t_emb is not None:
+                t_emb = np.concatenate([t_emb, np.zeros((new.size, t_emb.shape[1]), np.float32)])
         out.add(f.detection_ids, track, previous, cost)
     return out.build()
+
+
+def _with_width(t_emb: np.ndarray | None, n: int, width: int) -> np.ndarray:
+    """The live tracks' appearances, zero rows (unknown) for all if there were none yet."""
+    return np.zeros((n, width), np.float32) if t_emb is None else t_emb
 
 
 def track_baseline(frames: Iterable[Frame], threshold: float = 1.0) -> NightTracks:

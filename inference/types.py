@@ -62,6 +62,8 @@ class Detection:
     label: str
     classifications: list[Classification] = field(default_factory=list)
     source: int | None = None  # the caller's id of the given box this one copies
+    # The species classifier's penultimate features, float16 bytes (ForwardOptions.embeddings)
+    embedding: bytes | None = None
 
 
 @dataclass

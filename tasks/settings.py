@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_retries: int = Field(5, ge=0, description="Retries of a chunk for transient errors.")
     retry_backoff_s: int = Field(5, ge=1, description="First retry countdown; doubles each time.")
     retry_backoff_max_s: int = Field(300, ge=1, description="Longest retry countdown.")
+    retry_jitter: bool = Field(
+        True, description="Full jitter: each countdown drawn between 0 and its backoff."
+    )
     max_deliveries: int = Field(
         5, ge=1, description="Starts of one chunk (since requeue) before it is failed for good."
     )
@@ -122,17 +125,17 @@ class Settings(BaseSettings):
     track_w_iou: float = Field(1.0, ge=0, description="Weight of 1 - IoU.")
     track_w_area: float = Field(1.0, ge=0, description="Weight of 1 - area ratio.")
     track_w_distance: float = Field(
-        1.0, ge=0, description="Weight of centroid distance / image diagonal."
+        5.0, ge=0, description="Weight of centroid distance / image diagonal."
     )
     track_w_missed: float = Field(
         0.1, ge=0, description="Cost per capture a track went unseen."
     )
-    track_max_cost: float = Field(1.0, gt=0, description="Links costing more are never made.")
+    track_max_cost: float = Field(2.0, gt=0, description="Links costing more are never made.")
     track_max_distance: float = Field(
-        0.1, gt=0, description="Longest link, as centroid distance / image diagonal."
+        0.15, gt=0, description="Longest link, as centroid distance / image diagonal."
     )
     track_max_missed: int = Field(
-        3, ge=0, description="Captures an insect may be missed and keep its identity."
+        5, ge=0, description="Captures an insect may be missed and keep its identity."
     )
     track_max_gap_s: float = Field(
         1800.0, gt=0, description="Longest time an insect may go unseen and keep its identity."

@@ -6,5 +6,6 @@ from tasks.commands import (  # noqa: F401
     exports,
     jobstore,
     operate,
+    tracking,
     versions,
 )

@@ -1,0 +1,124 @@
+"""`trapq track JOB` and `trapq occurrences JOB`: individuals, not frames."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from collections.abc import Iterable
+from datetime import date
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from db.models import Job
+from db.occurrences import NightCount, occurrence_counts, occurrence_rows
+from tasks.cli_app import app, console
+from tasks.commands.jobstore import settings
+from tasks.errors import UserError
+from tasks.store import database_errors, ready_session_factory
+from tasks.tracking import track_job
+
+
+@app.command("track")
+def track(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
+    """Link the job's detections into occurrences again (replaces the job's occurrences)."""
+    s = settings()
+    factory = ready_session_factory(s)
+    with database_errors(s):
+        with factory() as session:
+            if session.get(Job, job) is None:
+                raise UserError(f"no job {job}; `trapq status` lists the jobs")
+        summary = track_job(factory, job, s)
+    console.print(
+        f"job {job}: {summary.detections} detections -> {summary.occurrences} occurrences "
+        f"over {summary.nights} nights in {summary.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+@app.command("occurrences")
+def occurrences(
+    job: Annotated[int, typer.Argument(help="Job id.")],
+    plot: Annotated[
+        Path | None, typer.Option(help="Draw nightly abundance per species into this PNG.")
+    ] = None,
+    csv_out: Annotated[
+        Path | None, typer.Option("--csv", help="Write every occurrence to this CSV file.")
+    ] = None,
+) -> None:
+    """Per night and species: occurrences (individuals) against the detections they gather."""
+    s = settings()
+    factory = ready_session_factory(s)
+    with database_errors(s), factory() as session:
+        row = session.get(Job, job)
+        if row is None:
+            raise UserError(f"no job {job}; `trapq status` lists the jobs")
+        if row.tracked_at is None:
+            raise UserError(f"job {job} is not tracked yet; run `trapq track {job}`")
+        counts = occurrence_counts(session, job)
+        if csv_out is not None:
+            n = write_csv(csv_out, occurrence_rows(session, job))
+    console.print(counts_table(job, counts))
+    total_o = sum(c.occurrences for c in counts)
+    total_d = sum(c.detections for c in counts)
+    console.print(f"{total_o} occurrences from {total_d} detections"
+                  + (f" ({total_d / total_o:.1f} detections per individual)" if total_o else ""),
+                  highlight=False)
+    if csv_out is not None:
+        console.print(f"occurrences CSV: {csv_out} ({n} rows)", highlight=False)
+    if plot is not None:
+        draw_abundance(counts, plot, f"job {job}: individuals per night")
+        console.print(f"abundance plot:  {plot}", highlight=False)
+
+
+def counts_table(job: int, counts: list[NightCount]) -> Table:
+    table = Table(title=f"job {job}: occurrences per night and species")
+    table.add_column("night")
+    table.add_column("species")
+    table.add_column("occurrences", justify="right")
+    table.add_column("detections", justify="right")
+    for c in counts:
+        table.add_row(c.night.isoformat(), c.label, str(c.occurrences), str(c.detections))
+    return table
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, object]]) -> int:
+    n = 0
+    with path.open("w", newline="") as f:
+        writer: csv.DictWriter[str] | None = None
+        for row in rows:
+            if writer is None:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
+            n += 1
+    return n
+
+
+def draw_abundance(counts: list[NightCount], path: Path, title: str) -> None:
+    """Nightly abundance per species as lines: what ecologists look at, not read."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("--plot needs matplotlib: pip install 'trapq[plot]'") from None
+    nights = sorted({c.night for c in counts})
+    by_species: dict[str, dict[date, int]] = defaultdict(dict)
+    for c in counts:
+        by_species[c.label][c.night] = c.occurrences
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    for species in sorted(by_species, key=lambda k: -sum(by_species[k].values())):
+        ax.plot(nights, [by_species[species].get(n, 0) for n in nights], marker="o",
+                label=species)
+    ax.set_title(title)
+    ax.set_xlabel("night")
+    ax.set_ylabel("individuals (occurrences)")
+    ax.legend(loc="upper left", fontsize="small", ncol=2)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
