@@ -34,11 +34,11 @@ class FetchPolicy:
     allowed_roots: tuple[Path, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     pool_size: int = 8
-    s3_options: dict[str, Any] = field(default_factory=dict)
+    s3_options: dict[str, Any] = field(default_factory=dict)  # boto3 client arguments
 
 
 class Fetcher:
-    """Fetches with one pooled HTTP session (and one S3 filesystem) per calling thread.
+    """Fetches with one pooled HTTP session (and one S3 client) per calling thread.
 
     requests.Session is not documented as thread-safe, so each fetch thread keeps its own.
     """
@@ -151,31 +151,89 @@ class Fetcher:
                 )
         return bytes(body)
 
-    def _fetch_s3(self, uri: str) -> bytes:
-        fs = getattr(self._local, "s3", None)
-        if fs is None:
+    def _s3(self, uri: str) -> Any:
+        client = getattr(self._local, "s3", None)
+        if client is None:
             try:
-                import fsspec
+                from inference.s3 import s3_client
             except ImportError:
                 raise ItemFailure(
                     ErrorKind.FORBIDDEN,
                     f"s3:// needs the optional extra: pip install 'trapq[s3]' (for {uri})",
                 ) from None
-            fs = fsspec.filesystem("s3", **self.policy.s3_options)
-            self._local.s3 = fs
+            client = s3_client(
+                connect_timeout_s=self.policy.http_connect_timeout_s,
+                read_timeout_s=self.policy.http_read_timeout_s,
+                pool_size=self.policy.pool_size,
+                **self.policy.s3_options,
+            )
+            self._local.s3 = client
+        return client
+
+    def _fetch_s3(self, uri: str) -> bytes:
+        """GET the object with the HTTP fetch's timeouts and byte limit (checked on the
+        declared length, and again while streaming)."""
+        from botocore.exceptions import (
+            BotoCoreError,
+            ClientError,
+            ConnectTimeoutError,
+            NoCredentialsError,
+            ReadTimeoutError,
+        )
+
+        from inference.s3 import endpoint, split_s3_uri
+
         try:
-            size = fs.size(uri)
-            if size is not None and size > self.policy.max_image_bytes:
-                raise _too_large(size, self.policy.max_image_bytes, uri)
-            return fs.cat_file(uri)
-        except FileNotFoundError:
-            raise ItemFailure(ErrorKind.MISSING, f"no such object: {uri}") from None
-        except PermissionError:
-            raise ItemFailure(ErrorKind.FORBIDDEN, f"access denied to {uri}") from None
-        except TimeoutError:
-            raise ItemFailure(ErrorKind.TIMEOUT, f"timed out reading {uri}") from None
-        except OSError as e:
-            raise ItemFailure(ErrorKind.NETWORK, f"S3 read failed ({e}) for {uri}") from None
+            bucket, key = split_s3_uri(uri)
+        except ValueError as e:
+            raise ItemFailure(ErrorKind.MISSING, str(e)) from None
+        limit = self.policy.max_image_bytes
+        try:
+            response = self._s3(uri).get_object(Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                declared = int(response.get("ContentLength") or 0)
+                if declared > limit:
+                    raise _too_large(declared, limit, uri)
+                data = bytearray()
+                for block in iter(lambda: body.read(_CHUNK), b""):
+                    data += block
+                    if len(data) > limit:
+                        raise ItemFailure(
+                            ErrorKind.TOO_LARGE, f"more than {limit} bytes streamed for {uri}"
+                        )
+                return bytes(data)
+            finally:
+                body.close()
+        except ClientError as e:
+            raise _s3_failure(e, uri) from None
+        except NoCredentialsError:
+            raise ItemFailure(
+                ErrorKind.FORBIDDEN,
+                f"no S3 credentials on this worker (set AWS_ACCESS_KEY_ID and "
+                f"AWS_SECRET_ACCESS_KEY) for {uri}",
+            ) from None
+        except (ConnectTimeoutError, ReadTimeoutError):
+            raise ItemFailure(ErrorKind.TIMEOUT, f"S3 request timed out for {uri}") from None
+        except (BotoCoreError, OSError) as e:
+            raise ItemFailure(
+                ErrorKind.NETWORK, f"S3 at {endpoint()} failed ({_reason(e)}) for {uri}"
+            ) from None
+
+
+def _s3_failure(error: Any, uri: str) -> ItemFailure:
+    """An S3 error response as the item's failure: missing, forbidden, or the server's fault."""
+    code = str(error.response.get("Error", {}).get("Code", ""))
+    status = int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    if code in ("NoSuchKey", "NotFound") or (status == 404 and code != "NoSuchBucket"):
+        return ItemFailure(ErrorKind.MISSING, f"no such object: {uri}")
+    if code == "NoSuchBucket":
+        return ItemFailure(ErrorKind.MISSING, f"no such bucket for {uri}")
+    if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch") or status == 403:
+        return ItemFailure(ErrorKind.FORBIDDEN, f"S3 access denied ({code}) to {uri}")
+    if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
+        return ItemFailure(ErrorKind.HTTP_SERVER, f"S3 error {code or status} for {uri}")
+    return ItemFailure(ErrorKind.HTTP_STATUS, f"S3 error {code or status} for {uri}")
 
 
 def _scheme(uri: str) -> str:

@@ -46,11 +46,16 @@ class ImportReport:
 
 def import_source(
     settings: Settings,
-    source: Path,
+    source: str,
     deployment: str,
     on_bad_row: Callable[[BadRow], None] | None = None,
+    pattern: str | None = None,
 ) -> ImportReport:
-    """Record the captures of SOURCE under DEPLOYMENT (created if new), in one transaction."""
+    """Record the captures of SOURCE under DEPLOYMENT (created if new), in one transaction.
+
+    SOURCE is a folder, a manifest, a URL list or an s3://bucket/prefix; `pattern` (a regular
+    expression searched in each object's key) narrows an S3 listing.
+    """
     report = ImportReport(deployment=deployment)
 
     def bad(row: BadRow) -> None:
@@ -58,7 +63,17 @@ def import_source(
         if on_bad_row is not None:
             on_bad_row(row)
 
-    rows = read_source(source, settings.allowed_schemes, bad)
+    rows: Iterator[CaptureRow]
+    if source.startswith("s3://"):
+        if "s3" not in settings.allowed_schemes:
+            raise UserError("s3:// is not in TRAPQ_ALLOWED_SCHEMES; add it to import from S3")
+        from tasks.s3_import import s3_rows  # boto3 is the optional [s3] extra
+
+        rows = s3_rows(settings, source, pattern, IMAGE_SUFFIXES)
+    elif pattern is not None:
+        raise UserError("--pattern filters the keys of an s3:// listing; folders take every image")
+    else:
+        rows = read_source(Path(source), settings.allowed_schemes, bad)
     factory = ready_session_factory(settings)
     with database_errors(settings), factory.begin() as session:
         deployment_id = get_or_create_deployment(session, deployment)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -65,10 +64,15 @@ def db_upgrade() -> None:
 @app.command("import")
 def import_(
     source: Annotated[
-        Path,
-        typer.Argument(help="A folder of images, a CSV manifest uri[,captured_at] or a URL list."),
+        str,
+        typer.Argument(help="A folder of images, a CSV manifest uri[,captured_at], a URL list, "
+                       "or s3://bucket/prefix."),
     ],
     deployment: Annotated[str, typer.Option("--deployment", "-d", help="Deployment name.")],
+    pattern: Annotated[
+        str | None,
+        typer.Option(help="s3:// only: import the keys this regular expression matches."),
+    ] = None,
 ) -> None:
     """Record a deployment's captures; importing the same ones again adds nothing."""
     shown = 0
@@ -83,7 +87,7 @@ def import_(
                 soft_wrap=True,
             )
 
-    report = import_source(settings(), source, deployment, on_bad_row=warn)
+    report = import_source(settings(), source, deployment, on_bad_row=warn, pattern=pattern)
     console.print(
         f"{deployment}: {report.added} captures added, {report.skipped} already recorded",
         highlight=False,

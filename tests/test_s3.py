@@ -1,0 +1,162 @@
+"""S3 in: `trapq import s3://bucket/prefix` and workers fetching s3:// captures, against moto's
+standalone server on a loopback port (a real S3 HTTP API; boto3 is configured by the
+environment exactly as it would be for MinIO)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from sqlalchemy import Engine, select, text
+
+from db.jobs import create_job
+from db.models import Capture, JobCapture
+from db.session import make_sessionmaker
+from inference.fetch import Fetcher, FetchPolicy
+from inference.types import ErrorKind, ItemFailure
+from tests.trapq_cli import one_line_error, trapq
+from tests.worker_jobs import detections_per_capture, job_state, jpeg_bytes, send, worker_env
+from tests.worker_process import wait_for, worker_factory  # noqa: F401
+
+KEYS = {"AWS_ACCESS_KEY_ID": "trapq-test", "AWS_SECRET_ACCESS_KEY": "trapq-secret",
+        "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint: str) -> Any:
+    """A client of the test itself; each test makes its own buckets."""
+    return boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id=KEYS[
+        "AWS_ACCESS_KEY_ID"], aws_secret_access_key=KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1")
+
+
+@pytest.fixture
+def s3_env(service_env: dict[str, str], s3_endpoint: str) -> dict[str, str]:
+    """What a user sets for MinIO: the endpoint and the keys (no ~/.aws, no instance metadata)."""
+    return service_env | KEYS | {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+        "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+def uris(engine: Engine, deployment: str) -> list[str]:
+    with engine.connect() as conn:
+        return list(conn.scalars(text(
+            "SELECT c.uri FROM captures c JOIN deployments d ON d.id = c.deployment_id "
+            "WHERE d.name = :name ORDER BY c.uri"), {"name": deployment}))
+
+
+def test_import_pages_through_more_than_a_thousand_keys_once(
+    s3: Any, s3_env: dict[str, str], clean_pg: Engine
+) -> None:
+    s3.create_bucket(Bucket="traps")
+    keys = [f"night-1/cam-{'ab'[i % 2]}/img{i:05d}.JPG" for i in range(1050)]
+    for key in keys:
+        s3.put_object(Bucket="traps", Key=key, Body=b"x")
+    s3.put_object(Bucket="traps", Key="night-1/notes.txt", Body=b"not an image")
+    s3.put_object(Bucket="traps", Key="night-2/img00000.jpg", Body=b"x")
+
+    first = trapq(s3_env, "import", "s3://traps/night-1/", "--deployment", "n1")
+    again = trapq(s3_env, "import", "s3://traps/night-1/", "--deployment", "n1")
+    only_b = trapq(s3_env, "import", "s3://traps/night-1", "--deployment", "n1-b",
+                   "--pattern", r"/cam-b/")
+
+    assert first.returncode == 0, first.stderr
+    assert "1050 captures added, 0 already recorded" in first.stdout
+    assert "0 captures added, 1050 already recorded" in again.stdout
+    assert uris(clean_pg, "n1") == sorted(f"s3://traps/{k}" for k in keys)
+    assert only_b.returncode == 0, only_b.stderr
+    assert uris(clean_pg, "n1-b") == sorted(f"s3://traps/{k}" for k in keys if "/cam-b/" in k)
+
+
+def test_missing_credentials_bucket_or_pattern_are_one_line_errors(
+    s3: Any, s3_env: dict[str, str], clean_pg: Engine
+) -> None:
+    s3.create_bucket(Bucket="empty-traps")
+    no_keys = {k: v for k, v in s3_env.items() if k not in KEYS}
+    anonymous = trapq(no_keys, "import", "s3://empty-traps/x/", "--deployment", "d")
+    no_bucket = trapq(s3_env, "import", "s3://no-such-bucket/x/", "--deployment", "d")
+    nothing = trapq(s3_env, "import", "s3://empty-traps/x/", "--deployment", "d")
+    bad_pattern = trapq(s3_env, "import", "s3://empty-traps/", "--deployment", "d",
+                        "--pattern", "(")
+
+    assert "no S3 credentials" in one_line_error(anonymous)
+    assert "no bucket 'no-such-bucket'" in one_line_error(no_bucket)
+    assert "no captures found in s3://empty-traps/x/" in one_line_error(nothing)
+    assert "--pattern '(' is not a regular expression" in one_line_error(bad_pattern)
+    with clean_pg.connect() as conn:
+        assert conn.scalar(text("SELECT count(*) FROM deployments")) == 0
+
+
+def test_fetcher_reads_objects_within_its_byte_limit(
+    s3: Any, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("AWS_ENDPOINT_URL", *KEYS):
+        monkeypatch.setenv(name, s3_env[name])
+    s3.create_bucket(Bucket="fetch")
+    s3.put_object(Bucket="fetch", Key="ok.jpg", Body=b"\xff\xd8 bytes")
+    s3.put_object(Bucket="fetch", Key="big.jpg", Body=b"z" * 5000)
+    fetcher = Fetcher(FetchPolicy(max_image_bytes=4096, http_read_timeout_s=2.0))
+
+    assert fetcher.fetch("s3://fetch/ok.jpg") == b"\xff\xd8 bytes"
+    for uri, kind in (("s3://fetch/big.jpg", ErrorKind.TOO_LARGE),
+                      ("s3://fetch/gone.jpg", ErrorKind.MISSING),
+                      ("s3://no-bucket/a.jpg", ErrorKind.MISSING)):
+        with pytest.raises(ItemFailure) as info:
+            fetcher.fetch(uri)
+        assert info.value.kind == kind and uri in info.value.message
+
+
+@pytest.mark.slow
+def test_a_worker_processes_s3_captures_and_a_missing_key_fails_alone(
+    s3: Any, s3_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+) -> None:
+    s3.create_bucket(Bucket="night")
+    for i in range(4):
+        s3.put_object(Bucket="night", Key=f"n3/img{i}.jpg", Body=jpeg_bytes(160, 120, seed=i))
+    imported = trapq(s3_env, "import", "s3://night/n3/", "--deployment", "n3")
+    assert imported.returncode == 0, imported.stderr
+    s3.delete_object(Bucket="night", Key="n3/img2.jpg")  # gone between import and processing
+    factory = make_sessionmaker(clean_pg)
+    with factory.begin() as s:
+        dep = s.scalar(text("SELECT id FROM deployments WHERE name = 'n3'"))
+        plan = create_job(s, dep, pipeline={"test": True}, chunk_size=4)
+    env = worker_env(s3_env)
+    worker = worker_factory(env).start()
+    send(env, clean_pg, plan.chunk_ids)
+    wait_for(lambda: job_state(clean_pg, plan.job_id) == "done", 120, "job done",
+             on_timeout=worker.tail)
+
+    with factory() as s:
+        items = {uri: (state, kind, error, w, h) for uri, state, kind, error, w, h in s.execute(
+            select(Capture.uri, JobCapture.state, JobCapture.error_kind, JobCapture.error,
+                   Capture.width, Capture.height)
+            .join(Capture, Capture.id == JobCapture.capture_id)
+            .where(JobCapture.job_id == plan.job_id))}
+    assert items.pop("s3://night/n3/img2.jpg")[:3] == (
+        "failed", "missing", "no such object: s3://night/n3/img2.jpg")
+    assert set(items.values()) == {("done", None, None, 160, 120)}  # sizes recorded at decode
+    assert len(detections_per_capture(clean_pg, plan.job_id)) == 3
