@@ -18,13 +18,21 @@ from typing import Any
 import torch
 
 from inference.decode import Header, decode, read_header
-from inference.device_fault import DeviceFault, is_device_fault
+from inference.device_fault import DeviceFault, fault_line, is_device_fault
 from inference.fetch import Fetcher, FetchPolicy
 from inference.forward import BatchForward, ForwardOptions, LaunchedImage
 from inference.gpu_decode import DeviceDecoder, hand_over
 from inference.inflight import InFlight
 from inference.registry import Pipeline
-from inference.types import Detection, ErrorKind, ItemFailure, ItemResult, WorkItem
+from inference.types import (
+    Detection,
+    EngineStats,
+    ErrorKind,
+    ItemFailure,
+    ItemResult,
+    RunStats,
+    WorkItem,
+)
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,9 @@ class Run:
         self.cancelled = False
         self.fetch_decode_s = 0.0
         self.gpu_s = 0.0
+        self.batches = self.batch_images = 0
+        self._started_at = time.perf_counter()
+        self._busy_s_at_start = engine.stats().busy_s
         self._feeder = threading.Thread(target=self._feed, name="trapq-feed", daemon=True)
         self._feeder.start()
 
@@ -116,6 +127,25 @@ class Run:
         with self._lock:
             self.fetch_decode_s += fetch_decode_s
             self.gpu_s += gpu_s
+
+    def add_batch(self, size: int) -> None:
+        with self._lock:
+            self.batches += 1
+            self.batch_images += size
+
+    def stats(self) -> RunStats:
+        """This run's own figures so far: its batches, and the device's busy time since it
+        started (a chunk row stores these, not the process's figures since start)."""
+        busy_s = self._engine.stats().busy_s - self._busy_s_at_start
+        with self._lock:
+            return RunStats(
+                wall_s=time.perf_counter() - self._started_at,
+                fetch_decode_s=self.fetch_decode_s,
+                gpu_s=self.gpu_s,
+                batches=self.batches,
+                batch_images=self.batch_images,
+                device_busy_s=busy_s,
+            )
 
     def deliver(self, result: ItemResult) -> None:
         self._results.put(result)
@@ -228,27 +258,25 @@ class Engine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> EngineStats:
         with self._stats_lock:
-            elapsed = time.perf_counter() - self._started_at if self._started_at else 0.0
             inflight = self._inflight
-            return {
-                "images": self._images,
-                "errors": self._errors,
-                "batches": self._batches,
-                "mean_batch_size": self._images / self._batches if self._batches else 0.0,
-                "crops": self._crops,
-                "busy_s": self._busy_s,
-                "gpu_busy_fraction": self._busy_s / elapsed if elapsed else 0.0,
-                "images_in_flight": inflight.images,
-                "decoded_in_flight": inflight.decoded,
-                "bytes_in_flight": inflight.bytes,
-                "images_in_flight_peak": inflight.images_peak,
-                "decoded_in_flight_peak": inflight.decoded_peak,
-                "bytes_in_flight_peak": inflight.bytes_peak,
-                "max_images_in_flight": inflight.max_images,
-                "max_bytes_in_flight": inflight.max_bytes,
-            }
+            return EngineStats(
+                images=self._images,
+                errors=self._errors,
+                batches=self._batches,
+                crops=self._crops,
+                busy_s=self._busy_s,
+                elapsed_s=time.perf_counter() - self._started_at if self._started_at else 0.0,
+                images_in_flight=inflight.images,
+                decoded_in_flight=inflight.decoded,
+                bytes_in_flight=inflight.bytes,
+                images_in_flight_peak=inflight.images_peak,
+                decoded_in_flight_peak=inflight.decoded_peak,
+                bytes_in_flight_peak=inflight.bytes_peak,
+                max_images_in_flight=inflight.max_images,
+                max_bytes_in_flight=inflight.max_bytes,
+            )
 
     # caller side: fetch and decode pools
 
@@ -414,6 +442,8 @@ class Engine:
             self._batches += 1
             self._images += len(batch)
         share = elapsed / max(1, len(batch))
+        for run in {id(p.run): p.run for p in batch}.values():
+            run.add_batch(len(batch))
         for pending in done:
             pending.run.add_times(gpu_s=share)
         self._assemble_pool.submit(self._deliver, done, sizes, outcomes)
@@ -449,8 +479,7 @@ class Engine:
         for a retry in a fresh process. Nothing is failed for the device's fault."""
         with self._stats_lock:
             if self.fault is None:
-                text = str(error).strip().splitlines()
-                self.fault = f"{type(error).__name__}: {text[0][:300] if text else ''}"
+                self.fault = fault_line(error)
         fault = DeviceFault(f"CUDA device fault; this process must restart ({self.fault})")
         for pending in batch:
             pending.run.interrupt(fault)
@@ -525,10 +554,11 @@ class Engine:
         except Exception as e:
             out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
             device_fault = is_device_fault(e)
+            fault = fault_line(e)
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         # Here the exception, its traceback and the attempt's tensors are gone.
         if device_fault:  # splitting cannot help: every later CUDA call fails too
-            raise DeviceFault(first)
+            raise DeviceFault(fault)
         if out_of_memory and self.device.type == "cuda":
             torch.cuda.empty_cache()
         if len(ready) == 1:

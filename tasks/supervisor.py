@@ -32,7 +32,7 @@ from types import FrameType
 
 from tasks.orphan_guard import SUPERVISOR_PID_ENV, die_with_parent
 from tasks.settings import Settings
-from tasks.worker_boot import LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
+from tasks.worker_boot import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
 
 log = logging.getLogger("trapq.supervisor")
 
@@ -202,6 +202,9 @@ class Supervisor:
                       "it again", child.spec.node, code)
             self.exit_code = code
             return
+        if code == DEVICE_FAULT_EXIT:
+            log.error("%s stopped on a CUDA error that lasts for its process; its chunks were "
+                      "sent back", child.spec.node)
         child.fast_crashes = child.fast_crashes + 1 if now - child.started < FAST_CRASH_S else 1
         if child.fast_crashes >= MAX_FAST_CRASHES:
             log.error("%s exited %d, %d times right after start; not starting it again",

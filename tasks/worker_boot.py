@@ -14,6 +14,7 @@ with exit code MEMORY_RESTART_EXIT, on which `trapq worker` starts it again.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -41,6 +42,8 @@ log = logging.getLogger("trapq.worker")
 
 MEMORY_RESTART_EXIT = 75  # EX_TEMPFAIL: the worker stopped itself to come back with less RSS
 LOAD_FAILED_EXIT = 78  # EX_CONFIG: the models could not be loaded
+DEVICE_FAULT_EXIT = 76  # a CUDA error that poisons the process: restart with a fresh context
+DEVICE_FAULT_GRACE_S = 30.0  # longest a warm shutdown may take on a broken device
 
 # Lets an operator (and the fault tests) find the worker's database sessions.
 os.environ.setdefault("PGAPPNAME", "trapq-worker")
@@ -126,7 +129,12 @@ def _load(s: Settings) -> Runtime:
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
         json.dumps(pipeline.describe(), sort_keys=True),
     )
-    return Runtime(s, engine, session_factory(s), pipeline.spec, start_metrics_logger(engine))
+    rt = Runtime(s, engine, session_factory(s), pipeline.spec, start_metrics_logger(engine))
+    # What is loaded by now (torch, Celery, the models: ~300k objects) lives as long as the
+    # process. Frozen, it is out of the collector's reach: else every full collection, which
+    # the surviving results of each batch set off, walks it all (result assembly cost 5x).
+    gc.freeze()
+    return rt
 
 
 def close() -> None:
@@ -150,6 +158,22 @@ def memory_guard() -> None:
             "(trapq worker restarts it)", rss_mb, limit_mb, MEMORY_RESTART_EXIT,
         )
         worker_state.should_stop = MEMORY_RESTART_EXIT
+
+
+def stop_for_device_fault(reason: str) -> None:
+    """After a sticky CUDA error (inference.device_fault), stop this process with
+    DEVICE_FAULT_EXIT, on which `trapq worker` starts a fresh one. The chunks in hand fail
+    their engine runs with DeviceFault too and are retried (the retry message is in the broker
+    before the task returns); if the warm shutdown hangs on the broken device, the process
+    ends hard after DEVICE_FAULT_GRACE_S, and the retries are still there."""
+    if worker_state.should_stop == DEVICE_FAULT_EXIT:
+        return
+    log.critical("%s: this worker stops with exit code %d (trapq worker starts it again)",
+                 reason, DEVICE_FAULT_EXIT)
+    worker_state.should_stop = DEVICE_FAULT_EXIT
+    hard_exit = threading.Timer(DEVICE_FAULT_GRACE_S, os._exit, (DEVICE_FAULT_EXIT,))
+    hard_exit.daemon = True
+    hard_exit.start()
 
 
 @signals.celeryd_init.connect

@@ -7,14 +7,16 @@ from __future__ import annotations
 import weakref
 from pathlib import Path
 
+import pytest
 import torch
 from torch import nn
 
+from inference.device_fault import DeviceFault, is_device_fault
 from inference.engine import Engine, EngineConfig
 from inference.fetch import FetchPolicy
 from inference.pipeline_spec import ModelSource
 from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline, Role
-from inference.types import WorkItem
+from inference.types import ErrorKind, WorkItem
 from tests.inference_fixtures import encode, structured_image
 
 torch.set_num_threads(1)
@@ -95,3 +97,72 @@ def test_an_oom_split_frees_the_failed_attempt_before_each_retry(tmp_path: Path)
     assert sorted(r.key for r in results) == [0, 1, 2, 3]
     assert all(r.ok and len(r.detections) == 2 for r in results)
     assert len(model.alive_at_retry) == 7 and model.alive_at_retry == [0] * 7
+
+
+# sticky CUDA errors
+
+
+class IllegalAddress(ConstantBoxes):
+    """Fails as CUDA does after an illegal memory access: every call from then on."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(boxes=2)
+        self.error = error
+        self.calls = 0
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        self.calls += 1
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+        RuntimeError("CUDA error: device-side assert triggered"),
+        RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"),
+    ],
+    ids=["illegal_address", "device_assert", "cudnn"],
+)
+def test_a_sticky_cuda_error_raises_device_fault_to_the_caller_and_fails_no_item(
+    tmp_path: Path, error: Exception
+) -> None:
+    model = IllegalAddress(error)
+    with engine_for(pipeline_of(model), batch_size=4) as engine:
+        seen = []
+        with pytest.raises(DeviceFault, match="must restart"):
+            for result in engine.run(jpegs(tmp_path, 4)):
+                seen.append(result)
+        with pytest.raises(DeviceFault, match="failed earlier"):
+            engine.run(jpegs(tmp_path, 1))
+        stats = engine.stats()
+    assert seen == []  # no capture is failed for the device's fault
+    assert model.calls == 1  # no split: every later CUDA call would fail as well
+    assert engine.fault is not None and str(error) in engine.fault
+    assert stats["images_in_flight"] == stats["bytes_in_flight"] == 0
+
+
+def test_out_of_memory_is_not_a_device_fault(tmp_path: Path) -> None:
+    model = IllegalAddress(torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)"))
+    with engine_for(pipeline_of(model), batch_size=2) as engine:
+        results = list(engine.run(jpegs(tmp_path, 2)))
+    assert engine.fault is None
+    assert all(r.error_kind == ErrorKind.MODEL and "out of memory" in (r.error or "")
+               for r in results)
+
+
+def test_a_cuda_error_raised_inside_a_torchscript_model_is_a_device_fault() -> None:
+    """TorchScript wraps it in torch.jit.Error, which is not a RuntimeError."""
+
+    class Faults(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if bool(x.sum() > 0):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return x
+
+    scripted = torch.jit.script(Faults())
+    with pytest.raises(torch.jit.Error) as caught:
+        scripted(torch.ones(2))
+    assert not isinstance(caught.value, RuntimeError)
+    assert is_device_fault(caught.value)
+    assert not is_device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
