@@ -209,6 +209,17 @@ def test_flower_runs_with_basic_auth_persistent_state_and_a_published_port() -> 
     assert any(v.endswith(":" + db_dir) for v in flower["volumes"]), "Flower's db on a volume"
     assert any(p.endswith(":" + options["port"]) for p in flower["ports"])
     assert all(p.startswith("${PUBLISH_ADDR:-127.0.0.1}:") for p in flower["ports"])
+    assert options["tasks_columns"] == flower_columns()
+
+
+def flower_columns() -> str:
+    """The task columns Flower shows (the same in compose and the Procfile): the names say
+    job and chunk, args the chunk id, the result its counts."""
+    columns = compose()["services"]["flower"]["command"]
+    [option] = [c for c in columns if c.startswith("--tasks_columns=")]
+    value = option.split("=", 1)[1]
+    assert {"name", "args", "result"} <= set(value.split(",")), value
+    return value
 
 
 def test_procfile_starts_the_worker_flower_and_migrates_on_release() -> None:
@@ -225,7 +236,9 @@ def test_procfile_starts_the_worker_flower_and_migrates_on_release() -> None:
     assert procfile_argv(entries["worker"], env)[1][:2] == ["trapq", "worker"]
     assignments, argv = procfile_argv(entries["flower"], env)
     assert assignments == {"FLOWER_BASIC_AUTH": "admin:flower-secret"}
-    assert celery_flower_options(argv[1:]) == {"port": "5599"}
+    options = celery_flower_options(argv[1:])
+    assert options.pop("port") == "5599"
+    assert options == {"tasks_columns": flower_columns()}
 
 
 @pytest.mark.parametrize("missing", ["FLOWER_USER", "FLOWER_PASSWORD"])

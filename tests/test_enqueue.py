@@ -76,6 +76,7 @@ def messages(client: redis.Redis, queue_name: str) -> list[dict[str, object]]:
         out.append(
             {
                 "task": envelope["headers"]["task"],
+                "shadow": envelope["headers"]["shadow"],
                 "id": envelope["headers"]["id"],
                 "args": args,
                 "kwargs": kwargs,
@@ -125,9 +126,12 @@ def test_enqueue_puts_every_capture_in_exactly_one_chunk_and_one_message_per_chu
     assert [n for _, n, _ in per_capture] == [1] * 150
     # chunks hold neighbouring frames: the first 64 minutes are chunk 0, and so on
     assert [seq for _, _, seq in per_capture] == [i // 64 for i in range(150)]
+    # Flower shows each task by its shadow name: job and chunk, numbered from 1.
+    job = result.job_id
     assert messages(queue, queue_name) == [
-        {"task": PROCESS_CHUNK, "id": task_id, "args": [chunk_id], "kwargs": {}}
-        for chunk_id, _, _, task_id, _ in chunks
+        {"task": PROCESS_CHUNK, "shadow": f"job {job} · chunk {n}/3", "id": task_id,
+         "args": [chunk_id], "kwargs": {}}
+        for n, (chunk_id, _, _, task_id, _) in enumerate(chunks, start=1)
     ]
 
 

@@ -2,8 +2,9 @@
 
 Real processes against the real PostgreSQL and Redis: honcho starts `worker` and `flower` as an
 operator would, the job is imported and enqueued through the `trapq` CLI, and everything is read
-back through Flower's HTTP API with basic auth: the worker online, every chunk task SUCCESS,
-the PROGRESS events the chunks sent, Prometheus metrics, and re-sending one chunk through
+back through Flower's HTTP API with basic auth: the worker online, every chunk task SUCCESS
+under a name that says its job and chunk, the task list's args and result columns, the
+PROGRESS events the chunks sent, Prometheus metrics, and re-sending one chunk through
 `/api/task/async-apply` as the README shows.
 """
 
@@ -183,7 +184,11 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
     cli(procfile_env, "enqueue", "flower-night", "--chunk-size", "2")
     with clean_pg.connect() as conn:
         job_id = conn.execute(select(Job.id)).scalar_one()
-        chunks = conn.execute(select(Chunk.id, Chunk.task_id).where(Chunk.job_id == job_id)).all()
+        rows = conn.execute(
+            select(Chunk.id, Chunk.task_id, Chunk.seq).where(Chunk.job_id == job_id)
+        ).all()
+    chunks = [(chunk_id, task_id) for chunk_id, task_id, _ in rows]
+    shown_as = {chunk_id: f"job {job_id} · chunk {seq + 1}/3" for chunk_id, _, seq in rows}
     assert len(chunks) == 3 and all(task_id for _, task_id in chunks)
 
     def task_infos() -> dict[int, dict[str, Any]] | None:
@@ -202,7 +207,7 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
 
     infos = wait_for(task_infos, JOB_S, "SUCCESS of every chunk task in Flower", honcho)
     for chunk_id, info in infos.items():
-        assert info["name"] == PROCESS_CHUNK
+        assert info["name"] == shown_as[chunk_id], "Flower names the job and the chunk"
         assert str(chunk_id) in info["args"], "the chunk id is readable in Flower"
         assert f"'job_id': {job_id}" in info["result"], "so is the job id"
     with clean_pg.connect() as conn:
@@ -212,8 +217,12 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
     workers = {info["worker"] for info in infos.values()}
     online = flower.api("/api/workers", status="true")
     assert all(online.get(worker) is True for worker in workers), (workers, online)
-    listed = flower.api("/api/tasks", taskname=PROCESS_CHUNK)
-    assert {task_id for _, task_id in chunks} <= listed.keys()
+    listed = flower.api("/api/tasks")
+    assert {listed[task_id]["name"] for _, task_id in chunks} == set(shown_as.values())
+    page = flower.get("/tasks")
+    assert page.status_code == 200
+    for column in ("name", "args", "result"):
+        assert f'data-column="{column}"' in page.text, f"the task list shows {column}"
 
     # Re-send one chunk from Flower's API, as the README shows: it runs again and succeeds.
     chunk_id, _ = chunks[0]
@@ -235,11 +244,12 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
     assert flower.get("/api/tasks", auth=("operator", "wrong")).status_code == 401
     metrics = flower.get("/metrics", auth=None)
     assert metrics.status_code == 200
-    # Each chunk's progress reports reach Flower as task-progress events (state PROGRESS).
+    # Each chunk's progress reports reach Flower as task-progress events (state PROGRESS),
+    # labelled with the chunk's name. Prometheus' text has no charset: decode it as UTF-8.
     progress = [
-        line for line in metrics.text.splitlines()
+        line for line in metrics.content.decode().splitlines()
         if line.startswith("flower_events_total{")
-        and 'type="task-progress"' in line and f'task="{PROCESS_CHUNK}"' in line
+        and 'type="task-progress"' in line and f'task="job {job_id} · chunk ' in line
         and any(f'worker="{w}"' in line for w in workers)
     ]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in progress) >= len(chunks), progress
