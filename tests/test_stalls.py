@@ -1,0 +1,111 @@
+"""Stalls are caught while they happen, and workers of one queue agree on when a chunk returns.
+
+A fetch that hangs must not freeze the chunk's heartbeat (else `trapq requeue --stuck-after`
+cannot tell a slow chunk from a dead one) nor hold its deadline back; a worker with another
+visibility timeout than its queue's live workers would hand their chunks out early.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+from sqlalchemy import Engine
+
+from tests import fault_scenarios as fs
+from tests.local_http import QuietHandler, serving
+from tests.worker_jobs import (
+    BOXES_PER_IMAGE,
+    chunk_rows,
+    detections_per_capture,
+    item_states,
+    jpeg_bytes,
+    make_job,
+    send,
+)
+from tests.worker_process import wait_for, worker_factory  # noqa: F401
+
+pytestmark = pytest.mark.slow
+
+
+class HangingHost:
+    """Serves small JPEGs; `/hang.jpg` holds its request until `release` is set."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+
+@pytest.fixture
+def hanging_host() -> Iterator[tuple[str, HangingHost]]:
+    host = HangingHost()
+    body = jpeg_bytes(160, 120)
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/hang.jpg":
+                host.entered.set()
+                host.release.wait(300)
+            self.send_body(200, body, "image/jpeg")
+
+    with serving(Handler) as base:
+        yield base, host
+        host.release.set()
+
+
+def test_a_hung_fetch_neither_freezes_the_heartbeat_nor_holds_back_the_deadline(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    hanging_host: tuple[str, HangingHost],
+) -> None:
+    base, host = hanging_host
+    # The fetch could hang for 5 minutes; the chunk's deadline is 10 s.
+    env = fs.fault_env(service_env, TRAPQ_HTTP_READ_TIMEOUT_S="300", TRAPQ_FETCH_THREADS="2")
+    uris = [f"{base}/img{i}.jpg" for i in range(3)] + [f"{base}/hang.jpg"]
+    job = make_job(clean_pg, uris, chunk_size=len(uris))
+    worker = worker_factory(env, concurrency=1).start()
+    send(env, clean_pg, job.chunk_ids)
+
+    wait_for(lambda: host.entered.is_set() and item_states(clean_pg, job.job_id).get("done") == 3,
+             60, "three captures done and the fourth hanging", on_timeout=worker.tail)
+    beats: set[datetime] = set()
+
+    def beating() -> bool:
+        (chunk,) = chunk_rows(clean_pg, job.job_id)
+        if chunk.state == "running" and chunk.heartbeat_at is not None:
+            beats.add(chunk.heartbeat_at)
+        return len(beats) >= 3
+
+    # No result comes back while the fetch hangs; the heartbeat goes on regardless.
+    wait_for(beating, 30, "heartbeats during the hung fetch", on_timeout=worker.tail)
+    assert not host.release.is_set() and item_states(clean_pg, job.job_id).get("done") == 3
+    # The deadline stops the run while the fetch still hangs, and the chunk is retried.
+    wait_for(lambda: "past its deadline of 10s" in (chunk_rows(clean_pg, job.job_id)[0].error
+                                                    or ""), 60, "the deadline",
+             on_timeout=worker.tail)
+    assert not host.release.is_set()
+    host.release.set()
+    wait_for(lambda: chunk_rows(clean_pg, job.job_id)[0].state == "done", 120,
+             "the retry to finish the chunk", on_timeout=worker.tail)
+    assert item_states(clean_pg, job.job_id) == {"done": 4}
+    assert set(detections_per_capture(clean_pg, job.job_id).values()) == {BOXES_PER_IMAGE}
+    assert chunk_rows(clean_pg, job.job_id)[0].attempts >= 2
+
+
+def test_a_worker_with_another_visibility_timeout_than_its_queues_live_workers_does_not_start(
+    service_env: dict[str, str], worker_factory,  # noqa: F811
+) -> None:
+    env = fs.fault_env(service_env)  # visibility timeout 12 s
+    first = worker_factory(env, concurrency=1).start()
+    other = worker_factory(dict(env, TRAPQ_VISIBILITY_TIMEOUT_S="20"), concurrency=1)
+    with pytest.raises(RuntimeError, match="worker exited 78"):
+        other.start()
+    refusals = [line for line in other.log_text().splitlines()
+                if "TRAPQ_VISIBILITY_TIMEOUT_S=20, but a live worker" in line]
+    assert len(refusals) == 1 and "uses 12" in refusals[0], other.tail()
+    assert "engine loaded" not in other.log_text()  # refused before loading any model
+    # Same timeout: welcome. Once the first worker has stopped, its lease is gone.
+    worker_factory(env, concurrency=1).start().stop()
+    first.stop()
+    other.start().stop()
