@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
 from pathlib import Path
 
 from PIL import Image
 
-from tests.trapq_cli import trapq
+from tests.trapq_cli import TRAPQ, trapq
 
 
 def test_demo_runs_a_night_on_embedded_sqlite_and_writes_its_outputs(tmp_path: Path) -> None:
@@ -34,3 +35,24 @@ def test_demo_runs_a_night_on_embedded_sqlite_and_writes_its_outputs(tmp_path: P
     assert len(annotated) == 4
     with Image.open(annotated[0]) as im:
         assert im.size == (1920, 1080)
+
+
+def test_a_second_demo_run_enqueues_only_the_night_it_generated(tmp_path: Path) -> None:
+    """As a new user tries it: `trapq demo`, then a smaller night elsewhere. Both runs share
+    the job store in ./.trapq; the second reports its own 8 captures, not 48 + 8."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
+    env.update(OMP_NUM_THREADS="1")
+
+    def demo(*args: str) -> str:
+        done = subprocess.run([str(TRAPQ), "demo", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    first = demo()
+    second = demo("--captures", "8", "--out", "other")
+
+    assert "captures done 48, failed 0 of 48" in first
+    assert "captures done 8, failed 0 of 8" in second
+    assert (tmp_path / ".trapq" / "trapq.db").is_file(), "one job store for both runs"
+    assert len(list((tmp_path / "other" / "annotated").glob("*.jpg"))) == 4

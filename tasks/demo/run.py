@@ -8,6 +8,7 @@ runs the same against PostgreSQL and Redis.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import subprocess
@@ -127,6 +128,17 @@ def annotate(path: Path, boxes: list[DrawnBox], out: Path) -> None:
     image.save(out, quality=85)
 
 
+def demo_deployment(night: Path, seed: int, captures: int) -> str:
+    """The deployment of exactly this night: its seed, size and folder.
+
+    Runs share the job store (.trapq by default), and enqueue takes all of a deployment's
+    captures: a run with another --out or --captures gets a deployment of its own, so it
+    enqueues only the night it generated; the same command again reuses its own.
+    """
+    where = hashlib.sha256(str(night.resolve()).encode()).hexdigest()[:8]
+    return f"demo-night-{seed}-{captures}-{where}"
+
+
 def run_demo(
     settings: Settings,
     captures: int,
@@ -139,9 +151,11 @@ def run_demo(
 ) -> DemoReport:
     out.mkdir(parents=True, exist_ok=True)
     night = out / "captures"
-    deployment = f"demo-night-{seed}"
-    generate_night(night, captures, seed)
-    import_source(settings, night, deployment)
+    listing = out / "captures.txt"
+    generated = generate_night(night, captures, seed)
+    listing.write_text("".join(f"{night.name}/{truth.file}\n" for truth in generated))
+    deployment = demo_deployment(night, seed, captures)
+    import_source(settings, str(listing), deployment)
     queued = enqueue(settings, deployment, chunk_size=chunk_size)
     assert queued.job_id is not None
     log = out / "worker.log"
