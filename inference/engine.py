@@ -188,6 +188,19 @@ class Run:
         self.close()
 
 
+class EngineStartError(Exception):
+    """The engine cannot run its models; the message is one line for the operator."""
+
+
+def tune_cuda() -> None:
+    """TF32 for float32 matmuls and convolutions (the float32 parts: box heads, NMS inputs stay
+    float32 storage) and cuDNN's algorithm search: a capture's frames share one shape, so the
+    search runs once per shape. set_float32_matmul_precision is the API every torch 2.x has."""
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cudnn.benchmark = True
+
+
 class Engine:
     """Loaded once per process on one device; run() may be called from any number of threads."""
 
@@ -196,6 +209,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.device = pipeline.device
         self.fault: str | None = None  # the CUDA error that ended this engine's device use
+        self.warm_up_s = 0.0  # start-up compile and warm-up: the time to the first batch
         self._forward: BatchForward | None = None
         self._fetcher = Fetcher(self.config.fetch)
         self._inflight = InFlight(self.config.max_images_in_flight, self.config.max_bytes_in_flight)
@@ -214,10 +228,20 @@ class Engine:
         self._started_at = 0.0
 
     def start(self) -> None:
-        """Builds the forward (compiles if asked), starts the pools and the device thread."""
+        """Builds the forward, compiles and warms it up (see _warm_up), starts the pools and the
+        device thread. Raises EngineStartError, with a one-line reason, if the models cannot
+        run a dummy batch: a worker must stop at start then, never fail captures for it."""
         if self._thread is not None:
             return
-        self._forward = BatchForward(self.pipeline, self.config.forward)
+        if self.device.type == "cuda":
+            tune_cuda()
+        try:
+            self._forward = BatchForward(self.pipeline, self.config.forward)
+            if self.config.forward.compile or self.device.type == "cuda":
+                self._warm_up()
+        except Exception as e:
+            self._forward = None
+            raise EngineStartError(self._start_failure(e)) from e
         self._fetch_pool = ThreadPoolExecutor(self.config.fetch.pool_size, "trapq-fetch")
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, "trapq-decode")
         if self.gpu_decode:
@@ -228,6 +252,38 @@ class Engine:
         self._started_at = time.perf_counter()
         self._thread = threading.Thread(target=self._loop, name="trapq-engine", daemon=True)
         self._thread.start()
+
+    def _warm_up(self) -> None:
+        """A dummy batch of batch_size 16:9 frames through the detector and a full crop batch
+        through the classifiers, so that torch.compile compiles (and cuDNN picks its
+        algorithms) before the first capture, and a compiler that cannot work (Triton without
+        a C compiler) fails here."""
+        assert self._forward is not None
+        t0 = time.perf_counter()
+        generator = torch.Generator().manual_seed(0)
+        frames = [
+            torch.randint(0, 256, (3, 1080, 1920), dtype=torch.uint8, generator=generator)
+            for _ in range(self.config.batch_size)
+        ]
+        h, w = self.pipeline.classifier.spec.input_size
+        crops = torch.rand((self.config.forward.crop_batch_size, 3, h, w), generator=generator)
+        with torch.inference_mode():
+            self._forward([frame.to(self.device) for frame in frames])
+            self._forward.classify(crops.mul_(255).to(self.device))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.warm_up_s = time.perf_counter() - t0
+
+    def _start_failure(self, error: Exception) -> str:
+        detail = str(error).strip().splitlines()
+        reason = f"{type(error).__name__}: {detail[-1][:200] if detail else ''}"
+        if self.config.forward.compile:
+            return (
+                f"torch.compile failed on a dummy batch at start-up ({reason}); set "
+                "TRAPQ_COMPILE=false, or give the worker a C compiler (Triton builds its "
+                "launchers with one)"
+            )
+        return f"the models failed on a dummy batch of {self.config.batch_size} ({reason})"
 
     def run(self, items: Iterable[WorkItem]) -> Run:
         if self._thread is None:

@@ -12,11 +12,12 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.crops import crop_and_resize, normalize
+from inference.crops import crop_and_resize, crop_batch, normalize
 from inference.registry import LoadedModel, Pipeline
 from inference.types import Classification, Detection
 
@@ -57,6 +58,10 @@ class ForwardOptions:
 
     crop_batch_size: int = 256
     compile: bool = False
+    compile_backend: str = "inductor"  # torch.compile's; "eager" traces without code generation
+    # Every detection's embedding (the species classifier's penultimate features) from the same
+    # forward: the classifier then runs on the filter's negatives too, and they keep no labels.
+    embeddings: bool = False
 
 
 class BatchForward:
@@ -79,12 +84,18 @@ class BatchForward:
         scripted = isinstance(self.detector, torch.jit.ScriptModule)
         if isinstance(backbone, nn.Module) and not scripted:
             backbone.to(memory_format=torch.channels_last)
-            body = torch.compile(backbone) if options.compile else backbone
+            body = self._compiled(backbone) if options.compile else backbone
             self.detector.backbone = AutocastBackbone(backbone, body, self.device.type, self.dtype)
+        self._features = _Features.attach(pipeline.classifier) if options.embeddings else None
         if options.compile:
-            self.classifier = torch.compile(self.classifier)
+            self.classifier = self._compiled(self.classifier)
             if self.filter is not None:
-                self.filter = torch.compile(self.filter)
+                self.filter = self._compiled(self.filter)
+
+    def _compiled(self, module: nn.Module) -> nn.Module:
+        """Compiles lazily, at the first call: Engine.start() makes that call on a dummy batch,
+        so a compiler that cannot work stops the worker there, not at its first capture."""
+        return torch.compile(module, backend=self.options.compile_backend)  # type: ignore[return-value]
 
     def __call__(self, images: list[torch.Tensor]) -> list[list[Detection]]:
         """uint8 (3, H, W) images on the device -> detections in their own pixels."""
@@ -105,12 +116,9 @@ class BatchForward:
             found = self._detect(images)
             kept = found.keep.nonzero().flatten()
             size = self.pipeline.classifier.spec.input_size
-            crops = [
-                crop_and_resize(img, found.boxes[start:stop], size)
-                for img, (start, stop) in zip(images, found.spans(), strict=True)
-            ]
+            crops = crop_batch(images, found.boxes, found.owners, found.spans(), size)
             n = found.boxes.shape[0]
-            blocks, layout = self._route(torch.cat(crops).index_select(0, kept), kept, n)
+            blocks, layout = self._route(crops.index_select(0, kept), kept, n)
             head = [
                 found.keep[:, None].float(),
                 found.boxes,
@@ -187,17 +195,18 @@ class BatchForward:
         if isinstance(outputs, tuple):  # scripted torchvision detectors return (losses, detections)
             outputs = outputs[1]
         counts = [int(out["boxes"].shape[0]) for out in outputs]  # shapes: known on the host
-        for row, count in zip(table, counts, strict=True):
-            row.append(count)
+        for i, (row, count) in enumerate(zip(table, counts, strict=True)):
+            row += [count, i]
         per_image = _to_device(torch.tensor(table, dtype=torch.float32), self.device)
-        per_box = per_image[:, :8].repeat_interleave(
+        per_box = per_image.repeat_interleave(
             per_image[:, 8].long(), dim=0, output_size=sum(counts)
         )
         boxes = torch.cat([out["boxes"] for out in outputs]).float() * per_box[:, :4]
         boxes = torch.minimum(boxes.clamp(min=0), per_box[:, 4:])
         scores = torch.cat([out["scores"] for out in outputs]).float()
         labels = torch.cat([out["labels"] for out in outputs])
-        return _Found(boxes, scores, labels, scores >= self.pipeline.box_threshold, counts)
+        keep = scores >= self.pipeline.box_threshold
+        return _Found(boxes, scores, labels, keep, counts, per_box[:, 9])
 
     def classify(self, crops: torch.Tensor) -> list[list[Classification]]:
         """Each crop's classifications, read back at once (a sync): for callers that need
@@ -208,8 +217,8 @@ class BatchForward:
         with torch.inference_mode():
             rows = torch.arange(n, device=crops.device)
             blocks, layout = self._route(crops, rows, n)
-            host = torch.cat(blocks, dim=1).cpu().tolist()
-        return [layout.classifications(row, 0) for row in host]
+            host = torch.cat(blocks, dim=1).cpu().numpy()
+        return layout.classifications(host, 0)
 
     def _route(
         self, crops: torch.Tensor, rows: torch.Tensor, n: int
@@ -219,6 +228,7 @@ class BatchForward:
         others, made even when there is nothing to pick, so a batch's syncs stay constant."""
         blocks: list[torch.Tensor] = []
         layout = _Layout()
+        everything, every_row, pick = crops, rows, None
         if self.filter is not None and self.pipeline.filter is not None:
             model = self.pipeline.filter
             top = self._top_k(self.filter, model, crops)
@@ -232,9 +242,19 @@ class BatchForward:
             pick = positive.nonzero().flatten()
             crops, rows = crops.index_select(0, pick), rows.index_select(0, pick)
         model = self.pipeline.classifier
-        top = self._top_k(self.classifier, model, crops)
+        if self._features is None:
+            top = self._top_k(self.classifier, model, crops)
+        else:
+            # One forward over every crop: its features are every detection's embedding,
+            # while only the filter's positives keep the classifier's labels.
+            top = None
+            if everything.shape[0]:
+                probs = self._probabilities(self.classifier, model, everything)
+                top = self._top_of(probs if pick is None else probs.index_select(0, pick))
         names = self.names(model, top[2]) if top else []
         blocks.append(layout.add(model.spec.name, names, top, rows, n))
+        if self._features is not None:
+            blocks.append(layout.add_embeddings(self._features.take(), every_row, n))
         return blocks, layout
 
     def _top_k(
@@ -244,7 +264,11 @@ class BatchForward:
         model never sees an empty batch)."""
         if crops.shape[0] == 0:
             return None
-        probs = self._probabilities(module, model, crops)
+        return self._top_of(self._probabilities(module, model, crops))
+
+    def _top_of(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        if probs.shape[0] == 0:
+            return None
         values, indices = probs.topk(min(self.pipeline.top_k, probs.shape[1]), dim=1)
         return values, indices, probs.shape[1]
 
@@ -294,6 +318,37 @@ class BatchForward:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
 
+class _Features:
+    """Catches the input of a classifier's last linear layer (the registry's embedding_layer)
+    as the classifier runs: the pooled penultimate features, with no second forward."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        self.dim = layer.in_features
+        self._caught: list[torch.Tensor] = []
+        layer.register_forward_pre_hook(self._catch)
+
+    @classmethod
+    def attach(cls, model: LoadedModel) -> _Features | None:
+        """None for a classifier whose registry entry names no linear embedding layer, and for
+        TorchScript files (no hooks): its detections get no embedding, and tracking links
+        them by geometry alone."""
+        name = model.spec.embedding_layer
+        if name is None or isinstance(model.module, torch.jit.ScriptModule):
+            return None
+        layer = model.module.get_submodule(name)
+        return cls(layer) if isinstance(layer, nn.Linear) else None
+
+    def _catch(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        self._caught.append(args[0].flatten(1))
+
+    def take(self) -> torch.Tensor:
+        """The features caught since the last take, in crop order, as float32."""
+        caught, self._caught = self._caught, []
+        if not caught:
+            return torch.zeros((0, self.dim))
+        return torch.cat(caught).float()
+
+
 @dataclass
 class _Found:
     """Every box the detector returned for a batch, concatenated, in original pixels."""
@@ -303,6 +358,7 @@ class _Found:
     labels: torch.Tensor  # (N,) int
     keep: torch.Tensor  # (N,) bool: at or above the box threshold
     counts: list[int]  # boxes per image, in order
+    owners: torch.Tensor  # (N,) float: the index of each box's image in the batch
 
     def spans(self) -> list[tuple[int, int]]:
         ends = list(itertools.accumulate(self.counts))
@@ -322,6 +378,13 @@ class _Layout:
     this row's crop), k probabilities, then k class indices."""
 
     blocks: list[_Block] = field(default_factory=list)
+    embedding_dim: int = 0  # the embedding's columns, last in a row
+
+    def add_embeddings(self, features: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """(n, d) columns: each crop's features in its row."""
+        self.embedding_dim = features.shape[1]
+        out = torch.zeros((n, features.shape[1]), device=rows.device)
+        return out.index_copy_(0, rows, features.to(rows.device))
 
     def add(
         self,
@@ -341,15 +404,22 @@ class _Layout:
         src = torch.cat([torch.ones_like(values[:, :1]), values, indices.float()], dim=1)
         return torch.zeros((n, 1 + 2 * k), device=rows.device).index_copy_(0, rows, src)
 
-    def classifications(self, row: list[float], col: int) -> list[Classification]:
-        """A result row's classifications, its classifier columns starting at `col`."""
-        out = []
+    def classifications(self, rows: np.ndarray, col: int) -> list[list[Classification]]:
+        """Each result row's classifications, the classifier columns starting at `col`. A
+        classifier's labels and scores are picked out for all its rows at once (numpy), so
+        the Python left per row is making the objects."""
+        out: list[list[Classification]] = [[] for _ in range(rows.shape[0])]
         for block in self.blocks:
             k = block.k
-            if k and row[col]:
-                values, indices = row[col + 1 : col + 1 + k], row[col + 1 + k : col + 1 + 2 * k]
-                topk = [(block.names[int(i)], v) for i, v in zip(indices, values, strict=True)]
-                out.append(Classification(block.classifier, topk[0][0], topk[0][1], topk))
+            if k:
+                ran = rows[:, col].nonzero()[0]
+                values = rows[ran, col + 1 : col + 1 + k].tolist()
+                indices = rows[ran, col + 1 + k : col + 1 + 2 * k].astype(np.int64)
+                labels = np.asarray(block.names, dtype=object)[indices].tolist()
+                name = block.classifier
+                for r, vs, ls in zip(ran.tolist(), values, labels, strict=True):
+                    topk = list(zip(ls, vs, strict=True))
+                    out[r].append(Classification(name, ls[0], vs[0], topk))
             col += 1 + 2 * k
         return out
 
@@ -390,29 +460,28 @@ class Launched:
         return self._built
 
     def _build(self) -> list[list[Detection]]:
-        rows = self._rows.tolist()  # one conversion for the batch, never a value at a time
+        rows = self._rows.numpy()  # converted for the whole batch, never a value at a time
+        head = rows[:, :7].tolist()
+        classes = self._layout.classifications(rows, 7)
+        d = self._layout.embedding_dim
+        embeddings = rows[:, rows.shape[1] - d :].astype(np.float16) if d else None
         labels: dict[int, str] = {}
         out: list[list[Detection]] = []
         start = 0
         for count in self._counts:
             items = []
-            for row in rows[start : start + count]:
+            stop = start + count
+            for i, row, found in zip(range(start, stop), head[start:stop], classes[start:stop],
+                                     strict=True):
                 if not row[0]:
                     continue
                 index = int(row[6])
                 if index not in labels:
                     labels[index] = self._detector.label(index)
-                items.append(
-                    Detection(
-                        row[1],
-                        row[2],
-                        row[3],
-                        row[4],
-                        score=row[5],
-                        label=labels[index],
-                        classifications=self._layout.classifications(row, 7),
-                    )
-                )
+                x1, y1, x2, y2 = row[1:5]
+                embedding = None if embeddings is None else embeddings[i].tobytes()
+                items.append(Detection(x1, y1, x2, y2, row[5], labels[index], found,
+                                       embedding=embedding))
             out.append(items)
             start += count
         return out

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         "auto", description="Autocast dtype: auto is bf16 on CUDA, fp32 on CPU."
     )
     compile: bool = Field(False, description="torch.compile the models.")
+    compile_backend: str = Field(
+        "inductor", description="torch.compile backend (inductor needs a C compiler)."
+    )
     gpu_decode: bool = Field(True, description="Decode JPEGs with nvJPEG on CUDA.")
     fetch_threads: int = Field(8, ge=1, description="Concurrent fetches per worker process.")
     decode_threads: int = Field(2, ge=1, description="CPU decode threads per worker process.")

@@ -29,19 +29,20 @@ from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.pipeline_spec import PipelineSpec
-from tasks.metrics import start_metrics_logger
+from tasks.metrics import MetricsLogger
 from tasks.pipeline import model_sources
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
 
 if TYPE_CHECKING:
-    from inference.engine import EngineConfig
+    from inference.engine import Engine, EngineConfig
     from inference.registry import Pipeline
 
 log = logging.getLogger("trapq.worker")
 
 MEMORY_RESTART_EXIT = 75  # EX_TEMPFAIL: the worker stopped itself to come back with less RSS
 LOAD_FAILED_EXIT = 78  # EX_CONFIG: the models could not be loaded
+METRICS_EVERY_S = 60.0
 DEVICE_FAULT_EXIT = 76  # a CUDA error that poisons the process: restart with a fresh context
 DEVICE_FAULT_GRACE_S = 30.0  # longest a warm shutdown may take on a broken device
 
@@ -52,10 +53,10 @@ os.environ.setdefault("PGAPPNAME", "trapq-worker")
 @dataclass
 class Runtime:
     settings: Settings
-    engine: Any  # inference.engine.Engine, imported lazily so the worker parent stays torch-free
+    engine: Engine  # imported lazily, so the worker parent stays torch-free
     sessions: sessionmaker[Session]
     spec: PipelineSpec  # what this process loaded; a job of another fingerprint is refused
-    metrics: Any  # tasks.metrics.MetricsLogger: images/s, batch sizes, GPU busy, once a minute
+    metrics: MetricsLogger  # images/s, batch sizes, GPU busy in the log, once a minute
 
 
 _lock = threading.Lock()
@@ -89,7 +90,12 @@ def engine_config(s: Settings) -> EngineConfig:
             allowed_hosts=tuple(s.allowed_hosts),
             pool_size=s.fetch_threads,
         ),
-        forward=ForwardOptions(crop_batch_size=s.crop_batch_size, compile=s.compile),
+        forward=ForwardOptions(
+            crop_batch_size=s.crop_batch_size,
+            compile=s.compile,
+            compile_backend=s.compile_backend,
+            embeddings=s.store_embeddings,
+        ),
         batch_size=s.batch_size,
         batch_wait_ms=s.batch_wait_ms,
         gpu_decode=s.gpu_decode,
@@ -129,7 +135,8 @@ def _load(s: Settings) -> Runtime:
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
         json.dumps(pipeline.describe(), sort_keys=True),
     )
-    rt = Runtime(s, engine, session_factory(s), pipeline.spec, start_metrics_logger(engine))
+    metrics = MetricsLogger(engine.stats, METRICS_EVERY_S).start()
+    rt = Runtime(s, engine, session_factory(s), pipeline.spec, metrics)
     # What is loaded by now (torch, Celery, the models: ~300k objects) lives as long as the
     # process. Frozen, it is out of the collector's reach: else every full collection, which
     # the surviving results of each batch set off, walks it all (result assembly cost 5x).
@@ -187,8 +194,13 @@ def _load_or_exit() -> None:
     # Celery logs and swallows a signal handler's exceptions: a worker whose models failed
     # to load would then take chunks only to fail them. SystemExit goes through and stops it
     # before it consumes anything.
+    from inference.engine import EngineStartError
+
     try:
         runtime()
+    except EngineStartError as e:  # its message says what to do: no traceback
+        log.critical("trapq engine cannot start, the worker stops: %s", e)
+        raise SystemExit(LOAD_FAILED_EXIT) from None
     except Exception:
         log.critical("trapq engine failed to load; the worker stops", exc_info=True)
         raise SystemExit(LOAD_FAILED_EXIT) from None

@@ -12,10 +12,19 @@ import torch
 from torch import nn
 
 from inference.device_fault import DeviceFault, is_device_fault
-from inference.engine import Engine, EngineConfig
+from inference.engine import Engine, EngineConfig, EngineStartError
 from inference.fetch import FetchPolicy
+from inference.forward import ForwardOptions
 from inference.pipeline_spec import ModelSource
-from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline, Role
+from inference.registry import (
+    ConstantBoxes,
+    LoadedModel,
+    ModelSpec,
+    Pipeline,
+    Role,
+    load_pipeline,
+    model_source,
+)
 from inference.types import ErrorKind, WorkItem
 from tests.inference_fixtures import encode, structured_image
 
@@ -166,3 +175,59 @@ def test_a_cuda_error_raised_inside_a_torchscript_model_is_a_device_fault() -> N
     assert not isinstance(caught.value, RuntimeError)
     assert is_device_fault(caught.value)
     assert not is_device_fault(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+# torch.compile at start-up
+
+
+def _demo_pipeline() -> Pipeline:
+    """The demo FCOS detector (a torchvision backbone, compiled) with random weights."""
+    torch.manual_seed(0)
+    pipe = load_pipeline(
+        model_source("demo_detector", "detector", random_weights=True),
+        model_source("demo_classifier", "classifier", random_weights=True),
+        device="cpu",
+        box_threshold=0.0,
+    )
+    return pipe
+
+
+def test_compile_runs_and_warms_up_in_start_and_changes_no_result(tmp_path: Path) -> None:
+    items = jpegs(tmp_path, 2)
+    calls: list[int] = []
+    eager_pipe, compiled_pipe = _demo_pipeline(), _demo_pipeline()
+    compiled_pipe.detector.module.register_forward_hook(lambda *_: calls.append(1))
+    with engine_for(eager_pipe, batch_size=2) as engine:
+        expected = {r.key: r for r in engine.run(items)}
+    forward = ForwardOptions(crop_batch_size=8, compile=True, compile_backend="eager")
+    engine = engine_for(compiled_pipe, batch_size=2, forward=forward)
+    engine.start()
+    try:
+        assert calls == [1] and engine.warm_up_s > 0  # compiled on a dummy batch in start()
+        got = {r.key: r for r in engine.run(items)}
+    finally:
+        engine.close()
+    assert len(calls) == 2
+    for key, result in expected.items():
+        assert result.ok and len(result.detections) == len(got[key].detections) > 0
+        for a, b in zip(result.detections, got[key].detections, strict=True):
+            assert abs(a.x1 - b.x1) < 1e-3 and abs(a.score - b.score) < 1e-4
+            assert a.classifications[0].label == b.classifications[0].label
+
+
+def test_a_compiler_that_fails_stops_the_start_with_one_line_saying_what_to_do() -> None:
+    from torch._dynamo import register_backend
+
+    @register_backend(name="trapq_test_no_c_compiler")  # type: ignore[misc]
+    def no_c_compiler(*_: object, **__: object) -> object:
+        raise RuntimeError("Failed to find C compiler. Please specify via CC environment variable")
+
+    forward = ForwardOptions(compile=True, compile_backend="trapq_test_no_c_compiler")
+    engine = engine_for(pipeline_of(ConstantBoxes(boxes=2)), forward=forward)
+    with pytest.raises(EngineStartError) as failed:
+        engine.start()
+    message = str(failed.value)
+    assert "\n" not in message and "TRAPQ_COMPILE=false" in message
+    assert "C compiler" in message
+    with pytest.raises(RuntimeError, match="start"):
+        engine.run([])  # nothing was started

@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from torch import nn
 
 from db.models import Chunk
-from tasks.worker_boot import DEVICE_FAULT_EXIT
+from tasks.worker_boot import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT
 from tests.local_http import QuietHandler, serving
 from tests.trapq_cli import TRAPQ
 from tests.worker_jobs import (
@@ -124,3 +124,15 @@ def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_no
     with clean_pg.connect() as conn:
         [chunk] = conn.execute(select(Chunk).where(Chunk.id == job.chunk_ids[0])).all()
     assert chunk.state == "done"
+
+
+def test_a_worker_whose_compiler_fails_stops_at_start_with_one_line(
+    tmp_path: Path, service_env: dict[str, str],
+) -> None:
+    env = worker_env(service_env, TRAPQ_COMPILE="true", TRAPQ_COMPILE_BACKEND="no_such_backend")
+    worker = WorkerProcess(env, tmp_path / "worker.log")
+    with pytest.raises(RuntimeError, match=f"worker exited {LOAD_FAILED_EXIT}"):
+        worker.start()
+    [line] = [ln for ln in worker.log_text().splitlines() if "cannot start" in ln]
+    assert "torch.compile failed on a dummy batch at start-up" in line
+    assert "TRAPQ_COMPILE=false" in line and "Traceback" not in worker.log_text()
