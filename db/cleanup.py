@@ -1,4 +1,5 @@
-"""Deleting jobs and deployments with everything they own, in one transaction each.
+"""Deleting jobs and deployments with everything they own; the caller runs each call in a
+transaction of its own (`with sessions.begin() as s:`).
 
 Work items (job_captures) have no foreign keys (see db.models.JobCapture), so no cascade
 removes them: this module deletes them explicitly, and with them go the job's detections
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import delete, func, select
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session
 
 from db.models import Capture, Chunk, Classification, Deployment, Detection, Job, JobCapture
 from db.states import JOB_ENDED, ChunkState
@@ -38,34 +39,28 @@ class Deleted:
     captures: int = 0
 
 
-def delete_job(factory: sessionmaker[Session], job_id: int) -> Deleted:
+def delete_job(s: Session, job_id: int) -> Deleted:
     """Delete one job with its work items, chunks, detections and classifications."""
-    with factory.begin() as s:
-        if s.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is None:
-            raise NotFound(job_id)
-        return _delete_jobs(s, [job_id])
+    if s.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is None:
+        raise NotFound(job_id)
+    return _delete_jobs(s, [job_id])
 
 
-def delete_deployment(factory: sessionmaker[Session], name: str) -> Deleted:
+def delete_deployment(s: Session, name: str) -> Deleted:
     """Delete a deployment, its captures and every one of its jobs the way delete_job does."""
-    with factory.begin() as s:
-        dep_id = s.scalar(
-            select(Deployment.id).where(Deployment.name == name).with_for_update()
+    dep_id = s.scalar(select(Deployment.id).where(Deployment.name == name).with_for_update())
+    if dep_id is None:
+        raise NotFound(name)
+    job_ids = list(
+        s.scalars(
+            select(Job.id).where(Job.deployment_id == dep_id).order_by(Job.id).with_for_update()
         )
-        if dep_id is None:
-            raise NotFound(name)
-        job_ids = list(
-            s.scalars(
-                select(Job.id).where(Job.deployment_id == dep_id).order_by(Job.id).with_for_update()
-            )
-        )
-        counts = _delete_jobs(s, job_ids)
-        n_captures = s.scalar(
-            select(func.count()).where(Capture.deployment_id == dep_id)
-        ) or 0
-        # Its captures go by their foreign key's cascade.
-        s.execute(delete(Deployment.__table__).where(Deployment.id == dep_id))
-        return replace(counts, captures=n_captures)
+    )
+    counts = _delete_jobs(s, job_ids)
+    n_captures = s.scalar(select(func.count()).where(Capture.deployment_id == dep_id)) or 0
+    # Its captures go by their foreign key's cascade.
+    s.execute(delete(Deployment.__table__).where(Deployment.id == dep_id))
+    return replace(counts, captures=n_captures)
 
 
 def describe_job(session: Session, job_id: int) -> Deleted | None:

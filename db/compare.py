@@ -149,9 +149,12 @@ def compare_jobs(
     top_changes: int = 10,
 ) -> Comparison:
     """Compare two jobs over the captures both have done (see the module's docstring)."""
-    pipelines = dict(
-        session.execute(select(Job.id, Job.pipeline).where(Job.id.in_([job_a, job_b]))).tuples()
-    )
+    pipelines = {
+        job_id: pipeline
+        for job_id, pipeline in session.execute(
+            select(Job.id, Job.pipeline).where(Job.id.in_([job_a, job_b]))
+        )
+    }
     for job in (job_a, job_b):
         if job not in pipelines:
             raise JobMissing(job)
@@ -295,7 +298,7 @@ def _done(session: Session, job_id: int) -> set[int]:
 
 def _uris(session: Session, capture_ids: Sequence[int]) -> dict[int, str]:
     rows = session.execute(select(Capture.id, Capture.uri).where(Capture.id.in_(capture_ids)))
-    return dict(rows.tuples().all())
+    return {cid: uri for cid, uri in rows}
 
 
 def _boxes(session: Session, job_id: int, capture_ids: Sequence[int]) -> dict[int, list[Box]]:

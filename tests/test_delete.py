@@ -145,3 +145,23 @@ def test_delete_deployment_deletes_its_captures_and_every_job_the_same_way(
         captures = conn.scalar(text("SELECT count(*) FROM captures"))
     assert names == ["trap-e"] and captures == 1
     assert item_states(clean_pg, bystander.job_id) == {"pending": 1}
+
+
+def test_delete_refuses_a_job_whose_boxes_an_unfinished_job_reuses(
+    service_env: dict[str, str], clean_pg: Engine
+) -> None:
+    source = make_job(clean_pg, ["/nowhere/a.jpg"], chunk_size=1).job_id
+    reuser = make_job(clean_pg, ["/nowhere/a.jpg"], chunk_size=1).job_id
+    with clean_pg.begin() as conn:  # what `enqueue --reuse-detections-from` records
+        conn.execute(text("UPDATE jobs SET boxes_from_job_id = :s WHERE id = :r"),
+                     {"s": source, "r": reuser})
+
+    error = one_line_error(trapq(service_env, "delete", str(source), "--yes"))
+
+    assert error == (
+        f"error: job {source} not deleted: job {reuser} is still reusing its detections; "
+        "`trapq cancel` it or wait"
+    )
+    deleted = trapq(service_env, "delete", str(reuser), "--yes")
+    assert deleted.returncode == 0, deleted.stderr
+    assert trapq(service_env, "delete", str(source), "--yes").returncode == 0

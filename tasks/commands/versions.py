@@ -43,8 +43,8 @@ def delete(
             abort=True,
         )
     try:
-        with database_errors(s):
-            done = delete_job(factory, job)
+        with database_errors(s), factory.begin() as session:
+            done = delete_job(session, job)
     except NotFound:
         raise UserError(f"no job {job}; `trapq status` lists jobs") from None
     except StillRunning as e:
@@ -73,8 +73,8 @@ def delete_deployment(
     if not yes:
         typer.confirm(f"delete deployment {name!r}, its captures and all its jobs?", abort=True)
     try:
-        with database_errors(s):
-            done = delete_dep(factory, name)
+        with database_errors(s), factory.begin() as session:
+            done = delete_dep(session, name)
     except NotFound:
         raise UserError(f"unknown deployment {name!r}; `trapq deployments` lists them") from None
     except StillRunning as e:
