@@ -132,6 +132,9 @@ class ModelSpec:
     default_labels: str | None = None
     threshold_kwarg: str | None = None  # builder kwarg taking the detector's score threshold
     builder_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    # classifier: the last linear layer, whose input (the pooled penultimate features) is the
+    # detection's embedding for tracking; None: the model gives no embedding
+    embedding_layer: str | None = None
 
 
 def _detector(
@@ -147,7 +150,8 @@ def _detector(
 
 
 def _classifier(name: str, size: int, key: str) -> ModelSpec:
-    return ModelSpec(name, "classifier", name, (size, size), 1000, key)
+    layer = key.removesuffix(".weight")
+    return ModelSpec(name, "classifier", name, (size, size), 1000, key, embedding_layer=layer)
 
 
 _FRCNN_KEY = "roi_heads.box_predictor.cls_score.weight"
@@ -219,6 +223,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "fc.weight",
             default_weights=str(CHECKPOINTS / "demo_classifier.pt"),
             default_labels=str(CHECKPOINTS / "demo_classifier_labels.txt"),
+            embedding_layer="fc",
         ),
     ]
 }
@@ -318,9 +323,12 @@ def model_source(
     sha256: str = "",
     random_weights: bool = False,
     cache_dir: Path | None = None,
+    input_size: tuple[int, int] | None = None,
 ) -> ModelSource:
     """Find a model's weights and labels and hash the weights' bytes; builds nothing, so the
     producer can name a job's pipeline as cheaply as a worker checks it.
+
+    `input_size` overrides the registry entry's (a resnet50 trained at 128 px runs at 128).
 
     `weights` and `labels` default to the registry's; a URL is downloaded once into
     `cache_dir`. `sha256`, when given, pins the weights: a file with other bytes is refused.
@@ -329,8 +337,9 @@ def model_source(
     label_file = labels or ("" if random_weights else spec.default_labels or "")
     label_names = tuple(W.load_labels(label_file)) if label_file else ()
     location = weights or spec.default_weights
+    size = tuple(input_size) if input_size else spec.input_size
     if spec.num_classes_key is None or random_weights:
-        return ModelSource(name, "", label_names, spec.input_size, None)
+        return ModelSource(name, "", label_names, size, None)  # type: ignore[arg-type]
     if not location:
         raise W.WeightsError(f"'{name}' needs weights: give a file or URL")
     path = W.resolve(location, cache_dir)
@@ -340,7 +349,7 @@ def model_source(
             f"sha256 mismatch for {path}: expected {sha256}, file has {digest}; "
             "the file is corrupt or not the one you meant"
         )
-    return ModelSource(name, str(path), label_names, spec.input_size, digest)
+    return ModelSource(name, str(path), label_names, size, digest)  # type: ignore[arg-type]
 
 
 def load_model(source: ModelSource, role: Role, device: torch.device, **kwargs: Any) -> LoadedModel:
