@@ -265,7 +265,7 @@ class Engine:
             torch.randint(0, 256, (3, 1080, 1920), dtype=torch.uint8, generator=generator)
             for _ in range(self.config.batch_size)
         ]
-        h, w = self.pipeline.classifier.spec.input_size
+        h, w = self.pipeline.classifier.source.input_size
         crops = torch.rand((self.config.forward.crop_batch_size, 3, h, w), generator=generator)
         with torch.inference_mode():
             self._forward([frame.to(self.device) for frame in frames])

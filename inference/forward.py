@@ -115,7 +115,7 @@ class BatchForward:
         with torch.inference_mode():
             found = self._detect(images)
             kept = found.keep.nonzero().flatten()
-            size = self.pipeline.classifier.spec.input_size
+            size = self.pipeline.classifier.source.input_size
             crops = crop_batch(images, found.boxes, found.owners, found.spans(), size)
             n = found.boxes.shape[0]
             blocks, layout = self._route(crops.index_select(0, kept), kept, n)
@@ -140,7 +140,7 @@ class BatchForward:
                     img,
                     torch.tensor([[d.x1, d.y1, d.x2, d.y2] for d in boxes],
                                  dtype=torch.float32, device=img.device).reshape(-1, 4),
-                    self.pipeline.classifier.spec.input_size,
+                    self.pipeline.classifier.source.input_size,
                 )
                 for img, boxes in zip(images, given, strict=True)
             ]
@@ -202,7 +202,7 @@ class BatchForward:
             per_image[:, 8].long(), dim=0, output_size=sum(counts)
         )
         boxes = torch.cat([out["boxes"] for out in outputs]).float() * per_box[:, :4]
-        boxes = torch.minimum(boxes.clamp(min=0), per_box[:, 4:])
+        boxes = torch.minimum(boxes.clamp(min=0), per_box[:, 4:8])
         scores = torch.cat([out["scores"] for out in outputs]).float()
         labels = torch.cat([out["labels"] for out in outputs])
         keep = scores >= self.pipeline.box_threshold

@@ -17,7 +17,9 @@ def model_sources(s: Settings) -> tuple[ModelSource, ModelSource, ModelSource | 
     """Detector, classifier and optional filter; raises inference.weights.WeightsError."""
     from inference.registry import Role, model_source
 
-    def source(name: str, role: Role, weights: str, labels: str, sha256: str) -> ModelSource:
+    def source(
+        name: str, role: Role, weights: str, labels: str, sha256: str, side: int = 0
+    ) -> ModelSource:
         return model_source(
             name,
             role,
@@ -26,6 +28,7 @@ def model_sources(s: Settings) -> tuple[ModelSource, ModelSource, ModelSource | 
             sha256=sha256,
             random_weights=s.random_weights,
             cache_dir=s.weights_cache_dir,
+            input_size=(side, side) if side else None,
         )
 
     return (
@@ -36,9 +39,15 @@ def model_sources(s: Settings) -> tuple[ModelSource, ModelSource, ModelSource | 
             s.classifier_weights,
             s.classifier_labels,
             s.classifier_sha256,
+            s.classifier_input_size,
         ),
         source(
-            s.filter_classifier, "classifier", s.filter_weights, s.filter_labels, s.filter_sha256
+            s.filter_classifier,
+            "classifier",
+            s.filter_weights,
+            s.filter_labels,
+            s.filter_sha256,
+            s.filter_input_size,
         )
         if s.filter_classifier
         else None,

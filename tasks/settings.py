@@ -81,12 +81,18 @@ class Settings(BaseSettings):
     classifier_weights: str = Field("", description="Path or URL; default: the registry's.")
     classifier_labels: str = Field("", description="Label file (text or JSON).")
     classifier_sha256: str = Field("", description="Expected sha256 of the classifier weights.")
+    classifier_input_size: int = Field(
+        0, ge=0, description="Crop side in pixels the classifier was trained at; 0: the registry's."
+    )
     filter_classifier: str = Field(
         "", description="Optional first classifier (e.g. moth/non-moth)."
     )
     filter_weights: str = Field("", description="Weights of the filter classifier.")
     filter_labels: str = Field("", description="Labels of the filter classifier.")
     filter_sha256: str = Field("", description="Expected sha256 of the filter weights.")
+    filter_input_size: int = Field(
+        0, ge=0, description="Crop side of the filter classifier; 0: the registry's."
+    )
     filter_negative: str = Field(
         "nonmoth", description="Filter label whose crops skip the second classifier."
     )
