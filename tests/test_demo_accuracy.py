@@ -16,7 +16,12 @@ from db.models import Capture, Classification, Detection
 from tasks.demo.evaluate import Scores, score_image
 from tasks.demo.scenes import generate_night
 from tests.trapq_cli import trapq
-from tests.worker_jobs import item_states, job_state
+from tests.worker_jobs import (
+    classifications_per_detection,
+    detections_per_capture,
+    item_states,
+    job_state,
+)
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
 FRESH_SEED = 777_001  # not among the training seeds
@@ -55,6 +60,10 @@ def test_demo_models_find_and_name_insects_end_to_end(
     wait_for(lambda: job_state(clean_pg, job_id) == "done", 600, "the job to end")
     assert item_states(clean_pg, job_id) == {"done": 8}
 
+    n_detections = sum(detections_per_capture(clean_pg, job_id).values())
+    assert classifications_per_detection(clean_pg, job_id, "demo_classifier") == {
+        1: n_detections
+    }, "one kind per box: none lost, none doubled"
     stored = boxes_from_db(clean_pg, job_id)
     total = Scores()
     for truth in truths:

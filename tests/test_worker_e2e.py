@@ -7,12 +7,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, select
 
-from db.models import Capture, Classification, Detection
+from db.models import Capture, Detection
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
     chunk_rows,
+    classifications_per_detection,
     detections_per_capture,
     item_states,
     job_state,
@@ -59,14 +60,21 @@ def test_job_processed_end_to_end_with_boxes_inside_their_images(
         boxes = conn.execute(
             select(Detection.x1, Detection.y1, Detection.x2, Detection.y2)
         ).all()
-        n_classified = conn.scalar(select(Classification.id).limit(1))
     assert len(boxes) == 10 * BOXES_PER_IMAGE
     for x1, y1, x2, y2 in boxes:
         assert 0 <= x1 < x2 <= 160 and 0 <= y1 < y2 <= 120
-    assert n_classified is not None
+    assert classifications_per_detection(clean_pg, job_id, "demo_classifier") == {
+        1: 10 * BOXES_PER_IMAGE
+    }, "one classification per detection"
     for chunk in chunk_rows(clean_pg, job_id):
         assert chunk.state == "done" and chunk.n_done == chunk.n_items
-        assert chunk.gpu_s is not None and chunk.write_s is not None and chunk.metrics
+        assert chunk.gpu_s is not None and chunk.write_s is not None
+        # The chunk's own figures: its images, the batches that carried them (not the
+        # process's count since start), the device's busy share over its own run.
+        m = chunk.metrics or {}
+        assert m["captures"] == chunk.n_items and m["images_per_s"] > 0
+        assert 1 <= m["batches"] <= chunk.n_items and 1 <= m["mean_batch_size"] <= 4
+        assert 0 < m["gpu_busy_fraction"] <= 1
     log = worker.log_text()
     assert log.count("trapq engine loaded") == 1
     if pool == "prefork":

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, select
 
 from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
-from db.models import Chunk, Detection, Job, JobCapture
+from db.models import Chunk, Classification, Detection, Job, JobCapture
 from db.session import make_sessionmaker
 from inference.pipeline_spec import PipelineSpec
 from tasks.producer import send_chunks
@@ -135,6 +135,28 @@ def detections_per_capture(engine: Engine, job_id: int) -> dict[int, int]:
                 select(Detection.capture_id, func.count())
                 .where(Detection.job_id == job_id)
                 .group_by(Detection.capture_id)
+            ).all()
+        )
+
+
+def classifications_per_detection(engine: Engine, job_id: int, classifier: str) -> dict[int, int]:
+    """How many of the job's detections have 0, 1, 2, ... classifications by `classifier`:
+    exactly one each reads {1: number of detections}."""
+    per_detection = (
+        select(Detection.id, func.count(Classification.id).label("n"))
+        .outerjoin(
+            Classification,
+            (Classification.detection_id == Detection.id)
+            & (Classification.classifier == classifier),
+        )
+        .where(Detection.job_id == job_id)
+        .group_by(Detection.id)
+        .subquery()
+    )
+    with engine.connect() as conn:
+        return dict(
+            conn.execute(
+                select(per_detection.c.n, func.count()).group_by(per_detection.c.n)
             ).all()
         )
 
