@@ -102,7 +102,7 @@ def test_an_oom_split_frees_the_failed_attempt_before_each_retry(tmp_path: Path)
     with engine_for(pipeline_of(model), batch_size=4) as engine:
         results = list(engine.run(jpegs(tmp_path, 4)))
         stats = engine.stats()
-    assert stats["batches"] == 1  # one batch of 4, split 4 -> 2+2 -> 1+1+1+1
+    assert stats.batches == 1  # one batch of 4, split 4 -> 2+2 -> 1+1+1+1
     assert sorted(r.key for r in results) == [0, 1, 2, 3]
     assert all(r.ok and len(r.detections) == 2 for r in results)
     assert len(model.alive_at_retry) == 7 and model.alive_at_retry == [0] * 7
@@ -148,7 +148,7 @@ def test_a_sticky_cuda_error_raises_device_fault_to_the_caller_and_fails_no_item
     assert seen == []  # no capture is failed for the device's fault
     assert model.calls == 1  # no split: every later CUDA call would fail as well
     assert engine.fault is not None and str(error) in engine.fault
-    assert stats["images_in_flight"] == stats["bytes_in_flight"] == 0
+    assert stats.images_in_flight == stats.bytes_in_flight == 0
 
 
 def test_out_of_memory_is_not_a_device_fault(tmp_path: Path) -> None:
