@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import pty
 import re
+import select
 import subprocess
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -123,24 +126,59 @@ def test_status_of_an_ended_job_measures_throughput_up_to_its_last_chunk(
     assert "throughput: 5.0 images/s" in result.stdout  # 100 captures over 4 chunks of 5 s
 
 
-def test_watch_follows_the_job_until_its_chunks_end(
+class Terminal:
+    """The screen of a process run in a pseudo-terminal, as a person at a shell sees it (Rich
+    draws its live progress only on a terminal)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        self.fd, child = pty.openpty()
+        self.proc = subprocess.Popen(argv, env=env | {"COLUMNS": "160"}, stdin=subprocess.DEVNULL,
+                                     stdout=child, stderr=child, start_new_session=True)
+        os.close(child)
+        self.screen = ""
+
+    def wait_for(self, text: str, timeout_s: float) -> None:
+        """Read the screen until `text` shows (event-driven: no fixed sleeps)."""
+        deadline = time.monotonic() + timeout_s
+        while text not in self.screen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"no {text!r} on the screen after {timeout_s} s:\n{self.screen}"
+            ready, _, _ = select.select([self.fd], [], [], left)
+            if ready:
+                try:
+                    chunk = os.read(self.fd, 65536)
+                except OSError:  # EIO: the process has exited and its terminal closed
+                    chunk = b""
+                assert chunk, f"exited before {text!r} showed:\n{self.screen}"
+                self.screen += chunk.decode(errors="replace")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=30)
+        os.close(self.fd)
+
+
+def test_watch_follows_a_live_job_until_its_chunks_end(
     job_id: int, service_env: dict[str, str], clean_pg: Engine
 ) -> None:
-    watcher = subprocess.Popen(
-        [str(TRAPQ), "status", str(job_id), "--watch", "--interval", "0.2"],
-        env=service_env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    """Half the job is done when the watch starts: it shows 50/100 and keeps following while
+    chunks are still queued, then ends at 100/100 once they end."""
+    finish_chunk(clean_pg, job_id, 0)
+    finish_chunk(clean_pg, job_id, 1)
+    term = Terminal([str(TRAPQ), "status", str(job_id), "--watch", "--interval", "0.2"],
+                    service_env)
     try:
-        for seq in range(4):
-            finish_chunk(clean_pg, job_id, seq)
-        out, err = watcher.communicate(timeout=120)
+        term.wait_for("50/100", timeout_s=120)
+        assert term.proc.poll() is None, "a live job keeps the watch going"
+        finish_chunk(clean_pg, job_id, 2)
+        term.wait_for("75/100", timeout_s=60)
+        assert term.proc.poll() is None
+        finish_chunk(clean_pg, job_id, 3)
+        term.wait_for("100/100", timeout_s=60)
+        assert term.proc.wait(timeout=60) == 0, term.screen
     finally:
-        watcher.kill()
-    assert watcher.returncode == 0, err
-    assert "100/100" in out
+        term.close()
 
 
 def test_status_without_a_job_lists_recent_jobs(
