@@ -47,11 +47,14 @@ def demo(
             progress.update(bar, total=st.job.n_captures, completed=st.ended, failed=st.job.failed)
 
         report = run_demo(s, captures, out, seed, chunk_size, show)
-    table = Table(title=f"job {report.job_id}: detections per kind")
+    table = Table(title=f"job {report.job_id}: detections and occurrences (individuals) per kind")
     table.add_column("kind")
     table.add_column("detections", justify="right")
-    for kind, n in report.kinds.items():
-        table.add_row(kind, str(n))
+    table.add_column("occurrences", justify="right")
+    table.add_column("true individuals", justify="right")
+    for kind in sorted({*report.kinds, *report.occurrences, *report.individuals}):
+        table.add_row(kind, str(report.kinds.get(kind, 0)), str(report.occurrences.get(kind, 0)),
+                      str(report.individuals.get(kind, 0)))
     console.print(table)
     console.print(
         f"captures done {report.done}, failed {report.failed} of {report.captures}; "

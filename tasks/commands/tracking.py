@@ -111,14 +111,18 @@ def draw_abundance(counts: list[NightCount], path: Path, title: str) -> None:
     for c in counts:
         by_species[c.label][c.night] = c.occurrences
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=100)
+    x = list(range(len(nights)))  # nights side by side, gaps between deployments left out
     for species in sorted(by_species, key=lambda k: -sum(by_species[k].values())):
-        ax.plot(nights, [by_species[species].get(n, 0) for n in nights], marker="o",
-                label=species)
+        ax.plot(x, [by_species[species].get(n, 0) for n in nights], marker="o", label=species)
+    step = max(1, len(nights) // 12)
+    ax.set_xticks(x[::step], [n.isoformat() for n in nights][::step], rotation=30, ha="right")
+    ax.set_xlim(-0.5, len(nights) - 0.5)
+    ax.set_ylim(bottom=0)
+    ax.yaxis.get_major_locator().set_params(integer=True)
     ax.set_title(title)
     ax.set_xlabel("night")
     ax.set_ylabel("individuals (occurrences)")
-    ax.legend(loc="upper left", fontsize="small", ncol=2)
-    fig.autofmt_xdate()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

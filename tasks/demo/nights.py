@@ -46,6 +46,7 @@ class NightBehaviour:
     p_walk: float = 0.02  # walks one to three body lengths away, any direction
     p_hide: float = 0.03  # hidden (under a wing, behind a fold) for 1..max_hidden captures
     max_hidden: int = 3
+    initial: float = 0.0  # on the sheet at the first capture, on average (0: dusk, empty)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,9 @@ def plan_night(seed: int, n: int, size: tuple[int, int] = (1920, 1080),
     arrivals_per_capture = b.mean_present / mean_stay
     start = DEFAULT_START if start is None else start
     state = _State()
+    if b.initial > 0:
+        for _ in range(int(rng.poisson(b.initial))):
+            state.present.append(_arrive(state, rng, b, 0, abundance, scale, w, h))
     for i in range(n):
         state.present = [p for p in state.present if p.leaves_after >= i]
         for p in state.present:

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+from sqlalchemy import select
 
+from db.models import Job
+from db.occurrences import occurrence_counts
 from db.states import ItemState
 from db.status import JobStatus, job_status
 from db.summary import DrawnBox, boxes_of, busiest_captures, kind_counts
-from tasks.demo.scenes import generate_night
+from tasks.demo.nights import NightBehaviour, generate_tracked_night
 from tasks.errors import UserError
 from tasks.exports.table import write_csv
 from tasks.importer import import_source
@@ -30,8 +33,10 @@ from tasks.producer import enqueue
 from tasks.settings import Settings
 from tasks.store import ready_session_factory
 from tasks.supervisor import celery_argv
+from tasks.tracking import track_job
 
 WORKER_STOP_S = 60.0
+TRACKING_WAIT_S = 60.0
 
 
 @dataclass
@@ -42,6 +47,8 @@ class DemoReport:
     failed: int
     seconds: float
     kinds: dict[str, int] = field(default_factory=dict)
+    occurrences: dict[str, int] = field(default_factory=dict)  # individuals, by tracking
+    individuals: dict[str, int] = field(default_factory=dict)  # the night's truth
     annotated: list[Path] = field(default_factory=list)
     csv: Path | None = None
     worker_log: Path | None = None
@@ -112,6 +119,19 @@ def wait_for_job(
         time.sleep(0.5)
 
 
+def wait_for_tracking(settings: Settings, job_id: int, timeout_s: float) -> None:
+    """The worker tracks the job once its last chunk ends; past the timeout (a worker busy
+    elsewhere), track here, which gives the same occurrences."""
+    factory = ready_session_factory(settings)
+    deadline = time.monotonic() + (timeout_s if settings.track_after_job else 0.0)
+    while time.monotonic() < deadline:
+        with factory() as session:
+            if session.scalar(select(Job.tracked_at).where(Job.id == job_id)) is not None:
+                return
+        time.sleep(0.5)
+    track_job(factory, job_id, settings)
+
+
 def annotate(path: Path, boxes: list[DrawnBox], out: Path) -> None:
     """Draw boxes with kind and score on a copy of the capture, labels readable at 4K too."""
     with Image.open(path) as im:
@@ -152,7 +172,10 @@ def run_demo(
     out.mkdir(parents=True, exist_ok=True)
     night = out / "captures"
     listing = out / "captures.txt"
-    generated = generate_night(night, captures, seed)
+    # insects that stay over several captures (some there from the first), so the demo's
+    # occurrences count individuals against a known truth
+    generated = generate_tracked_night(night, captures, seed,
+                                       behaviour=NightBehaviour(initial=12.0))
     listing.write_text("".join(f"{night.name}/{truth.file}\n" for truth in generated))
     deployment = demo_deployment(night, seed, captures)
     import_source(settings, str(listing), deployment)
@@ -163,9 +186,10 @@ def run_demo(
     proc = start_worker(settings, log, concurrency=settings.concurrency)
     try:
         status = wait_for_job(settings, queued.job_id, proc, log, on_progress, timeout_s)
+        seconds = time.monotonic() - started
+        wait_for_tracking(settings, queued.job_id, TRACKING_WAIT_S)
     finally:
         stop_worker(proc)
-    seconds = time.monotonic() - started
     factory = ready_session_factory(settings)
     report = DemoReport(
         job_id=queued.job_id,
@@ -179,6 +203,13 @@ def run_demo(
     annotated_dir.mkdir(exist_ok=True)
     with factory() as session:
         report.kinds = kind_counts(session, queued.job_id, settings.classifier)
+        for c in occurrence_counts(session, queued.job_id):
+            report.occurrences[c.label] = report.occurrences.get(c.label, 0) + c.occurrences
+    seen: dict[int, str] = {i.individual: i.kind for t in generated for i in t.insects
+                            if i.individual is not None}
+    for kind in seen.values():
+        report.individuals[kind] = report.individuals.get(kind, 0) + 1
+    with factory() as session:
         for capture_id, uri in busiest_captures(session, queued.job_id, annotate_n):
             source = Path(uri.removeprefix("file://"))
             boxes = boxes_of(session, queued.job_id, capture_id, settings.classifier)
