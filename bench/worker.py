@@ -31,10 +31,12 @@ if not __package__:  # `python bench/worker.py` runs as `python -m bench.worker`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import gc
 import os
 import tempfile
 import time
 
+import psutil
 import torch
 from sqlalchemy import Engine, func, select
 
@@ -58,6 +60,7 @@ def bench_engine(settings: Settings, paths: list[Path]) -> float:
     pipeline = load_models(settings.model_copy(update={"device": "cpu"}))
     engine = InferenceEngine(pipeline, engine_config(settings))
     engine.start()
+    gc.freeze()  # as tasks.worker_boot does once the models are loaded
     try:
         t0 = time.perf_counter()
         results = list(engine.run(WorkItem(i, str(p)) for i, p in enumerate(paths)))
@@ -117,14 +120,14 @@ def run(args: argparse.Namespace, url: str, queue: str, folder: Path) -> None:
     rps = 0.0
     try:
         for n in [int(w) for w in args.workers.split(",")]:
-            cps, rows, class_rows, wall = end_to_end(args, env, engine, paths, folder, n)
+            cps, rows, class_rows, wall, cpu_us = end_to_end(args, env, engine, paths, folder, n)
             per_workers[n] = cps
             rps = rps or rows / wall
             label = "(c) worker end to end:" if n == 1 else f"(d) {n} worker processes:"
             print(f"{label:24s} {cps:8.0f} captures/s ({rows / wall:.0f} detection rows/s "
                   f"+ as many classification rows; {rows} + {class_rows} rows in {wall:.2f}s, "
                   f"chunk size {args.chunk_size}, {args.pool} x {args.concurrency} each; "
-                  f"load {_load()})", flush=True)
+                  f"worker CPU {cpu_us:.0f} µs/capture; load {_load()})", flush=True)
     finally:
         engine.dispose()
     one = per_workers.get(1) or next(iter(per_workers.values()))
@@ -142,9 +145,10 @@ def end_to_end(
     paths: list[Path],
     folder: Path,
     n_workers: int,
-) -> tuple[float, int, int, float]:
+) -> tuple[float, int, int, float, float]:
     """A fresh job over the captures, run by n worker processes: captures/s, detection and
-    classification rows, and the job's wall time from its first claim to its end."""
+    classification rows, the job's wall time from its first claim to its end, and the
+    workers' CPU µs per capture."""
     job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size,
                    deployment=f"end-to-end-{n_workers}")
     workers = [
@@ -155,9 +159,11 @@ def end_to_end(
     try:
         for worker in workers:
             worker.start()
+        cpu0 = _cpu_s(workers)
         send(env, engine, job.chunk_ids)
         wait_for(lambda: _job_state(engine, job.job_id) in ("done", "failed"), 900,
                  "the job", every=0.2, on_timeout=workers[0].tail)
+        cpu_s = _cpu_s(workers) - cpu0
         started, finished = _job_times(engine, job.job_id)
         rows, class_rows = _rows(engine, job.job_id)
         for worker in workers:
@@ -166,7 +172,19 @@ def end_to_end(
         for worker in workers:
             worker.kill()
     wall = (finished - started).total_seconds()
-    return len(paths) / wall, rows, class_rows, wall
+    return len(paths) / wall, rows, class_rows, wall, 1e6 * cpu_s / len(paths)
+
+
+def _cpu_s(workers: list[WorkerProcess]) -> float:
+    """CPU seconds the worker processes (and any pool children) have used: a figure the
+    machine's other load disturbs far less than wall time."""
+    total = 0.0
+    for worker in workers:
+        proc = psutil.Process(worker.pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            times = p.cpu_times()
+            total += times.user + times.system
+    return total
 
 
 def _load() -> str:

@@ -12,6 +12,9 @@ from torchvision.ops import roi_align
 
 _MARGIN = 2  # pixels around a box that bilinear sampling at its edges can touch
 _SHRINK_ABOVE = 1.5  # boxes over 3x the output size are shrunk first on a CPU
+# frames up to this size are cropped a batch at once; their boxes are never big enough for the
+# CPU's adaptive sampling to be slow (a 2000 px box is)
+_STACK_MAX_PIXELS = 512 * 512
 
 
 def crop_and_resize(
@@ -33,10 +36,13 @@ def crop_and_resize(
         windowed = image.device.type == "cpu"
     if not windowed:
         return _align(image.float(), boxes, size)
-    out = torch.empty((boxes.shape[0], 3, *size), dtype=torch.float32, device=image.device)
     coords = boxes.tolist()  # a CPU tensor: read on the host, no device to wait for
     shrinks = [min((b[2] - b[0]) / size[1], (b[3] - b[1]) / size[0]) / 2 for b in coords]
     small = [i for i, k in enumerate(shrinks) if k <= _SHRINK_ABOVE]
+    if len(small) == len(coords):  # the usual case: no scatter into an output needed
+        x0, y0, window = _window(image, coords, _MARGIN)
+        return _align(window.float(), boxes - _offset(x0, y0, image.device), size)
+    out = torch.empty((boxes.shape[0], 3, *size), dtype=torch.float32, device=image.device)
     if small:  # one roi_align for all of them: its CPU kernel runs the boxes in parallel
         x0, y0, window = _window(image, [coords[i] for i in small], _MARGIN)
         out[small] = _align(window.float(), boxes[small] - _offset(x0, y0, image.device), size)
@@ -44,6 +50,36 @@ def crop_and_resize(
         if k > _SHRINK_ABOVE:
             out[i] = _shrunk_crop(image, boxes[i : i + 1], coords[i], k, size)[0]
     return out
+
+
+def crop_batch(
+    images: list[torch.Tensor],
+    boxes: torch.Tensor,
+    owners: torch.Tensor,
+    spans: list[tuple[int, int]],
+    size: tuple[int, int],
+) -> torch.Tensor:
+    """A batch's crops in box order: boxes[spans[i][0]:spans[i][1]] belong to images[i], and
+    owners holds each box's image index (float, as roi_align wants it).
+
+    Small frames of one size (thumbnails, tests, the overhead benchmark) are converted
+    together and cut by one roi_align: a handful of ops for the batch instead of per frame.
+    Any other batch is cropped frame by frame (crop_and_resize: windows on a CPU).
+    """
+    first = images[0].shape
+    if all(i.shape == first for i in images) and first[-1] * first[-2] <= _STACK_MAX_PIXELS:
+        if boxes.shape[0] == 0:
+            return torch.zeros((0, 3, *size), dtype=torch.float32, device=boxes.device)
+        frames = torch.stack(images).float()
+        rois = torch.cat([owners[:, None], boxes.float()], dim=1)
+        return roi_align(
+            frames, rois, output_size=size, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+        )
+    crops = [
+        crop_and_resize(image, boxes[start:stop], size)
+        for image, (start, stop) in zip(images, spans, strict=True)
+    ]
+    return torch.cat(crops)
 
 
 def _window(

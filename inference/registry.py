@@ -9,6 +9,7 @@ logits.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -41,19 +42,20 @@ class ConstantBoxes(nn.Module):
         self.boxes = boxes
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """One output per image; images of one size share it (made once, never written)."""
+        return [self._grid(image.shape[-2], image.shape[-1], image.device) for image in images]
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (a handful of sizes, for the model's life)
+    def _grid(self, h: int, w: int, device: torch.device) -> dict[str, torch.Tensor]:
         cols = max(1, math.ceil(math.sqrt(self.boxes)))  # 0 boxes: an empty grid
         rows = max(1, math.ceil(self.boxes / cols))
-        out = []
-        for image in images:
-            h, w = image.shape[-2:]
-            cell = torch.arange(self.boxes, device=image.device)
-            x1 = (cell % cols).float() * (w / cols)
-            y1 = torch.div(cell, cols, rounding_mode="floor").float() * (h / rows)
-            boxes = torch.stack([x1, y1, x1 + w / cols, y1 + h / rows], dim=1)
-            scores = torch.linspace(1.0, 0.5, self.boxes, device=image.device)
-            labels = torch.ones(self.boxes, dtype=torch.int64, device=image.device)
-            out.append({"boxes": boxes, "scores": scores, "labels": labels})
-        return out
+        cell = torch.arange(self.boxes, device=device)
+        x1 = (cell % cols).float() * (w / cols)
+        y1 = torch.div(cell, cols, rounding_mode="floor").float() * (h / rows)
+        boxes = torch.stack([x1, y1, x1 + w / cols, y1 + h / rows], dim=1)
+        scores = torch.linspace(1.0, 0.5, self.boxes, device=device)
+        labels = torch.ones(self.boxes, dtype=torch.int64, device=device)
+        return {"boxes": boxes, "scores": scores, "labels": labels}
 
 
 class ConstantLogits(nn.Module):
@@ -184,7 +186,7 @@ REGISTRY: dict[str, ModelSpec] = {
             "constant_boxes",
             "detector",
             "constant_boxes",
-            (48, 64),
+            (24, 32),
             2,
             None,
             mean=None,
