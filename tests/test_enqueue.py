@@ -13,7 +13,7 @@ import pytest
 import redis
 from celery import Celery
 from kombu.exceptions import OperationalError
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 import tasks.producer as producer
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
@@ -23,6 +23,7 @@ from inference.pipeline_spec import PipelineSpec
 from inference.registry import REGISTRY
 from tasks.celery_app import PROCESS_CHUNK
 from tasks.settings import Settings
+from tasks.store import session_factory
 from tests.trapq_cli import one_line_error, trapq
 
 T0 = datetime(2024, 6, 1, 21, 0, tzinfo=UTC)
@@ -271,6 +272,78 @@ def test_one_failed_send_leaves_only_its_chunk_pending(
     assert [m["args"] for m in messages(queue, queue_name)] == [
         [cid] for cid in plan.chunk_ids if cid != unlucky
     ]
+
+
+def test_producer_gives_up_after_three_failed_batches_in_a_row_leaving_the_rest_pending(
+    settings: Settings,
+    clean_pg: Engine,
+    queue: redis.Redis,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A success between failures keeps it sending; three failed batches in a row mean the
+    broker is gone: the chunks after them are not even tried, and all stay pending."""
+    add_captures(clean_pg, "trap-a", 80)
+    with make_sessionmaker(clean_pg).begin() as session:
+        deployment_id = get_or_create_deployment(session, "trap-a")
+        plan = create_job(session, deployment_id, pipeline={}, chunk_size=10)
+    ids = plan.chunk_ids
+    refused = {ids[1], ids[3], ids[4], ids[5]}
+    tried: list[int] = []
+    send_task = Celery.send_task
+
+    def refusing_send(app: Celery, name: str, args: list[int], **kw: object) -> object:
+        tried.append(args[0])
+        if args[0] in refused:
+            raise OperationalError("connection refused")
+        return send_task(app, name, args=args, **kw)
+
+    monkeypatch.setattr(producer, "SEND_BATCH", 1)
+    monkeypatch.setattr(Celery, "send_task", refusing_send)
+
+    result = producer.send_chunks(settings, make_sessionmaker(clean_pg), ids)
+
+    assert tried == ids[:6], "nothing is tried after the third failure in a row"
+    assert (result.sent, result.failed) == (2, 6)
+    assert "connection refused" in result.error
+    states = {cid: state for cid, _, state, _, _ in chunk_rows(clean_pg, plan.job_id)}
+    assert states == {cid: "queued" if cid in (ids[0], ids[2]) else "pending" for cid in ids}
+    assert [m["args"] for m in messages(queue, queue_name)] == [[ids[0]], [ids[2]]]
+
+
+def test_enqueue_plans_from_one_snapshot_while_an_import_commits_in_between(
+    settings: Settings, clean_pg: Engine, queue: redis.Redis, queue_name: str
+) -> None:
+    """An import that commits after the producer counted but before it inserts the work items
+    changes nothing in the plan: count, chunks and work items come from one snapshot, and
+    the new captures wait for the next enqueue."""
+    add_captures(clean_pg, "trap-a", 30)
+    producer_engine = session_factory(settings).kw["bind"]
+    imported: list[bool] = []
+
+    def import_meanwhile(_conn: object, _cursor: object, statement: str, *_: object) -> None:
+        if "INSERT INTO chunks" in statement and not imported:
+            add_captures(clean_pg, "trap-a", 40)  # 10 more, committed on another connection
+            imported.append(True)
+
+    event.listen(producer_engine, "before_cursor_execute", import_meanwhile)
+    try:
+        result = producer.enqueue(settings, "trap-a", chunk_size=8)
+    finally:
+        event.remove(producer_engine, "before_cursor_execute", import_meanwhile)
+
+    assert imported == [True]
+    assert (result.n_captures, result.n_chunks, result.sent) == (30, 4, 4)
+    chunks = chunk_rows(clean_pg, result.job_id)  # type: ignore[arg-type]
+    assert [(n_items, members) for _, n_items, _, _, members in chunks] == [
+        (8, 8), (8, 8), (8, 8), (6, 6)
+    ]
+    with clean_pg.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM captures")).scalar() == 40
+        planned = conn.execute(text(
+            "SELECT max(c.captured_at) FROM job_captures jc JOIN captures c ON c.id = jc.capture_id"
+        )).scalar()
+    assert planned == minute(29), "the captures imported meanwhile are not in the job"
 
 
 def test_enqueue_command_prints_the_job_id_and_fills_the_queue(
