@@ -41,10 +41,13 @@ RUNNERS: dict[str, Callable[[fs.Lab, int], fs.Outcome | fs.BadInputOutcome]] = {
     "sigterm_warm": lambda lab, _: fs.sigterm_warm(lab),
     "bad_inputs": lambda lab, _: fs.bad_inputs(lab),
     "supervisor_kill": lambda lab, _: fs.supervisor_kill(lab),
+    "stall": lambda lab, _: fs.stall(lab),
+    "redelivery": lambda lab, _: fs.redelivery(lab),
 }
 SCENARIOS = tuple(RUNNERS)
 # Scenario figures that go into the RESULT line (Outcome.counts), beside the audits' totals.
-RESULT_FIGURES = ("orphans", "orphan_exit_ms")
+RESULT_FIGURES = ("orphans", "orphan_exit_ms", "stall_beat_gap_ms", "stall_deadline_ms",
+                  "redelivery_ms", "redelivery_bound_ms")
 
 
 def main() -> None:

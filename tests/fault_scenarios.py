@@ -18,24 +18,31 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 import psutil
 import redis
 from sqlalchemy import Engine, text
 
+from tasks.visibility import worst_redelivery_s
 from tests.badinputs import READ_TIMEOUT_S, Case, ImageServer, build_corpus
+from tests.local_http import QuietHandler, serving
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
     MadeJob,
+    chunk_rows,
     job_state,
+    jpeg_bytes,
     make_job,
     send,
+    settings_of,
     worker_env,
     write_jpegs,
 )
@@ -319,6 +326,103 @@ def supervisor_kill(lab: Lab, trials: int = 3, n: int = 48, chunk_size: int = 6)
     return Outcome("supervisor_kill", job.job_id, audit(lab.engine, job.job_id, ref_id), state,
                    ok, trials, notes, {"orphans": orphans,
                                        "orphan_exit_ms": round(1000 * max(exit_s, default=0))})
+
+
+class HangingHost:
+    """A local HTTP server of small JPEGs whose `/hang.jpg` holds its request until
+    `release` is set (a host that accepted the connection and went silent)."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.url = ""
+        self._serving: AbstractContextManager[str] | None = None
+
+    def __enter__(self) -> HangingHost:
+        host, body = self, jpeg_bytes(160, 120)
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path == "/hang.jpg":
+                    host.entered.set()
+                    host.release.wait(300)
+                self.send_body(200, body, "image/jpeg")
+
+        self._serving = serving(Handler)
+        self.url = self._serving.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        assert self._serving is not None
+        self._serving.__exit__(None, None, None)
+
+
+def stall(lab: Lab, n: int = 12) -> Outcome:
+    """One capture's fetch hangs (read timeout 5 min) after the others came back: the chunk's
+    heartbeat must go on and its 10 s deadline stop the run while the fetch still hangs; then
+    the host answers again and the retry finishes the chunk."""
+    env = fault_env(lab.env, TRAPQ_HTTP_READ_TIMEOUT_S="300", TRAPQ_FETCH_THREADS="2")
+    with HangingHost() as host:
+        job = make_job(lab.engine, [f"{host.url}/img{i}.jpg" for i in range(n - 1)]
+                       + [f"{host.url}/hang.jpg"], chunk_size=n, deployment="stall")
+        worker = lab.workers(env, concurrency=1).start()
+        send(env, lab.engine, job.chunk_ids)
+        wait_for(host.entered.is_set, 60, "the hanging fetch", on_timeout=worker.tail)
+        beats: list[datetime] = []
+        row: tuple[object, ...] = ()
+        while not (row and "past its deadline" in str(row[2] or "")):
+            with lab.engine.connect() as conn:
+                row = tuple(conn.execute(text(
+                    "SELECT heartbeat_at, started_at, error FROM chunks WHERE id = :c"
+                ), {"c": job.chunk_ids[0]}).one())
+            if row[2] is None and (not beats or row[0] != beats[-1]):
+                beats.append(row[0])  # type: ignore[arg-type]
+            if worker.proc is None or worker.proc.poll() is not None:
+                raise AssertionError(f"worker died\n{worker.tail()}")
+            time.sleep(0.05)
+        hung = host.release.is_set() is False
+        deadline_s = (row[0] - row[1]).total_seconds()  # type: ignore[operator]
+        host.release.set()
+        state = wait_job_end(lab.engine, job.job_id, worker)
+        worker.stop()
+    gaps = [(b - a).total_seconds() for a, b in zip(beats, beats[1:], strict=False)]
+    beat_gap = max(gaps, default=float("nan"))
+    notes = [f"heartbeats during the hang: {len(beats)}, longest gap {beat_gap:.2f}s "
+             f"(TRAPQ_HEARTBEAT_S {env['TRAPQ_HEARTBEAT_S']}); deadline hit {deadline_s:.1f}s "
+             f"after the start (limit {env['TRAPQ_CHUNK_SOFT_TIME_LIMIT_S']}s), fetch still "
+             f"hanging: {hung}"]
+    return Outcome("stall", job.job_id, audit(lab.engine, job.job_id), state, int(hung), 1,
+                   notes, {"stall_beat_gap_ms": round(1000 * beat_gap),
+                           "stall_deadline_ms": round(1000 * deadline_s)})
+
+
+def redelivery(lab: Lab, n: int = 40) -> Outcome:
+    """How long a SIGKILLed worker's chunk takes to reach an idle worker of the same queue on
+    Redis, against the bound of tasks.visibility (visibility timeout + sweep period)."""
+    env = fault_env(lab.env)
+    with ImageServer(delay_s=IMAGE_DELAY_S) as server:
+        job = make_job(lab.engine, _captures(server, n), chunk_size=n, deployment="redelivery")
+        pair = [lab.workers(env, concurrency=1).start() for _ in range(2)]
+        send(env, lab.engine, job.chunk_ids)
+        busy = wait_for(lambda: [w for w in pair if mid_chunk(lab.engine, job.job_id, w)], 60,
+                        "a chunk half done", every=0.05, on_timeout=pair[0].tail)
+        first = busy[0]  # type: ignore[index]
+        (idle,) = [w for w in pair if w is not first]
+        first.kill()
+        killed_at = time.monotonic()
+        wait_for(lambda: chunk_rows(lab.engine, job.job_id)[0].deliveries >= 2, 180,
+                 "the killed chunk delivered again", every=0.1, on_timeout=idle.tail)
+        returned_s = time.monotonic() - killed_at
+        state = wait_job_end(lab.engine, job.job_id, idle)
+        idle.stop()
+    bound = worst_redelivery_s(settings_of(env).model_copy(
+        update={"visibility_timeout_s": int(VISIBILITY_S)}))
+    notes = [f"killed worker's chunk back on an idle worker after {returned_s:.1f}s "
+             f"(visibility timeout {VISIBILITY_S:.0f}s, worst case {bound}s)"]
+    return Outcome("redelivery", job.job_id, audit(lab.engine, job.job_id), state,
+                   int(returned_s <= bound), 1, notes,
+                   {"redelivery_ms": round(1000 * returned_s), "redelivery_bound_ms": 1000 * bound})
 
 
 def free_port() -> int:

@@ -7,7 +7,6 @@ visibility timeout than its queue's live workers would hand their chunks out ear
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import datetime
 
@@ -15,13 +14,11 @@ import pytest
 from sqlalchemy import Engine
 
 from tests import fault_scenarios as fs
-from tests.local_http import QuietHandler, serving
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     chunk_rows,
     detections_per_capture,
     item_states,
-    jpeg_bytes,
     make_job,
     send,
 )
@@ -30,36 +27,18 @@ from tests.worker_process import wait_for, worker_factory  # noqa: F401
 pytestmark = pytest.mark.slow
 
 
-class HangingHost:
-    """Serves small JPEGs; `/hang.jpg` holds its request until `release` is set."""
-
-    def __init__(self) -> None:
-        self.entered = threading.Event()
-        self.release = threading.Event()
-
-
 @pytest.fixture
-def hanging_host() -> Iterator[tuple[str, HangingHost]]:
-    host = HangingHost()
-    body = jpeg_bytes(160, 120)
-
-    class Handler(QuietHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path == "/hang.jpg":
-                host.entered.set()
-                host.release.wait(300)
-            self.send_body(200, body, "image/jpeg")
-
-    with serving(Handler) as base:
-        yield base, host
-        host.release.set()
+def hanging_host() -> Iterator[fs.HangingHost]:
+    with fs.HangingHost() as host:
+        yield host
 
 
 def test_a_hung_fetch_neither_freezes_the_heartbeat_nor_holds_back_the_deadline(
     service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
-    hanging_host: tuple[str, HangingHost],
+    hanging_host: fs.HangingHost,
 ) -> None:
-    base, host = hanging_host
+    host = hanging_host
+    base = host.url
     # The fetch could hang for 5 minutes; the chunk's deadline is 10 s.
     env = fs.fault_env(service_env, TRAPQ_HTTP_READ_TIMEOUT_S="300", TRAPQ_FETCH_THREADS="2")
     uris = [f"{base}/img{i}.jpg" for i in range(3)] + [f"{base}/hang.jpg"]
