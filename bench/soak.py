@@ -5,7 +5,8 @@ removed afterwards) processes a job of --captures captures made by repeating the
 --images (default: 4096x2160 captures generated into a temporary folder). Each capture has its
 own URI (`file:///...jpg?n=<i>`, the same bytes), imported from a CSV manifest with `trapq
 import` and sent with `trapq enqueue`, as a user would. The worker's RSS (its whole process
-tree) and, on CUDA, its GPU memory (nvidia-smi, per process) are sampled every --every seconds.
+tree) and, on CUDA, its GPU memory (torch.cuda's allocator, read in the worker and stored
+with each chunk) are sampled every --every seconds.
 
     .venv/bin/python -m bench.soak --images ../shared/data/moth-trap-captures
 
@@ -104,22 +105,20 @@ def tree_rss_mb(proc: psutil.Process) -> float:
     return total / 2**20
 
 
-def gpu_mb(proc: psutil.Process) -> float | None:
-    """GPU memory the driver reports for the worker's processes (context + allocator pool)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
+def gpu_mb(engine: Engine, job_id: int) -> float | None:
+    """GPU memory the worker's caching allocator holds (reserved), as its latest finished chunk
+    read it from torch.cuda inside the worker; None before a chunk has finished. nvidia-smi's
+    per-process figures are keyed by host PIDs, which a container does not see."""
+    with engine.connect() as conn:
+        metrics = conn.scalar(
+            select(Chunk.metrics)
+            .where(Chunk.job_id == job_id, Chunk.finished_at.is_not(None))
+            .order_by(Chunk.finished_at.desc())
+            .limit(1)
+        )
+    if not metrics or metrics.get("gpu_reserved_mb") is None:
         return None
-    pids = {proc.pid, *(c.pid for c in proc.children(recursive=True))}
-    query = ["--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"]
-    try:
-        out = subprocess.run([smi, *query], capture_output=True, text=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError):
-        return None
-    used = [
-        float(cells[1]) for cells in (line.split(",") for line in out.splitlines())
-        if len(cells) == 2 and cells[0].strip().isdigit() and int(cells[0]) in pids
-    ]
-    return sum(used) if used else 0.0
+    return float(metrics["gpu_reserved_mb"])
 
 
 def ended_items(engine: Engine, job_id: int) -> int:
@@ -281,7 +280,7 @@ def sample_until_done(
     while True:
         done = ended_items(db, job_id)
         samples.append(Sample(time.monotonic() - started, done, tree_rss_mb(worker),
-                              gpu_mb(worker) if args.device != "cpu" else None))
+                              gpu_mb(db, job_id) if args.device != "cpu" else None))
         if job_state(db, job_id) in ENDED or proc.poll() is not None:
             return samples
         if time.monotonic() > deadline:
@@ -314,7 +313,8 @@ def report(
     growth = median_rss(end) - median_rss(samples[warm : warm + 3])
     gpu = [s.gpu_mb for s in samples if s.gpu_mb is not None]
     if gpu:
-        print(f"GPU memory (nvidia-smi): warm-up end {gpu[min(warm, len(gpu) - 1)]:.0f} MB, "
+        warm_gpu = gpu[min(warm, len(gpu) - 1)]
+        print(f"GPU memory (torch.cuda reserved): warm-up end {warm_gpu:.0f} MB, "
               f"peak {max(gpu):.0f} MB, end {gpu[-1]:.0f} MB")
     print(f"RESULT rss_growth_mb={growth:.0f} peak_rss_mb={peak:.0f} captures={captures}")
 

@@ -315,9 +315,18 @@ class Engine:
         self.close()
 
     def stats(self) -> EngineStats:
+        memory: dict[str, float] = {}
+        if self.device.type == "cuda":
+            allocator = torch.cuda.memory_stats(self.device)
+            memory = {
+                "device_allocated_mb": allocator.get("allocated_bytes.all.current", 0) / 2**20,
+                "device_reserved_mb": allocator.get("reserved_bytes.all.current", 0) / 2**20,
+                "device_peak_allocated_mb": allocator.get("allocated_bytes.all.peak", 0) / 2**20,
+            }
         with self._stats_lock:
             inflight = self._inflight
             return EngineStats(
+                **memory,
                 images=self._images,
                 errors=self._errors,
                 batches=self._batches,

@@ -83,3 +83,57 @@ class ItemResult:
     @property
     def transient(self) -> bool:
         return self.error_kind in TRANSIENT_KINDS
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """An engine's counters since it started, and its in-flight bound now and at its peak."""
+
+    images: int
+    errors: int
+    batches: int
+    crops: int
+    busy_s: float  # device-thread time spent on batches
+    elapsed_s: float
+    images_in_flight: int
+    decoded_in_flight: int
+    bytes_in_flight: int
+    images_in_flight_peak: int
+    decoded_in_flight_peak: int
+    bytes_in_flight_peak: int
+    max_images_in_flight: int
+    max_bytes_in_flight: int
+    # torch.cuda's caching allocator for this engine's device (0 on a CPU): what the process
+    # holds, read inside it; nvidia-smi's per-process figures need host PIDs, which a
+    # container does not see.
+    device_allocated_mb: float = 0.0
+    device_reserved_mb: float = 0.0
+    device_peak_allocated_mb: float = 0.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.images / self.batches if self.batches else 0.0
+
+    @property
+    def gpu_busy_fraction(self) -> float:
+        return self.busy_s / self.elapsed_s if self.elapsed_s else 0.0
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """What one run (a chunk's items) measured over its own wall time, not the process's."""
+
+    wall_s: float
+    fetch_decode_s: float
+    gpu_s: float  # its items' share of the device time of the batches they were in
+    batches: int  # batches that carried its items
+    batch_images: int  # images in those batches, its own and other runs'
+    device_busy_s: float  # the engine's device time during the run, for anyone's items
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.batch_images / self.batches if self.batches else 0.0
+
+    @property
+    def gpu_busy_fraction(self) -> float:
+        return self.device_busy_s / self.wall_s if self.wall_s else 0.0

@@ -283,15 +283,21 @@ class _ChunkRun:
         if self.held:
             self._give_up_on_held()
         elapsed = time.monotonic() - started
+        measured = run.stats()
         engine_stats = self.rt.engine.stats()
-        metrics = {
+        metrics = {  # this run's own figures, not the process's since it started
             "captures": self.n_written,
             "detections": self.n_detections,
             "wall_s": round(elapsed, 3),
             "images_per_s": round(self.n_written / elapsed, 2) if elapsed else None,
-            "mean_batch_size": engine_stats.get("mean_batch_size"),
-            "gpu_busy_fraction": engine_stats.get("gpu_busy_fraction"),
-            "images_in_flight_peak": engine_stats.get("images_in_flight_peak"),
+            "batches": measured.batches,
+            "mean_batch_size": round(measured.mean_batch_size, 2),
+            "gpu_busy_fraction": round(measured.gpu_busy_fraction, 4),
+            # the process's peak so far: the in-flight bound holds for all chunks together
+            "images_in_flight_peak": engine_stats.images_in_flight_peak,
+            "gpu_allocated_mb": round(engine_stats.device_allocated_mb, 1),
+            "gpu_reserved_mb": round(engine_stats.device_reserved_mb, 1),
+            "gpu_peak_allocated_mb": round(engine_stats.device_peak_allocated_mb, 1),
             "worker": self.task.request.hostname,
             "delivery": claim.deliveries,
         }
@@ -299,8 +305,8 @@ class _ChunkRun:
             job_state = finish_chunk(
                 session,
                 self.chunk_id,
-                fetch_s=round(run.fetch_decode_s, 4),
-                gpu_s=round(run.gpu_s, 4),
+                fetch_s=round(measured.fetch_decode_s, 4),
+                gpu_s=round(measured.gpu_s, 4),
                 write_s=round(self.write_s, 4),
                 metrics=metrics,
             )
