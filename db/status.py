@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -27,6 +28,18 @@ class JobRow:
     done: int
     failed: int
     created_at: datetime
+    fingerprint: str | None = None  # the pipeline's (None: enqueued before revision 0002)
+    models: str = ""  # "detector > [filter >] classifier", as registry names
+    boxes_from_job_id: int | None = None  # re-classification: the job whose boxes it reuses
+
+
+@dataclass(frozen=True)
+class PipelineDone:
+    """How many of a deployment's captures one pipeline has done (in any of its jobs)."""
+
+    fingerprint: str | None
+    models: str
+    captures: int
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ class DeploymentRow:
     first: datetime | None
     last: datetime | None
     n_jobs: int
+    pipelines: list[PipelineDone] = field(default_factory=list)  # most captures first
 
 
 def recent_jobs(session: Session, limit: int = 20) -> list[JobRow]:
@@ -176,6 +190,7 @@ def deployments(session: Session) -> list[DeploymentRow]:
     )
     rows = session.execute(
         select(
+            Deployment.id,
             Deployment.name,
             func.coalesce(captures.c.n, 0),
             captures.c.first,
@@ -186,10 +201,45 @@ def deployments(session: Session) -> list[DeploymentRow]:
         .outerjoin(jobs, jobs.c.deployment_id == Deployment.id)
         .order_by(Deployment.name)
     ).tuples()
+    done = pipelines_done(session)
     return [
-        DeploymentRow(name, n, _aware(first), _aware(last), n_jobs)
-        for name, n, first, last, n_jobs in rows
+        DeploymentRow(name, n, _aware(first), _aware(last), n_jobs, done.get(dep_id, []))
+        for dep_id, name, n, first, last, n_jobs in rows
     ]
+
+
+def pipelines_done(session: Session) -> dict[int, list[PipelineDone]]:
+    """Per deployment id: captures done by each pipeline (by fingerprint), a capture counted
+    once however many jobs of that pipeline did it."""
+    rows = session.execute(
+        select(Job.deployment_id, Job.fingerprint, func.count(func.distinct(JobCapture.capture_id)))
+        .join(Job, Job.id == JobCapture.job_id)
+        .where(JobCapture.state == ItemState.DONE.value)
+        .group_by(Job.deployment_id, Job.fingerprint)
+    )
+    counts = list(rows)
+    names: dict[str | None, str] = {}
+    for fingerprint, pipeline in session.execute(
+        select(Job.fingerprint, Job.pipeline).order_by(Job.id)
+    ):
+        names.setdefault(fingerprint, model_names(pipeline))
+    out: dict[int, list[PipelineDone]] = {}
+    for dep_id, fingerprint, n in counts:
+        out.setdefault(dep_id, []).append(PipelineDone(fingerprint, names.get(fingerprint, ""), n))
+    for done in out.values():
+        done.sort(key=lambda p: (-p.captures, p.fingerprint or ""))
+    return out
+
+
+def model_names(pipeline: dict[str, Any] | None) -> str:
+    """The registry names of a job's models in the order they run: detector > filter >
+    classifier (a job from before pipelines were recorded names none)."""
+    names = []
+    for role in ("detector", "filter", "classifier"):
+        model = (pipeline or {}).get(role)
+        if isinstance(model, dict) and model.get("name"):
+            names.append(str(model["name"]))
+    return " > ".join(names)
 
 
 def _job_row(job: Job, deployment: str, items: dict[str, int]) -> JobRow:
@@ -202,6 +252,9 @@ def _job_row(job: Job, deployment: str, items: dict[str, int]) -> JobRow:
         done=items.get(ItemState.DONE, 0),
         failed=items.get(ItemState.FAILED, 0),
         created_at=_as_utc(job.created_at),
+        fingerprint=job.fingerprint,
+        models=model_names(job.pipeline),
+        boxes_from_job_id=job.boxes_from_job_id,
     )
 
 

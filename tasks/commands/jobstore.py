@@ -158,6 +158,7 @@ def enqueue(
         f"job {result.job_id}: {result.n_captures} captures of {deployment} in "
         f"{result.n_chunks} chunks, {result.sent} sent to queue {s.queue!r}{boxes}",
         highlight=False,
+        soft_wrap=True,
     )
     if result.failed:
         raise UserError(
@@ -253,6 +254,30 @@ def print_jobs(rows: list[JobRow]) -> None:
             f"{r.created_at:%Y-%m-%d %H:%M:%S}",
         )
     console.print(table)
+    print_pipelines(rows)
+
+
+def print_pipelines(rows: list[JobRow]) -> None:
+    """The listed jobs grouped by pipeline (short fingerprint and model names), in a table of
+    its own so the job table still fits 80 columns; re-classification jobs name their source."""
+    jobs: dict[str | None, list[str]] = {}
+    models: dict[str | None, str] = {}
+    for r in rows:
+        reuse = f" (boxes of {r.boxes_from_job_id})" if r.boxes_from_job_id is not None else ""
+        jobs.setdefault(r.fingerprint, []).append(f"{r.id}{reuse}")
+        models.setdefault(r.fingerprint, r.models)
+    table = Table(title="pipelines of these jobs")
+    table.add_column("pipeline", no_wrap=True)
+    table.add_column("models")
+    table.add_column("jobs")
+    for fingerprint, ids in jobs.items():
+        table.add_row(short_fingerprint(fingerprint), models[fingerprint] or "-", ", ".join(ids))
+    console.print(table)
+
+
+def short_fingerprint(fingerprint: str | None) -> str:
+    """Enough of a pipeline's fingerprint to tell pipelines apart at a glance, as git does."""
+    return fingerprint[:10] if fingerprint else "-"
 
 
 def print_job(st: JobStatus) -> None:
@@ -322,3 +347,14 @@ def deployments_(ctx: typer.Context) -> None:
             str(r.n_jobs),
         )
     console.print(table)
+    done = Table(title="captures done per pipeline")
+    done.add_column("pipeline", no_wrap=True)
+    done.add_column("deployment")
+    done.add_column("models")
+    done.add_column("done", justify="right")
+    for r in rows:
+        for p in r.pipelines:
+            done.add_row(short_fingerprint(p.fingerprint), r.name, p.models or "-",
+                         f"{p.captures} of {r.n_captures}")
+    if done.row_count:
+        console.print(done)
