@@ -4,7 +4,11 @@
 (b) the engine end to end from files; (c) a naive loop: one image at a time, PIL crop and one
 classifier call per detection; (d) a DataLoader baseline: workers and pinned memory for the
 detection batches, per-crop PIL transforms stacked for one classifier call per batch.
-All four use the same models, precision and ~N boxes per image (random weights, top-N forced).
+All four use the same models and the engine's precision policy (the detector's backbone in
+reduced precision, its heads, box decoding and NMS in float32; the classifier in reduced
+precision). The random detector gets the real number of classes (moth + background, not COCO's
+91, which made the postprocess run per-class NMS ~90 times per image) and a score threshold
+calibrated to keep ~--boxes detections per image.
 
     python -m bench.engine --images /work/shared/data/moth-trap-captures --n 8
 """
@@ -34,13 +38,14 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageDraw, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 from inference.crops import normalize
 from inference.engine import Engine, EngineConfig
 from inference.fetch import FetchPolicy
 from inference.forward import DTYPES, BatchForward, ForwardOptions
 from inference.registry import Pipeline, load_pipeline, model_source
-from inference.types import WorkItem
+from inference.types import EngineStats, WorkItem
 
 T = TypeVar("T")
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -57,6 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--detector", default="fasterrcnn_mobilenet_v3_large_320_fpn")
     p.add_argument("--classifier", default="resnet50")
     p.add_argument("--boxes", type=int, default=20, help="detections per image sent to classify")
+    p.add_argument("--classes", type=int, default=2, help="detector classes, background included")
     p.add_argument(
         "--batch-sizes", default="", help="ceiling sweep, e.g. 1,2,4 (default by device)"
     )
@@ -114,21 +120,66 @@ def _size(path: Path) -> str:
         return f"{im.width}x{im.height}"
 
 
-def build(args: argparse.Namespace) -> Pipeline:
+def build(args: argparse.Namespace, classifier_size: int = 0) -> Pipeline:
+    """Random weights; a Faster R-CNN head with args.classes classes. Call calibrate() on
+    frames before measuring, for ~args.boxes detections per image."""
     torch.manual_seed(0)
-    kwargs = (
-        {"boxes": args.boxes}
-        if args.detector == "constant_boxes"
-        else {"box_detections_per_img": args.boxes}
-    )
-    return load_pipeline(
+    kwargs = {"boxes": args.boxes} if args.detector == "constant_boxes" else {}
+    size = (classifier_size, classifier_size) if classifier_size else None
+    pipeline = load_pipeline(
         model_source(args.detector, "detector", random_weights=True),
-        model_source(args.classifier, "classifier", random_weights=True),
+        model_source(args.classifier, "classifier", random_weights=True, input_size=size),
         device=args.device,
         box_threshold=0.0,
         precision=args.precision,
         detector_kwargs=kwargs,
     )
+    real_head(pipeline, args.classes)
+    return pipeline
+
+
+def real_head(pipeline: Pipeline, classes: int) -> None:
+    """A Faster R-CNN box predictor for `classes` classes (background included), seeded."""
+    roi_heads = getattr(pipeline.detector.module, "roi_heads", None)
+    if roi_heads is None:
+        return
+    torch.manual_seed(0)
+    in_features = roi_heads.box_predictor.cls_score.in_features
+    roi_heads.box_predictor = FastRCNNPredictor(in_features, classes).to(pipeline.device)
+    pipeline.detector.num_classes = classes
+
+
+def policy_detector(pipeline: Pipeline) -> Callable[[list[torch.Tensor]], list[dict]]:
+    """The detector as the engine runs it (inference.forward): BatchForward wraps its backbone
+    for reduced precision; heads, box decoding and NMS run in float32, autocast off."""
+    module = BatchForward(pipeline, ForwardOptions()).detector
+
+    def run(inputs: list[torch.Tensor]) -> list[dict]:
+        with torch.autocast(pipeline.device.type, enabled=False):
+            return module(inputs)
+
+    return run
+
+
+def calibrate(pipeline: Pipeline, frames: list[torch.Tensor], boxes: int) -> float:
+    """Sets the score threshold at which the detector keeps ~`boxes` detections per image on
+    these frames (the median over them), in the model and the pipeline; returns it."""
+    model = pipeline.detector.module
+    holder = getattr(model, "roi_heads", model)
+    if not hasattr(holder, "score_thresh"):
+        return pipeline.box_threshold
+    holder.score_thresh = 0.0
+    holder.detections_per_img = max(4 * boxes, 100)
+    detect = policy_detector(pipeline)
+    kth = []
+    with torch.inference_mode():
+        for frame in frames:
+            scores = detect([frame.float().div(255)])[0]["scores"].float().sort(descending=True)
+            kth.append(float(scores.values[min(boxes, len(scores.values)) - 1]))
+    threshold = statistics.median(kth)
+    holder.score_thresh = threshold
+    pipeline.box_threshold = threshold
+    return threshold
 
 
 def in_thread(fn: Callable[[], T]) -> T:
@@ -191,7 +242,9 @@ def ceiling(forward: BatchForward, frames: list[torch.Tensor], size: int) -> tup
     return len(frames) / (time.perf_counter() - t0), found / len(frames)
 
 
-def engine_e2e(pipeline: Pipeline, paths: list[Path], config: EngineConfig) -> tuple[float, dict]:
+def engine_e2e(
+    pipeline: Pipeline, paths: list[Path], config: EngineConfig
+) -> tuple[float, EngineStats]:
     with Engine(pipeline, config) as engine:
         if pipeline.device.type == "cuda":
             list(engine.run([WorkItem(0, str(paths[0]))]))
@@ -219,14 +272,13 @@ def _kept(out: dict[str, torch.Tensor], threshold: float) -> list[list[float]]:
 
 def naive(pipeline: Pipeline, paths: list[Path]) -> float:
     """What a first script does: PIL decode, full frame to the detector, one call per crop."""
-    size = pipeline.classifier.spec.input_size
-    detector = pipeline.detector.module
+    size = pipeline.classifier.source.input_size
+    detector = policy_detector(pipeline)
 
     def one(path: Path) -> None:
         im = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
         x = TF.to_tensor(im).to(pipeline.device)
-        with autocast(pipeline):
-            out = detector([x])[0]
+        out = detector([x])[0]
         for box in _kept(out, pipeline.box_threshold):
             crop = im.crop(tuple(box)).resize((size[1], size[0]), Image.BILINEAR)
             _classify(pipeline, TF.to_tensor(crop).unsqueeze(0))
@@ -260,7 +312,8 @@ def _one_thread(_: int) -> None:
 def dataloader(pipeline: Pipeline, paths: list[Path], batch: int, workers: int) -> float:
     """The usual tuned script: DataLoader workers decode, pinned batches go to the detector, and
     each crop is cut with PIL and transformed alone before one stacked classifier call."""
-    size = pipeline.classifier.spec.input_size
+    size = pipeline.classifier.source.input_size
+    detector = policy_detector(pipeline)
     cuda = pipeline.device.type == "cuda"
     loader = DataLoader(
         _Files(paths),
@@ -275,8 +328,7 @@ def dataloader(pipeline: Pipeline, paths: list[Path], batch: int, workers: int) 
         t0 = time.perf_counter()
         for frames in loader:
             inputs = [f.to(pipeline.device, non_blocking=True).float() / 255 for f in frames]
-            with autocast(pipeline):
-                outs = pipeline.detector.module(inputs)
+            outs = detector(inputs)
             crops = []
             for frame, out in zip(frames, outs, strict=True):
                 pil = TF.to_pil_image(frame)
@@ -313,6 +365,9 @@ def main() -> None:
         )
         print(f"detector={args.detector} classifier={args.classifier} (random weights)")
         frames = resident_frames(pipeline, paths)
+        threshold = calibrate(pipeline, frames[:4], args.boxes)
+        print(f"score threshold {threshold:.4f} for ~{args.boxes} boxes/image, "
+              f"{args.classes} detector classes")
         forward = BatchForward(pipeline, ForwardOptions(args.crop_batch_size))
         forward(frames[:1])  # warms every model up for all four measurements
         swept = {
@@ -337,8 +392,8 @@ def main() -> None:
         def run_engine() -> tuple[float, str]:
             rate, stats = engine_e2e(pipeline, paths, config)
             return rate, (
-                f"mean batch {stats['mean_batch_size']:.1f}, busy "
-                f"{stats['gpu_busy_fraction']:.2f}, decoded peak {stats['decoded_in_flight_peak']}"
+                f"mean batch {stats.mean_batch_size:.1f}, busy "
+                f"{stats.gpu_busy_fraction:.2f}, decoded peak {stats.decoded_in_flight_peak}"
             )
 
         measures = {

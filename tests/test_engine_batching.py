@@ -82,7 +82,7 @@ def _png(folder: Path, grey: int) -> str:
 def _wait_until_waiting(engine: Engine, items: int) -> None:
     """Until `items` decoded frames are in flight (the held batch's and those queued)."""
     deadline = time.monotonic() + WAIT_S
-    while engine.stats()["decoded_in_flight"] < items:
+    while engine.stats().decoded_in_flight < items:
         assert time.monotonic() < deadline, engine.stats()
         time.sleep(0.01)
 
@@ -106,7 +106,7 @@ def test_items_waiting_behind_a_busy_device_leave_in_one_full_batch(tmp_path: Pa
         stats = engine.stats()
     assert len(results) == 9 and all(r.ok for r in results)
     assert len(detector.batches[1]) == 4  # the four that waited, together
-    assert stats["batches"] == len(detector.batches) and stats["mean_batch_size"] > 1
+    assert stats.batches == len(detector.batches) and stats.mean_batch_size > 1
 
 
 def test_one_batch_takes_the_items_of_every_run_waiting(tmp_path: Path) -> None:

@@ -186,7 +186,7 @@ def test_engine_batches_give_the_same_results_as_single_forwards(
     with engine_for(real_pipeline, batch_size=4, batch_wait_ms=500) as engine:
         results = by_key(list(engine.run(WorkItem(i, u) for i, u in enumerate(uris))))
         stats = engine.stats()
-    assert stats["images"] == 4 and stats["crops"] == 24
+    assert stats.images == 4 and stats.crops == 24
     for i, uri in enumerate(uris):
         data = Path(uri).read_bytes()
         alone = forward([decode(data, read_header(data, 10**8, uri), uri)])[0]
@@ -348,10 +348,10 @@ def test_decoded_images_held_never_exceed_the_bound(
         stats = engine.stats()
     assert len(results) == 30 and all(r.ok for r in results)
     bound = min(max_images, max_frames_of_bytes)
-    assert stats["decoded_in_flight_peak"] == bound  # reached: the producers were faster
-    assert stats["images_in_flight_peak"] <= max_images
-    assert stats["bytes_in_flight_peak"] <= max_frames_of_bytes * frame_bytes
-    assert stats["images_in_flight"] == stats["decoded_in_flight"] == stats["bytes_in_flight"] == 0
+    assert stats.decoded_in_flight_peak == bound  # reached: the producers were faster
+    assert stats.images_in_flight_peak <= max_images
+    assert stats.bytes_in_flight_peak <= max_frames_of_bytes * frame_bytes
+    assert stats.images_in_flight == stats.decoded_in_flight == stats.bytes_in_flight == 0
 
 
 # callers
@@ -372,7 +372,7 @@ def test_concurrent_callers_each_get_their_own_results(tmp_path: Path) -> None:
             t.join()
         stats = engine.stats()
     assert got == {n: [n * 100 + i for i in range(6)] for n in range(3)}
-    assert stats["images"] == 18 and stats["crops"] == 36
+    assert stats.images == 18 and stats.crops == 36
 
 
 def test_a_caller_that_stops_early_frees_its_share_and_blocks_nobody(tmp_path: Path) -> None:
@@ -386,12 +386,12 @@ def test_a_caller_that_stops_early_frees_its_share_and_blocks_nobody(tmp_path: P
         other = list(engine.run(WorkItem(i, uri) for i in range(5)))
         assert len(other) == 5 and all(r.ok for r in other)
         for _ in range(200):
-            if engine.stats()["images_in_flight"] == 0:
+            if engine.stats().images_in_flight == 0:
                 break
             time.sleep(0.05)
         stats = engine.stats()
-    assert stats["images_in_flight"] == 0 and stats["bytes_in_flight"] == 0
-    assert stats["images"] < 100  # the abandoned run stopped feeding
+    assert stats.images_in_flight == 0 and stats.bytes_in_flight == 0
+    assert stats.images < 100  # the abandoned run stopped feeding
 
 
 def test_a_failing_item_iterable_is_reported_after_its_results(tmp_path: Path) -> None:
@@ -440,7 +440,7 @@ def test_a_fault_outside_the_model_fails_its_batch_and_the_engine_serves_on(
         [ok] = list(engine.run([WorkItem(2, uri)]))
         stats = engine.stats()
     assert failed.error_kind == ErrorKind.MODEL and "ZeroDivisionError" in (failed.error or "")
-    assert ok.ok and stats["images_in_flight"] == 0
+    assert ok.ok and stats.images_in_flight == 0
 
 
 def test_bf16_runs_the_classifier_in_bfloat16_and_hands_back_float_scores(
