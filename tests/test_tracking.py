@@ -177,7 +177,9 @@ def test_worker_tracks_a_job_when_its_last_chunk_ends(
         n_occ = conn.scalar(select(func.count()).select_from(Occurrence))
         n_det = conn.scalar(select(func.count()).select_from(Detection))
         unlinked = conn.scalar(select(func.count()).where(Detection.occurrence_id.is_(None)))
+        sizes = set(conn.scalars(select(func.length(Detection.embedding))))
     assert 0 < n_occ < n_det and unlinked == 0
+    assert sizes == {128 * 2}  # every detection: the demo classifier's 128 features, float16
     assert abs(n_occ - len(individuals)) <= max(2, 0.25 * len(individuals)), (n_occ, individuals)
     shown = trapq(env, "occurrences", str(job_id), "--csv", str(tmp_path / "occ.csv"),
                   "--plot", str(tmp_path / "abundance.png"))
