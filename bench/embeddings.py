@@ -14,6 +14,12 @@ Environment: TRAPQ_TEST_PG_URL, as the tests use.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/embeddings.py` runs as `python -m bench.embeddings` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import time
 from dataclasses import replace
