@@ -429,6 +429,21 @@ def test_crops_the_filter_calls_negative_skip_the_second_classifier(
         assert len(d.classifications[-1].topk) == 2
 
 
+def test_an_unforeseen_fetch_error_is_a_fetch_bug_not_a_transient_network_failure(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Retrying a chunk cannot fix a bug: such an item fails alone, and no retry is spent."""
+
+    def broken(uri: str) -> bytes:
+        raise KeyError(uri)
+
+    with engine_for(pipeline(detector(ConstantBoxes(boxes=1)))) as engine:
+        monkeypatch.setattr(engine._fetcher, "fetch", broken)
+        [result] = list(engine.run([WorkItem(1, "/captures/a.jpg")]))
+    assert result.error_kind == ErrorKind.FETCH_BUG and not result.transient
+    assert "KeyError" in (result.error or "") and "/captures/a.jpg" in (result.error or "")
+
+
 def test_a_fault_outside_the_model_fails_its_batch_and_the_engine_serves_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
