@@ -139,13 +139,18 @@ def build(args: argparse.Namespace, classifier_size: int = 0) -> Pipeline:
 
 
 def real_head(pipeline: Pipeline, classes: int) -> None:
-    """A Faster R-CNN box predictor for `classes` classes (background included), seeded."""
+    """A Faster R-CNN box predictor for `classes` classes (background included), seeded, its
+    class weights spread so that scores range as a trained head's do (a default-initialised
+    one on random features gives every box ~0.5, and no threshold picks ~20 of them)."""
     roi_heads = getattr(pipeline.detector.module, "roi_heads", None)
     if roi_heads is None:
         return
     torch.manual_seed(0)
     in_features = roi_heads.box_predictor.cls_score.in_features
-    roi_heads.box_predictor = FastRCNNPredictor(in_features, classes).to(pipeline.device)
+    predictor = FastRCNNPredictor(in_features, classes)
+    with torch.no_grad():
+        predictor.cls_score.weight.normal_(0, 0.5)
+    roi_heads.box_predictor = predictor.to(pipeline.device)
     pipeline.detector.num_classes = classes
 
 
@@ -263,7 +268,7 @@ def _classify(pipeline: Pipeline, crops: torch.Tensor) -> torch.Tensor:
     x = normalize(crops.to(pipeline.device, non_blocking=True) * 255.0, spec.mean, spec.std)
     with autocast(pipeline):
         logits = pipeline.classifier.module(x)
-    return logits.float().softmax(1).topk(5, dim=1).indices.cpu()
+    return logits.float().softmax(1).topk(min(5, logits.shape[1]), dim=1).indices.cpu()
 
 
 def _kept(out: dict[str, torch.Tensor], threshold: float) -> list[list[float]]:
