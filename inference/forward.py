@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -249,7 +249,8 @@ class BatchForward:
             # while only the filter's positives keep the classifier's labels.
             top = None
             if everything.shape[0]:
-                probs = self._probabilities(self.classifier, model, everything)
+                with self._features.catching():
+                    probs = self._probabilities(self.classifier, model, everything)
                 top = self._top_of(probs if pick is None else probs.index_select(0, pick))
         names = self.names(model, top[2]) if top else []
         blocks.append(layout.add(model.spec.name, names, top, rows, n))
@@ -325,6 +326,7 @@ class _Features:
     def __init__(self, layer: nn.Linear) -> None:
         self.dim = layer.in_features
         self._caught: list[torch.Tensor] = []
+        self._armed = False  # the module may be shared (another BatchForward on one pipeline)
         layer.register_forward_pre_hook(self._catch)
 
     @classmethod
@@ -338,8 +340,18 @@ class _Features:
         layer = model.module.get_submodule(name)
         return cls(layer) if isinstance(layer, nn.Linear) else None
 
+    @contextlib.contextmanager
+    def catching(self) -> Iterator[None]:
+        """Catches only the calls made inside: this forward's, never another's."""
+        self._armed = True
+        try:
+            yield
+        finally:
+            self._armed = False
+
     def _catch(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-        self._caught.append(args[0].flatten(1))
+        if self._armed:
+            self._caught.append(args[0].flatten(1))
 
     def take(self) -> torch.Tensor:
         """The features caught since the last take, in crop order, as float32."""

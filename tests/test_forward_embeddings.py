@@ -92,3 +92,21 @@ def test_the_registry_names_the_last_linear_layer_of_every_trained_classifier() 
     for spec in REGISTRY.values():
         if spec.role == "classifier" and spec.num_classes_key is not None:
             assert spec.num_classes_key == f"{spec.embedding_layer}.weight", spec.name
+
+
+def test_a_second_forward_on_the_same_models_does_not_leak_into_the_embeddings() -> None:
+    """Engines may wrap one loaded pipeline twice; the hook catches only its own forward's."""
+    image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
+    dspec = ModelSpec("boxes", "detector", "test", (32, 32), 2, None, mean=None, std=None)
+    det = LoadedModel(ConstantBoxes(boxes=2).eval(), dspec,
+                      ModelSource("boxes", "", ("bg", "insect"), (32, 32), None), 2)
+    pipe = Pipeline(CPU, det, model(Pooled(), "species", ("a", "b", "c"), "fc"),
+                    box_threshold=0.0)
+    embedding = BatchForward(pipe, ForwardOptions(embeddings=True))
+    plain = BatchForward(pipe, ForwardOptions())
+    plain([image])
+    [first] = embedding([image])
+    plain([image, image])
+    [second] = embedding([image])
+    assert [d.embedding for d in first] == [d.embedding for d in second]
+    assert all(d.embedding is not None for d in second)
