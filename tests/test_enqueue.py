@@ -17,7 +17,7 @@ from sqlalchemy import Engine, event, text
 
 import tasks.producer as producer
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
-from db.jobs import create_job
+from db.jobs import JobPlan, create_job
 from db.session import make_sessionmaker
 from inference.pipeline_spec import PipelineSpec
 from inference.registry import REGISTRY
@@ -84,6 +84,14 @@ def messages(client: redis.Redis, queue_name: str) -> list[dict[str, object]]:
             }
         )
     return out
+
+
+def planned_job(engine: Engine, n_chunks: int) -> JobPlan:
+    """A job over a deployment of n_chunks x 10 captures, planned and committed, not sent."""
+    add_captures(engine, "trap-a", 10 * n_chunks)
+    with make_sessionmaker(engine).begin() as session:
+        deployment_id = get_or_create_deployment(session, "trap-a")
+        return create_job(session, deployment_id, pipeline={}, chunk_size=10)
 
 
 def chunk_rows(engine: Engine, job_id: int) -> list[tuple[int, int, str, str | None, int]]:
@@ -228,10 +236,7 @@ def test_dry_run_counts_but_creates_and_sends_nothing(
 def test_chunks_whose_messages_cannot_be_sent_stay_pending(
     settings: Settings, clean_pg: Engine, queue: redis.Redis, queue_name: str
 ) -> None:
-    add_captures(clean_pg, "trap-a", 40)
-    with make_sessionmaker(clean_pg).begin() as session:
-        deployment_id = get_or_create_deployment(session, "trap-a")
-        plan = create_job(session, deployment_id, pipeline={}, chunk_size=10)
+    plan = planned_job(clean_pg, 4)
     broker_down = settings.model_copy(update={"broker_url": "redis://127.0.0.1:1/0"})
 
     result = producer.send_chunks(broker_down, make_sessionmaker(clean_pg), plan.chunk_ids)
@@ -249,10 +254,7 @@ def test_one_failed_send_leaves_only_its_chunk_pending(
     queue_name: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    add_captures(clean_pg, "trap-a", 40)
-    with make_sessionmaker(clean_pg).begin() as session:
-        deployment_id = get_or_create_deployment(session, "trap-a")
-        plan = create_job(session, deployment_id, pipeline={}, chunk_size=10)
+    plan = planned_job(clean_pg, 4)
     unlucky = plan.chunk_ids[1]
     send_task = Celery.send_task
 
@@ -283,10 +285,7 @@ def test_producer_gives_up_after_three_failed_batches_in_a_row_leaving_the_rest_
 ) -> None:
     """A success between failures keeps it sending; three failed batches in a row mean the
     broker is gone: the chunks after them are not even tried, and all stay pending."""
-    add_captures(clean_pg, "trap-a", 80)
-    with make_sessionmaker(clean_pg).begin() as session:
-        deployment_id = get_or_create_deployment(session, "trap-a")
-        plan = create_job(session, deployment_id, pipeline={}, chunk_size=10)
+    plan = planned_job(clean_pg, 8)
     ids = plan.chunk_ids
     refused = {ids[1], ids[3], ids[4], ids[5]}
     tried: list[int] = []
