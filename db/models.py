@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -123,6 +124,10 @@ class Chunk(Base):
     # deliveries past a limit stop a chunk that kills its worker from looping forever.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     deliveries: Mapped[int] = mapped_column(Integer, default=0)
+    # claim: every claim ever, never reset; each delivery writes only while it still holds
+    # the value its claim set (db.results.check_claim), so a partitioned worker's late
+    # writes are refused.
+    claim: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     worker: Mapped[str | None] = mapped_column(String(200))
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -86,6 +86,42 @@ class Claim:
     pipeline: dict[str, Any] | None = None  # the job's PipelineSpec.to_dict()
     fingerprint: str | None = None  # its fingerprint; None for jobs from before revision 0002
     boxes_from_job_id: int | None = None  # re-classification: the job whose boxes it reuses
+    token: ClaimToken | None = None  # what this delivery's writes must still hold
+
+
+@dataclass(frozen=True)
+class ClaimToken:
+    """A delivery's hold on its chunk: the chunk's `claim` counter as its claim set it."""
+
+    chunk_id: int
+    claim: int
+
+
+class ClaimLost(Exception):
+    """A later delivery claimed the chunk (after the visibility timeout or a requeue): this
+    one, e.g. a worker cut off by a network partition and back, must write nothing more."""
+
+    def __init__(self, token: ClaimToken, current: int | None) -> None:
+        super().__init__(
+            f"chunk {token.chunk_id} was claimed again (claim {current}, this delivery's "
+            f"{token.claim}): its writes are refused"
+        )
+
+
+# heartbeat()'s answer to a delivery whose claim was superseded.
+SUPERSEDED = "superseded"
+
+
+def check_claim(s: Session, token: ClaimToken) -> None:
+    """Fencing, in the caller's write transaction: raise ClaimLost unless the chunk still
+    carries this delivery's claim. The chunk row is share-locked until the transaction
+    ends, so a new claim (which locks it for update) waits for a write in progress and
+    every write after it sees the new claim."""
+    current = s.scalar(
+        select(chunks_t.c.claim).where(chunks_t.c.id == token.chunk_id).with_for_update(read=True)
+    )
+    if current != token.claim:
+        raise ClaimLost(token, current)
 
 
 @dataclass(frozen=True)
@@ -122,13 +158,13 @@ def claim_chunk(
     `max_deliveries` of those the chunk is failed for good instead of looping forever.
     """
     row = s.execute(
-        select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items)
+        select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items, Chunk.claim)
         .where(Chunk.id == chunk_id)
         .with_for_update()
     ).first()
     if row is None:
         return Claim(Outcome.SKIP, chunk_id)
-    job_id, state, deliveries, n_items = row
+    job_id, state, deliveries, n_items, claimed = row
     if state in CHUNK_ENDED:
         return Claim(Outcome.SKIP, chunk_id, job_id, state, n_items, deliveries=deliveries)
     deliveries += 1
@@ -157,6 +193,7 @@ def claim_chunk(
             finished_at=None,
             attempts=chunks_t.c.attempts + 1,
             deliveries=deliveries,
+            claim=claimed + 1,
         )
     )
     s.execute(
@@ -185,6 +222,7 @@ def claim_chunk(
         pipeline=pipeline,
         fingerprint=fingerprint,
         boxes_from_job_id=boxes_from,
+        token=ClaimToken(chunk_id, claimed + 1),
     )
 
 
@@ -199,9 +237,14 @@ def pending_items(s: Session, chunk_id: int) -> list[PendingItem]:
     return [PendingItem(cid, uri) for cid, uri in rows]
 
 
-def write_results(s: Session, job_id: int, results: Sequence[ResultLike]) -> WriteCounts:
+def write_results(
+    s: Session, job_id: int, results: Sequence[ResultLike], token: ClaimToken | None = None
+) -> WriteCounts:
     """Write a batch of captures' results and mark their work items, in the caller's
     transaction: one per batch, committed before the next.
+
+    A chunk's delivery passes its `token`: checked first (check_claim), so the late writes
+    of a delivery whose chunk was claimed again are refused with ClaimLost.
 
     Only items still pending are written: they are locked first, in capture order (so a
     second delivery of the chunk waits here, then skips them, and two never deadlock). A
@@ -212,6 +255,8 @@ def write_results(s: Session, job_id: int, results: Sequence[ResultLike]) -> Wri
     """
     if not results:
         return WriteCounts(0, 0, 0, 0)
+    if token is not None:
+        check_claim(s, token)
     by_key = {r.key: r for r in results}
     at = now()
     jc = items_t.c
@@ -383,17 +428,21 @@ def _record_sizes(conn: Any, results: Sequence[ResultLike]) -> None:
         )
 
 
-def heartbeat(s: Session, chunk_id: int) -> str | None:
-    """Refresh the chunk's heartbeat and live counts; returns its state.
+def heartbeat(s: Session, chunk_id: int, token: ClaimToken | None = None) -> str | None:
+    """Refresh the chunk's heartbeat and live counts; returns its state, or SUPERSEDED
+    (and refreshes nothing) once another delivery claimed it after `token`'s.
 
-    A run that reads back `cancelled` stops.
+    A run that reads back anything but `running` stops.
     """
+    c = chunks_t.c
+    held = [c.claim == token.claim] if token is not None else []
     s.execute(
         update(chunks_t)
-        .where(chunks_t.c.id == chunk_id, chunks_t.c.state == ChunkState.RUNNING.value)
+        .where(c.id == chunk_id, c.state == ChunkState.RUNNING.value, *held)
         .values(heartbeat_at=now(), **chunk_item_counts(s, chunk_id).columns())
     )
-    return s.scalar(select(Chunk.state).where(Chunk.id == chunk_id))
+    state, claim = s.execute(select(c.state, c.claim).where(c.id == chunk_id)).one()
+    return SUPERSEDED if token is not None and claim != token.claim else state
 
 
 def finish_chunk(
@@ -404,14 +453,18 @@ def finish_chunk(
     gpu_s: float,
     write_s: float,
     metrics: dict[str, Any],
+    token: ClaimToken | None = None,
 ) -> str | None:
     """End a chunk `done` with its timings, and the job too if it was its last chunk.
 
+    With `token`, only while that delivery still holds the chunk (check_claim).
     Returns the job's state when this call ended the job, else None.
     """
     job_id = _lock_job_of(s, chunk_id)
     if job_id is None:
         return None
+    if token is not None:
+        check_claim(s, token)
     s.execute(
         update(chunks_t)
         .where(chunks_t.c.id == chunk_id, chunks_t.c.state.not_in(CHUNK_ENDED))

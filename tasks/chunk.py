@@ -28,6 +28,8 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from db.results import (
+    ClaimLost,
+    ClaimToken,
     Outcome,
     PendingItem,
     claim_chunk,
@@ -181,6 +183,9 @@ def process_chunk(self: ChunkTask, chunk_id: int) -> dict[str, Any]:
         return _ChunkRun(self, runtime(), chunk_id).execute()
     except Transient:
         raise
+    except ClaimLost as lost:  # not a failure: the delivery that holds the chunk goes on
+        log.warning("chunk %s: %s; this delivery stops", chunk_id, lost)
+        return {"chunk_id": chunk_id, "state": "superseded"}
     except Exception as exc:
         if isinstance(exc, DeviceFault):
             stop_for_device_fault(describe(exc))
@@ -211,6 +216,7 @@ class _ChunkRun:
     n_written: int = 0
     n_detections: int = 0
     job_id: int = 0
+    token: ClaimToken | None = None  # this delivery's claim, checked by every write
     progress: dict[str, int] = field(default_factory=dict)
 
     def execute(self) -> dict[str, Any]:
@@ -229,6 +235,7 @@ class _ChunkRun:
             return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
         assert claim.job_id is not None
         self.job_id = claim.job_id
+        self.token = claim.token
         self.task.request.chunk_delivery = claim.deliveries  # for ChunkTask.on_retry
         mismatch = pipeline_mismatch(claim.pipeline, claim.fingerprint, self.rt.spec)
         if mismatch:
@@ -309,6 +316,7 @@ class _ChunkRun:
                 gpu_s=round(measured.gpu_s, 4),
                 write_s=round(self.write_s, 4),
                 metrics=metrics,
+                token=self.token,
             )
         self._report()
         if job_state:
@@ -342,14 +350,14 @@ class _ChunkRun:
     def _beat(self) -> str | None:
         """The chunk's heartbeat (from the watch's thread); returns the chunk's state."""
         with self.rt.sessions.begin() as session:
-            return heartbeat(session, self.chunk_id)
+            return heartbeat(session, self.chunk_id, self.token)
 
     def _flush(self) -> None:
         if not self.buffer:
             return
         t0 = time.perf_counter()
         with self.rt.sessions.begin() as session:
-            counts = write_results(session, self.job_id, self.buffer)
+            counts = write_results(session, self.job_id, self.buffer, self.token)
         self.write_s += time.perf_counter() - t0
         self.n_written += len(self.buffer)
         self.n_detections += counts.detections
