@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,22 @@ import torch
 from sqlalchemy import Engine, select, text
 
 from db.compare import Box, match_by_iou, pair_boxes
+from db.jobs import create_job
 from db.models import Chunk, Classification, Detection, Job
+from db.session import make_sessionmaker
 from tasks.demo.scenes import generate_night
 from tasks.demo.train import TRAIN_STREAM, render_pool, train_classifier
+from tests.test_worker_faults import slow_image_server  # noqa: F401
 from tests.trapq_cli import one_line_error, trapq
-from tests.worker_jobs import item_states, job_state, send
+from tests.worker_jobs import (
+    BOXES_PER_IMAGE,
+    chunk_rows,
+    item_states,
+    job_state,
+    make_job,
+    send,
+    worker_env,
+)
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
 NIGHT_SEED = 777_014
@@ -208,3 +220,45 @@ def test_overlap_matching_takes_the_best_assignment_not_the_greedy_one() -> None
     b = [(0.5, 0, 10.5, 10), (-3, 0, 7, 10)]
 
     assert sorted(match_by_iou(a, b)) == [(0, 1), (1, 0)]
+
+
+@pytest.mark.slow
+def test_reclassification_worker_killed_mid_chunk_copies_every_box_once(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    slow_image_server: str,  # noqa: F811
+) -> None:
+    env = worker_env(
+        service_env,
+        TRAPQ_VISIBILITY_TIMEOUT_S="12",
+        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
+        TRAPQ_CHUNK_TIME_LIMIT_S="11",
+        TRAPQ_FETCH_THREADS="1",
+        TRAPQ_WRITE_BATCH_SIZE="2",
+    )
+    n = 24
+    uris = [f"{slow_image_server}/img{i}.jpg" for i in range(n)]
+    source = make_job(clean_pg, uris, chunk_size=n)
+    first = worker_factory(env, concurrency=1).start()
+    send(env, clean_pg, source.chunk_ids)
+    wait_for(lambda: job_state(clean_pg, source.job_id) == "done", 120, "the source job")
+    with make_sessionmaker(clean_pg).begin() as s:  # what `--reuse-detections-from` plans
+        dep = s.scalar(select(Job.deployment_id).where(Job.id == source.job_id))
+        plan = create_job(s, dep, pipeline={"test": True}, chunk_size=n,
+                          boxes_from_job_id=source.job_id)
+    send(env, clean_pg, plan.chunk_ids)
+    wait_for(lambda: item_states(clean_pg, plan.job_id).get("done", 0) >= 4, 60,
+             "some captures re-classified", on_timeout=first.tail)
+    first.kill()
+    assert item_states(clean_pg, plan.job_id).get("done", 0) < n, "ended before the kill"
+
+    time.sleep(13)  # past the visibility timeout: Redis hands the chunk out again
+    second = worker_factory(env, concurrency=1).start()
+    wait_for(lambda: job_state(clean_pg, plan.job_id) == "done", 120, "the re-classification",
+             on_timeout=second.tail)
+
+    assert item_states(clean_pg, plan.job_id) == {"done": n}
+    originals = {d[0] for d in detections(clean_pg, source.job_id)}
+    copies = detections(clean_pg, plan.job_id)
+    assert len(originals) == n * BOXES_PER_IMAGE
+    assert sorted(d[3] for d in copies) == sorted(originals)  # each box once, none lost
+    assert chunk_rows(clean_pg, plan.job_id)[0].deliveries >= 2
