@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from db.counts import job_item_counts
 from db.models import Capture, Classification, Deployment, Detection, Job, JobCapture
 from db.states import ItemState
 
@@ -99,11 +100,7 @@ def job_context(session: Session, job_id: int) -> JobContext | None:
 def job_counts(session: Session, job_id: int) -> JobCounts:
     """What an export checks before writing anything, in two aggregate queries."""
     jc, c = JobCapture, Capture
-    by_state = dict(
-        session.execute(
-            select(jc.state, func.count()).where(jc.job_id == job_id).group_by(jc.state)
-        ).all()
-    )
+    by_state = job_item_counts(session, [job_id]).get(job_id, {})
     done = jc.state == ItemState.DONE.value
     no_size, no_time, first, last = session.execute(
         select(
