@@ -168,19 +168,19 @@ def policy_detector(pipeline: Pipeline) -> Callable[[list[torch.Tensor]], list[d
 
 def calibrate(pipeline: Pipeline, frames: list[torch.Tensor], boxes: int) -> float:
     """Sets the score threshold at which the detector keeps ~`boxes` detections per image on
-    these frames (the median over them), in the model and the pipeline; returns it."""
+    these frames (the median over them, as the engine's forward resizes and runs them), in the
+    model and the pipeline; returns it."""
     model = pipeline.detector.module
     holder = getattr(model, "roi_heads", model)
     if not hasattr(holder, "score_thresh"):
         return pipeline.box_threshold
-    holder.score_thresh = 0.0
+    holder.score_thresh = pipeline.box_threshold = 0.0
     holder.detections_per_img = max(4 * boxes, 100)
-    detect = policy_detector(pipeline)
+    forward = BatchForward(pipeline, ForwardOptions())
     kth = []
-    with torch.inference_mode():
-        for frame in frames:
-            scores = detect([frame.float().div(255)])[0]["scores"].float().sort(descending=True)
-            kth.append(float(scores.values[min(boxes, len(scores.values)) - 1]))
+    for frame in frames:
+        scores = sorted((d.score for d in forward([frame])[0]), reverse=True)
+        kth.append(scores[min(boxes, len(scores)) - 1] if scores else 0.0)
     threshold = statistics.median(kth)
     holder.score_thresh = threshold
     pipeline.box_threshold = threshold

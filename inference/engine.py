@@ -268,7 +268,17 @@ class Engine:
         h, w = self.pipeline.classifier.source.input_size
         crops = torch.rand((self.config.forward.crop_batch_size, 3, h, w), generator=generator)
         with torch.inference_mode():
-            self._forward([frame.to(self.device) for frame in frames])
+            frames = [frame.to(self.device) for frame in frames]
+            for n in sorted({1, len(frames)}):  # both shapes a compiled forward will see first
+                out_of_memory = False
+                try:
+                    self._forward(frames[:n])
+                except torch.cuda.OutOfMemoryError:
+                    if n == 1:
+                        raise
+                    out_of_memory = True  # serving splits such batches; the start goes on
+                if out_of_memory:
+                    torch.cuda.empty_cache()
             self._forward.classify(crops.mul_(255).to(self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

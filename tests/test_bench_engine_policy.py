@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from bench.engine import build, calibrate, dataloader, naive, resident_frames
+from inference.forward import BatchForward, ForwardOptions
 from tests.inference_fixtures import encode, structured_image
 
 torch.set_num_threads(1)
@@ -53,6 +54,5 @@ def test_the_benchmark_detector_has_the_real_class_count_and_about_the_asked_box
     frames = resident_frames(pipeline, _captures(tmp_path, 4))
     threshold = calibrate(pipeline, frames, 20)
     assert 0.0 < threshold == pipeline.box_threshold == roi_heads.score_thresh
-    with torch.inference_mode():
-        counts = [len(pipeline.detector.module([f.float() / 255])[0]["boxes"]) for f in frames]
+    counts = [len(found) for found in BatchForward(pipeline, ForwardOptions())(frames)]
     assert 10 <= sorted(counts)[len(counts) // 2] <= 30, counts

@@ -203,11 +203,12 @@ def test_compile_runs_and_warms_up_in_start_and_changes_no_result(tmp_path: Path
     engine = engine_for(compiled_pipe, batch_size=2, forward=forward)
     engine.start()
     try:
-        assert calls == [1] and engine.warm_up_s > 0  # compiled on a dummy batch in start()
+        # compiled on dummy batches of 1 and batch_size in start(), before any capture
+        assert calls == [1, 1] and engine.warm_up_s > 0
         got = {r.key: r for r in engine.run(items)}
     finally:
         engine.close()
-    assert len(calls) == 2
+    assert len(calls) == 3
     for key, result in expected.items():
         assert result.ok and len(result.detections) == len(got[key].detections) > 0
         for a, b in zip(result.detections, got[key].detections, strict=True):
