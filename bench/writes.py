@@ -1,7 +1,8 @@
 """Database writes alone: db.results.write_results against a raw COPY of the same rows.
 
 Two jobs over the same captures, written batch by batch in turn (so both see the same table
-sizes): one through write_results (claim of the work items, replace, mark done, sizes), one
+sizes): one through write_results as a chunk's delivery calls it (claim token checked, work
+items locked, results replaced, items marked done, sizes recorded), one
 as a bare COPY of the same detection and classification rows into the same tables in one
 transaction per batch, with ids reserved up front. Their ratio is how close the exactly-once
 write path comes to the fastest way into PostgreSQL. Each statement write_results sends is
@@ -93,14 +94,14 @@ def bench_writes(engine: Engine, uris: list[str], batch: int) -> WriteFigures:
     n_det = 0
     for chunk_results, chunk_copy in zip(via_results.chunk_ids, via_copy.chunk_ids, strict=True):
         with factory.begin() as s:
-            claim_chunk(s, chunk_results, worker="bench", retries=0, max_deliveries=5)
+            claim = claim_chunk(s, chunk_results, worker="bench", retries=0, max_deliveries=5)
             results = [ItemResult(i.capture_id, i.uri, 256, 192, dets)
                        for i in pending_items(s, chunk_results)]
             keys = [i.capture_id for i in pending_items(s, chunk_copy)]
         with _timed_statements(engine, steps):
             t0 = time.perf_counter()
             with factory.begin() as s:
-                n_det += write_results(s, via_results.job_id, results).detections
+                n_det += write_results(s, via_results.job_id, results, claim.token).detections
             write_s += time.perf_counter() - t0
         t0 = time.perf_counter()
         first_id = _raw_copy(engine, via_copy.job_id, keys, dets, first_id)
@@ -194,6 +195,8 @@ def _step_of(statement: str) -> str:
         return "lock the pending work items"
     if "from chunks" in s and "claim" in s:
         return "check the claim token"
+    if s.startswith("set local"):
+        return "limit idle time (SET LOCAL)"
     return "other statements"
 
 
