@@ -253,6 +253,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="trapq-engine", daemon=True)
         self._thread.start()
 
+    @property
+    def forward(self) -> BatchForward:
+        """The started engine's batch forward (compiled if asked), for timing it alone."""
+        if self._forward is None:
+            raise RuntimeError("Engine.start() first")
+        return self._forward
+
     def _warm_up(self) -> None:
         """A dummy batch of batch_size 16:9 frames through the detector and a full crop batch
         through the classifiers, so that torch.compile compiles (and cuDNN picks its
@@ -325,7 +332,7 @@ class Engine:
         self.close()
 
     def stats(self) -> EngineStats:
-        memory: dict[str, float] = {}
+        memory: dict[str, float | int] = {}
         if self.device.type == "cuda":
             allocator = torch.cuda.memory_stats(self.device)
             memory = {
@@ -333,6 +340,9 @@ class Engine:
                 "device_reserved_mb": allocator.get("reserved_bytes.all.current", 0) / 2**20,
                 "device_peak_allocated_mb": allocator.get("allocated_bytes.all.peak", 0) / 2**20,
             }
+        decoder = self._device_decoder
+        if decoder is not None:
+            memory.update(gpu_decoded=decoder.images, gpu_refused=decoder.refusals)
         with self._stats_lock:
             inflight = self._inflight
             return EngineStats(
@@ -402,6 +412,9 @@ class Engine:
         except ItemFailure as e:
             kind, message = e.kind, e.message
         except Exception as e:
+            if is_device_fault(e):  # pin_memory is a CUDA call: a sticky error can show here
+                self._on_device_fault([pending], e)
+                return False
             kind, message = ErrorKind.UNDECODABLE, f"cannot decode ({e!r}): {pending.item.uri}"
         self._fail(pending.run, pending.item, kind, message, pending.charge, True)
         return False

@@ -109,6 +109,8 @@ class EngineStats:
     device_allocated_mb: float = 0.0
     device_reserved_mb: float = 0.0
     device_peak_allocated_mb: float = 0.0
+    gpu_decoded: int = 0  # JPEGs nvJPEG decoded
+    gpu_refused: int = 0  # JPEGs routed to nvJPEG that it refused (decoded on the CPU instead)
 
     @property
     def mean_batch_size(self) -> float:

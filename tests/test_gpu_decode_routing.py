@@ -134,6 +134,7 @@ def test_one_bad_file_in_a_batch_of_eight_fails_alone_and_the_seven_decode_once(
     assert {thread for _, thread in refuses.calls} == {"trapq-gpu-decode"}
     assert dict(cpu) == {"trapq-decode": 1}  # the truncated file, on a decode pool thread
     assert stats.images_in_flight == stats.bytes_in_flight == 0
+    assert (stats.gpu_decoded, stats.gpu_refused) == (7, 0)
 
 
 def test_a_file_nvjpeg_refuses_is_decoded_on_the_cpu_off_the_device_thread(
@@ -153,6 +154,7 @@ def test_a_file_nvjpeg_refuses_is_decoded_on_the_cpu_off_the_device_thread(
     assert (results[2].width, results[2].height) == (64, 48)
     assert dict(cpu) == {"trapq-gpu-decode": 1}  # the refused one, never "trapq-engine"
     assert stats.bytes_in_flight == 0
+    assert (stats.gpu_decoded, stats.gpu_refused) == (3, 1)
 
 
 def test_frames_from_the_gpu_path_are_upright_and_equal_the_cpu_decode(
