@@ -4,7 +4,10 @@
 images fetched and decoded, the boxes (a)'s, the detector skipped, crops and classifier only,
 as a `trapq enqueue --reuse-detections-from JOB` job's workers run it. Prints wall time and
 the engine's device-thread time of each, their ratios, and checks that (b) gave every box the
-label (a) gave it (same classifier).
+label (a) gave it (same classifier). Then (c) the same as jobs: a real worker (subprocess) on
+PostgreSQL and Redis runs a full job and a re-classification job of it, each timed from its
+first claim to its end, database writes included (--no-jobs skips it; fresh temporary
+database and queue, removed after).
 
     python -m bench.reclassify --n 8
     python -m bench.reclassify --images /work/shared/data/moth-trap-captures --n 8
@@ -24,11 +27,20 @@ import time
 from dataclasses import dataclass
 
 import torch
+from sqlalchemy import Engine as SqlEngine
+from sqlalchemy import select
 
+from db.imports import CaptureRow, get_or_create_deployment, insert_captures
+from db.models import Job
+from db.session import make_engine, make_sessionmaker
 from inference.engine import Engine, EngineConfig
 from inference.registry import load_pipeline, model_source
 from inference.types import Detection, ItemResult, WorkItem
 from tasks.demo.scenes import generate_night
+from tasks.producer import enqueue
+from tasks.settings import Settings
+from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
+from tests.worker_process import WorkerProcess, wait_for
 
 SUFFIXES = {".jpg", ".jpeg", ".png"}
 
@@ -46,6 +58,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--decode-threads", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=1, help="repeat both measurements")
+    p.add_argument("--jobs", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time a full and a re-classification job through a real worker")
+    p.add_argument("--chunk-size", type=int, default=4)
     return p.parse_args()
 
 
@@ -105,10 +120,76 @@ def same_labels(full: Measured, again: Measured) -> float:
     return sum(a == b for a, b in pairs) / len(pairs) if pairs else 1.0
 
 
+def time_jobs(args: argparse.Namespace, paths: list[Path]) -> tuple[float, float]:
+    """(c) seconds of a full job and of a re-classification job of it, first claim to end."""
+    with (
+        temporary_database("trapq_bench") as url,
+        temporary_queue("trapq-bench") as queue,
+        tempfile.TemporaryDirectory(prefix="trapq-bench-") as tmp,
+    ):
+        env = service_env(
+            Path(tmp) / "data", url, REDIS_URL, queue,
+            TRAPQ_DETECTOR=args.detector,
+            TRAPQ_CLASSIFIER=args.classifier,
+            TRAPQ_BOX_THRESHOLD=str(args.box_threshold),
+            TRAPQ_BATCH_SIZE=str(args.batch_size),
+            TRAPQ_DECODE_THREADS=str(args.decode_threads),
+            **({"TRAPQ_DEVICE": args.device} if args.device != "auto" else {}),
+        )
+        settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
+        )
+        engine = make_engine(url)
+        with make_sessionmaker(engine).begin() as s:
+            rows = [CaptureRow(uri=str(p), captured_at=None, width=None, height=None)
+                    for p in paths]
+            insert_captures(s, get_or_create_deployment(s, "bench"), rows)
+        worker = WorkerProcess(env, Path(tmp) / "worker.log", concurrency=2)
+        try:
+            worker.start()
+            run_job(engine, settings, worker, args.chunk_size, limit=1)  # warm-up
+            full_id, full_s = run_job(engine, settings, worker, args.chunk_size)
+            _, again_s = run_job(engine, settings, worker, args.chunk_size,
+                                 reuse_detections_from=full_id)
+        finally:
+            worker.kill()
+            engine.dispose()
+    return full_s, again_s
+
+
+def run_job(
+    engine: SqlEngine, settings: Settings, worker: WorkerProcess, chunk_size: int,
+    **options: int,
+) -> tuple[int, float]:
+    """Enqueue a job of the bench's captures, wait for its end: its id and seconds."""
+    job_id = enqueue(settings, "bench", chunk_size=chunk_size, **options).job_id  # type: ignore[arg-type]
+    assert job_id is not None
+
+    def ended() -> bool:
+        with engine.connect() as conn:
+            return conn.scalar(select(Job.state).where(Job.id == job_id)) in ("done", "failed")
+
+    wait_for(ended, 900, f"job {job_id}", every=0.1, on_timeout=worker.tail)
+    with engine.connect() as conn:
+        state, started, finished = conn.execute(
+            select(Job.state, Job.started_at, Job.finished_at).where(Job.id == job_id)
+        ).one()
+    if state != "done":
+        raise SystemExit(f"job {job_id} ended {state}:\n{worker.tail()}")
+    return job_id, (finished - started).total_seconds()
+
+
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="trapq-bench-") as tmp:
+        paths = captures(args, Path(tmp))
+        run(args, paths)
+
+
+def run(args: argparse.Namespace, paths: list[Path]) -> None:
     pipeline = load_pipeline(
         model_source(args.detector, "detector"),
         model_source(args.classifier, "classifier"),
@@ -116,8 +197,7 @@ def main() -> None:
         box_threshold=args.box_threshold,
     )
     config = EngineConfig(batch_size=args.batch_size, decode_threads=args.decode_threads)
-    with tempfile.TemporaryDirectory() as tmp, Engine(pipeline, config) as engine:
-        paths = captures(args, Path(tmp))
+    with Engine(pipeline, config) as engine:
         plain = [WorkItem(i, str(p)) for i, p in enumerate(paths)]
         measure(engine, plain[:1])  # warm-up: first forwards allocate and pick kernels
         fulls, agains = [], []
@@ -131,15 +211,24 @@ def main() -> None:
     agreement = same_labels(full, again)
     print(f"{n} captures, {full.boxes} boxes ({full.boxes / n:.1f} per capture), "
           f"{args.detector} + {args.classifier} on {pipeline.device}, best of {args.rounds}")
-    print(f"{'run':<18}{'wall s':>9}{'img/s':>9}{'device s':>10}")
-    for name, m in (("full", full), ("re-classification", again)):
-        print(f"{name:<18}{m.wall_s:>9.2f}{n / m.wall_s:>9.2f}{m.device_s:>10.2f}")
+    print(f"{'run':<22}{'wall s':>9}{'img/s':>9}{'device s':>10}")
+    for name, m in (("(a) full", full), ("(b) re-classification", again)):
+        print(f"{name:<22}{m.wall_s:>9.2f}{n / m.wall_s:>9.2f}{m.device_s:>10.2f}")
     speedup = full.wall_s / again.wall_s
     device_speedup = full.device_s / again.device_s if again.device_s else float("inf")
     print(f"re-classification is {speedup:.1f}x faster end to end ({device_speedup:.1f}x on the "
-          f"device thread); same top-1 label for {agreement:.1%} of the boxes")
+          f"device thread); same top-1 label for {agreement:.1%} of the boxes", flush=True)
+    jobs = ""
+    if args.jobs:
+        full_job_s, again_job_s = time_jobs(args, paths)
+        job_speedup = full_job_s / again_job_s
+        print(f"{'(c) full job':<22}{full_job_s:>9.2f}{n / full_job_s:>9.2f}")
+        print(f"{'(c) re-class. job':<22}{again_job_s:>9.2f}{n / again_job_s:>9.2f}")
+        print(f"as jobs through a real worker and PostgreSQL: {job_speedup:.1f}x faster")
+        jobs = (f" job_speedup={job_speedup:.2f} full_job_s={full_job_s:.2f}"
+                f" reclassify_job_s={again_job_s:.2f}")
     print(f"RESULT speedup={speedup:.2f} device_speedup={device_speedup:.2f} "
-          f"full_s={full.wall_s:.2f} reclassify_s={again.wall_s:.2f} captures={n} "
+          f"full_s={full.wall_s:.2f} reclassify_s={again.wall_s:.2f}{jobs} captures={n} "
           f"boxes={full.boxes} same_label={agreement:.3f}")
 
 

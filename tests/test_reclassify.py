@@ -262,3 +262,22 @@ def test_reclassification_worker_killed_mid_chunk_copies_every_box_once(
     assert len(originals) == n * BOXES_PER_IMAGE
     assert sorted(d[3] for d in copies) == sorted(originals)  # each box once, none lost
     assert chunk_rows(clean_pg, plan.job_id)[0].deliveries >= 2
+
+
+def test_compare_says_in_one_line_what_is_wrong_with_a_truth_file(
+    service_env: dict[str, str], tmp_path: Path
+) -> None:
+    no_label = tmp_path / "no_label.csv"
+    no_label.write_text("uri,x1,y1,x2,y2\n/a.jpg,1,2,3,4\n")
+    bad_box = tmp_path / "bad_box.csv"
+    bad_box.write_text("uri,x1,y1,x2,y2,label\n/a.jpg,1,2,3,four,moth\n")
+
+    assert one_line_error(trapq(service_env, "compare", "1", "2", "--truth", str(no_label))) == (
+        f"error: --truth {no_label}: no column label; the header must name uri,x1,y1,x2,y2,label"
+    )
+    assert one_line_error(trapq(service_env, "compare", "1", "2", "--truth", str(bad_box))) == (
+        f"error: --truth {bad_box}:2: the box must be four numbers"
+    )
+    assert one_line_error(trapq(service_env, "compare", "1", "2")) == (
+        "error: no job 1; `trapq status` lists jobs"
+    )
