@@ -4,11 +4,14 @@ environment exactly as it would be for MinIO)."""
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import boto3
+import jsonschema
 import pytest
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, select, text
@@ -132,7 +135,8 @@ def test_fetcher_reads_objects_within_its_byte_limit(
 
 @pytest.mark.slow
 def test_a_worker_processes_s3_captures_and_a_missing_key_fails_alone(
-    s3: Any, s3_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, s3: Any, s3_env: dict[str, str], clean_pg: Engine,
+    worker_factory,  # noqa: F811
 ) -> None:
     s3.create_bucket(Bucket="night")
     for i in range(4):
@@ -160,3 +164,15 @@ def test_a_worker_processes_s3_captures_and_a_missing_key_fails_alone(
         "failed", "missing", "no such object: s3://night/n3/img2.jpg")
     assert set(items.values()) == {("done", None, None, 160, 120)}  # sizes recorded at decode
     assert len(detections_per_capture(clean_pg, plan.job_id)) == 3
+
+    out = tmp_path / "md.json"
+    exported = trapq(s3_env, "export", str(plan.job_id), "--format", "megadetector",
+                     "--root", "s3://night/n3", "-o", str(out))
+    assert exported.returncode == 0, exported.stderr
+    doc = json.loads(out.read_text())
+    jsonschema.validate(doc, json.loads(
+        (Path(__file__).parent / "schemas" / "megadetector-batch-output.schema.json").read_text()))
+    images = {image["file"]: image for image in doc["images"]}
+    assert sorted(images) == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
+    assert images["img2.jpg"]["failure"] == "no such object: s3://night/n3/img2.jpg"
+    assert all(len(images[f"img{i}.jpg"]["detections"]) > 0 for i in (0, 1, 3))
