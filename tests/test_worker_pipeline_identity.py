@@ -15,21 +15,20 @@ from sqlalchemy import Engine
 
 from inference.registry import REGISTRY
 from tasks.pipeline import pipeline_spec
+from tests.fault_scenarios import wait_job_end
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
-    ENDED,
     chunk_rows,
     detections_per_capture,
     item_states,
-    job_state,
     make_job,
     send,
     settings_of,
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import worker_factory  # noqa: F401
 
 pytestmark = pytest.mark.slow
 DEMO_CLASSIFIER = Path(REGISTRY["demo_classifier"].default_weights or "")
@@ -47,12 +46,6 @@ def _other_weights(path: Path) -> Path:
 def _env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
     """A worker of the real demo classifier (not random weights) behind constant_boxes."""
     return worker_env(service_env, TRAPQ_RANDOM_WEIGHTS="false", **overrides)
-
-
-def _wait_end(engine: Engine, job_id: int, worker: object) -> str:
-    wait_for(lambda: job_state(engine, job_id) in ENDED, 120, f"job {job_id} to end",
-             on_timeout=worker.tail)  # type: ignore[attr-defined]
-    return job_state(engine, job_id)
 
 
 @pytest.mark.parametrize(
@@ -79,7 +72,7 @@ def test_worker_whose_pipeline_differs_from_the_jobs_writes_nothing_for_it(
     worker = worker_factory(env).start()
     send(env, clean_pg, job.chunk_ids)
 
-    assert _wait_end(clean_pg, job.job_id, worker) == "failed"
+    assert wait_job_end(clean_pg, job.job_id, worker) == "failed"
     (chunk,) = chunk_rows(clean_pg, job.job_id)
     assert f"is not the job's {spec.fingerprint()[:12]} ({differs})" in (chunk.error or "")
     assert "\n" not in (chunk.error or "") and chunk.attempts == 1
@@ -101,7 +94,7 @@ def test_the_same_weights_at_another_path_run_the_job(
     worker = worker_factory(env).start()
     send(env, clean_pg, job.chunk_ids)
 
-    assert _wait_end(clean_pg, job.job_id, worker) == "done"
+    assert wait_job_end(clean_pg, job.job_id, worker) == "done"
     assert set(detections_per_capture(clean_pg, job.job_id).values()) == {BOXES_PER_IMAGE}
     out = trapq(env, "enqueue", "test-deployment", "--only-unprocessed", "--dry-run")
     assert out.returncode != 0 and "no captures of 'test-deployment' match" in out.stderr

@@ -12,10 +12,10 @@ import pytest
 from sqlalchemy import Engine, select
 
 from db.models import JobCapture
+from tests.fault_scenarios import wait_job_end
 from tests.local_http import QuietHandler, serving
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
-    ENDED,
     chunk_rows,
     item_states,
     job_state,
@@ -57,12 +57,6 @@ def _items(engine: Engine, job_id: int) -> list[tuple[str, str | None, str | Non
         return [tuple(r) for r in rows]  # type: ignore[misc]
 
 
-def _wait_end(engine: Engine, job_id: int, worker: object) -> str:
-    wait_for(lambda: job_state(engine, job_id) in ENDED, 120, f"job {job_id} to end",
-             on_timeout=worker.tail)  # type: ignore[attr-defined]
-    return job_state(engine, job_id)
-
-
 def test_last_retry_gives_up_and_each_capture_keeps_its_own_reason(
     service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
     image_host: str,
@@ -73,7 +67,7 @@ def test_last_retry_gives_up_and_each_capture_keeps_its_own_reason(
     worker = worker_factory(env).start()
     send(env, clean_pg, job.chunk_ids)
 
-    assert _wait_end(clean_pg, job.job_id, worker) == "failed"
+    assert wait_job_end(clean_pg, job.job_id, worker) == "failed"
     (chunk,) = chunk_rows(clean_pg, job.job_id)
     assert chunk.state == "failed" and chunk.attempts == 2
     error = chunk.error or ""
@@ -95,7 +89,7 @@ def test_a_transient_failure_after_a_success_fails_alone_and_the_chunk_is_done(
     worker = worker_factory(env).start()
     send(env, clean_pg, job.chunk_ids)
 
-    assert _wait_end(clean_pg, job.job_id, worker) == "done"
+    assert wait_job_end(clean_pg, job.job_id, worker) == "done"
     (chunk,) = chunk_rows(clean_pg, job.job_id)
     assert chunk.state == "done" and chunk.attempts == 1  # no retry: the host is not all down
     assert [(s, k) for s, k, _ in _items(clean_pg, job.job_id)] == [
