@@ -36,17 +36,21 @@ import time
 import tracemalloc
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 
 import motmetrics as mm
 import numpy as np
 from PIL import Image
+from sqlalchemy import select
 
+from db.models import Capture
 from inference.tracking import Frame, NightTracks, TrackParams, label_vote, track_baseline
 from inference.tracking import track_night as trapq_track
 from tasks.demo.nights import NightBehaviour, outline_box, plan_night
 from tasks.demo.scenes import KINDS, render_placements
 from tasks.settings import Settings
+from tasks.tracking import track_params
 
 TUNING_SEEDS = (101, 102)  # --tune looks at these only
 EVAL_SEEDS = (7, 8, 9, 10)  # never tuned on
@@ -315,8 +319,10 @@ def streamed(sim_frames: list[Frame]) -> Iterator[Frame]:
     yield from sim_frames
 
 
-def scale_run(n: int, emb: EmbeddingModel, params: TrackParams) -> dict[str, float]:
-    """One long dense night: ~20 detections per capture, tracked as it streams."""
+def scale_run(n: int, emb: EmbeddingModel, params: TrackParams, store: bool
+              ) -> dict[str, float]:
+    """One long dense night: ~20 detections per capture, tracked as it streams; with
+    ``store``, also through the job store (store_run)."""
     behaviour = NightBehaviour(mean_present=21.0, median_stay=60.0)
     t0 = time.perf_counter()
     sim = simulate(1234, n, emb, behaviour, with_truth=False)
@@ -337,13 +343,71 @@ def scale_run(n: int, emb: EmbeddingModel, params: TrackParams) -> dict[str, flo
     tracemalloc.stop()
     return {"captures": n, "detections": n_det, "tracks": tracks.n_tracks,
             "generate_s": generate_s, "track_s": track_s, "baseline_s": baseline_s,
-            "tracker_peak_mb": peak / 2**20, "night_mb": night_bytes / 2**20}
+            "tracker_peak_mb": peak / 2**20, "night_mb": night_bytes / 2**20,
+            **(store_run(sim) if store else {})}
+
+
+def store_run(sim: Simulated) -> dict[str, float]:
+    """The same night through the job store on PostgreSQL: its detections (embedding and
+    species label each) written by write_results, then tasks.tracking.track_job reads the
+    night, tracks it and writes occurrences, links and detection refs; run twice (it replaces
+    the night), the second time under tracemalloc for its peak."""
+    from db.imports import get_or_create_deployment, insert_captures
+    from db.jobs import create_job
+    from db.results import write_results
+    from db.session import make_engine, make_sessionmaker
+    from inference.types import Classification, Detection, ItemResult
+    from tasks.tracking import track_job
+    from tests.services import temporary_database
+
+    start = datetime(2026, 6, 21, 21, 0, tzinfo=UTC)
+    with temporary_database("trapq_bench_tracking") as url:
+        engine = make_engine(url)
+        factory = make_sessionmaker(engine)
+        try:
+            with factory.begin() as s:
+                dep = get_or_create_deployment(s, "scale-night")
+                insert_captures(s, dep, [
+                    {"uri": f"night/{i:06d}.jpg",
+                     "captured_at": start + timedelta(seconds=f.taken_at - sim.frames[0].taken_at),
+                     "width": f.width, "height": f.height}
+                    for i, f in enumerate(sim.frames)
+                ])
+                job = create_job(s, dep, pipeline={"classifier": {"name": "demo_classifier"}},
+                                 chunk_size=len(sim.frames))
+                ids = list(s.scalars(select(Capture.id).order_by(Capture.id)))
+            t0 = time.perf_counter()
+            offset = 0
+            for first in range(0, len(sim.frames), 200):
+                results = []
+                for cid, f in zip(ids[first:first + 200], sim.frames[first:first + 200],
+                                  strict=True):
+                    assert f.embeddings is not None
+                    dets = []
+                    for box, vec in zip(f.boxes.tolist(), f.embeddings, strict=True):
+                        label = KINDS[int(sim.labels[offset])]
+                        c = Classification("demo_classifier", label, float(sim.scores[offset]))
+                        dets.append(Detection(*box, 0.9, "insect", [c], embedding=vec.tobytes()))
+                        offset += 1
+                    results.append(ItemResult(cid, "", f.width, f.height, dets))
+                with factory.begin() as s:
+                    write_results(s, job.job_id, results)
+            write_s = time.perf_counter() - t0
+            settings = Settings(_env_file=None)  # type: ignore[call-arg]
+            first_run = track_job(factory, job.job_id, settings)
+            tracemalloc.start()
+            track_job(factory, job.job_id, settings)
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        finally:
+            engine.dispose()
+    return {"write_s": write_s, "track_job_s": first_run.seconds,
+            "occurrences": first_run.occurrences, "track_job_peak_mb": peak / 2**20}
 
 
 def params_from_settings() -> TrackParams:
     """The frozen defaults, as the worker reads them (TRAPQ_TRACK_*)."""
-    s = Settings()
-    return TrackParams(**{f.name: getattr(s, f"track_{f.name}") for f in fields(TrackParams)})
+    return track_params(Settings(_env_file=None))  # type: ignore[call-arg]
 
 
 def main() -> None:
@@ -352,6 +416,8 @@ def main() -> None:
     ap.add_argument("--nights", type=int, default=1, help="held-out nights scored (max 4)")
     ap.add_argument("--scale-captures", type=int, default=10_000)
     ap.add_argument("--tune", action="store_true", help="grid search on the tuning seeds")
+    ap.add_argument("--store", action="store_true",
+                    help="also track the scale night through PostgreSQL (TRAPQ_TEST_PG_URL)")
     args = ap.parse_args()
     classifier = DemoClassifier()
     if args.tune:
@@ -383,12 +449,16 @@ def main() -> None:
         per = ", ".join(f"{k} {f}/{t}" for k, (f, t) in r["per_species"].items())  # type: ignore[union-attr]
         print(f"  {name} occurrences/individuals: {per}")
     emb = EmbeddingModel.from_distances(same, same_kind, other_kind)
-    sc = scale_run(args.scale_captures, emb, params)
+    sc = scale_run(args.scale_captures, emb, params, args.store)
     print(f"scale: {sc['captures']} captures, {sc['detections']} detections -> "
           f"{sc['tracks']} tracks in {sc['track_s']:.2f} s "
           f"({sc['captures'] / sc['track_s']:.0f} captures/s; baseline {sc['baseline_s']:.2f} s), "
           f"tracker peak {sc['tracker_peak_mb']:.1f} MiB over a night of "
           f"{sc['night_mb']:.1f} MiB (simulated in {sc['generate_s']:.1f} s)")
+    if args.store:
+        print(f"job store: the same night written in {sc['write_s']:.1f} s; track_job (read, "
+              f"track, write {sc['occurrences']:.0f} occurrences) {sc['track_job_s']:.1f} s, "
+              f"peak {sc['track_job_peak_mb']:.0f} MiB")
     t, b = res["trapq"], res["baseline"]
     print(
         f"RESULT idf1={t['idf1']:.4f} idf1_baseline={b['idf1']:.4f} "
@@ -399,6 +469,8 @@ def main() -> None:
         f"worst_species_error={t['worst_species_error']:.3f} "
         f"scale_captures={sc['captures']} scale_detections={sc['detections']} "
         f"scale_track_s={sc['track_s']:.2f} scale_peak_mb={sc['tracker_peak_mb']:.1f}"
+        + (f" store_track_job_s={sc['track_job_s']:.1f} store_peak_mb="
+           f"{sc['track_job_peak_mb']:.0f}" if args.store else "")
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.models import (
@@ -30,6 +30,11 @@ from db.models import (
 from db.states import ItemState
 
 PAGE = 5000  # captures read per query while cutting sessions
+_PG_SET_OCCURRENCE = text(
+    "UPDATE detections SET occurrence_id = v.oid "
+    "FROM unnest(CAST(:dids AS bigint[]), CAST(:oids AS bigint[])) AS v(did, oid) "
+    "WHERE detections.id = v.did"
+)
 
 
 @dataclass(frozen=True)
@@ -180,15 +185,19 @@ def replace_night(s: Session, job: JobToTrack, night: date,
             for o in occurrences
         ],
     ).scalars().all()
-    refs = [{"did": d, "oid": oid} for oid, o in zip(ids, occurrences, strict=True)
-            for d in o.detection_ids]
-    s.execute(
-        update(Detection.__table__)
-        .where(Detection.__table__.c.id == bindparam("did"))
-        .values(occurrence_id=bindparam("oid")),
-        refs,
-        execution_options={"synchronize_session": False},
-    )
+    dids = [d for o in occurrences for d in o.detection_ids]
+    oids = [oid for oid, o in zip(ids, occurrences, strict=True) for _ in o.detection_ids]
+    if s.get_bind().dialect.name == "postgresql":
+        # one statement for the night's detections, not one per detection
+        s.execute(_PG_SET_OCCURRENCE, {"dids": dids, "oids": oids})
+    else:
+        s.execute(
+            update(Detection.__table__)
+            .where(Detection.__table__.c.id == bindparam("did"))
+            .values(occurrence_id=bindparam("oid")),
+            [{"did": d, "oid": o} for d, o in zip(dids, oids, strict=True)],
+            execution_options={"synchronize_session": False},
+        )
     links = [
         {"detection_id": d, "previous_detection_id": p, "occurrence_id": oid, "cost": c}
         for oid, o in zip(ids, occurrences, strict=True)
