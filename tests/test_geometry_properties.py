@@ -1,7 +1,7 @@
 """Property tests for the geometry every capture passes through: the synthetic scenes that
-benchmarks and the GPU check render at many sizes, EXIF orientation, and roi_align crops at
-image edges and for 1-pixel boxes. Example-based tests pick the sizes their authors thought of;
-these pick the ones that break."""
+benchmarks and the GPU check render at many sizes, EXIF orientation, roi_align crops at image
+edges and of 1-pixel boxes, and the normalized boxes of the export formats. Example-based tests
+pick the sizes their authors thought of; these pick the ones that break."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
+from db.export_rows import DetectionRecord
 from inference.crops import crop_and_resize
 from inference.decode import decode, orient, read_header
 from tasks.demo.scenes import render_scene
+from tasks.exports.common import normalized_box
 
 EXIF_ORIENTATION = 0x0112
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -144,3 +146,36 @@ def test_windowed_cpu_crops_equal_whole_frame_crops(
     windowed = crop_and_resize(image, boxes, size, windowed=True)
     whole = crop_and_resize(image, boxes, size, windowed=False)
     assert torch.allclose(windowed, whole, rtol=0, atol=0.01)  # float32 rounding of offsets
+
+
+@FAST
+@given(
+    width=st.integers(1, 8192),
+    height=st.integers(1, 8192),
+    box=st.tuples(*[st.floats(-50, 9000, allow_nan=False)] * 4),
+)
+def test_normalized_boxes_stay_in_the_unit_square_and_map_back_to_the_clipped_pixels(
+    width: int, height: int, box: tuple[float, float, float, float]
+) -> None:
+    """Camtrap DP and MegaDetector boxes: top-left origin, fractions of the image, inside [0, 1];
+    scaled back they are the pixel box clipped to the image, or None when nothing is inside."""
+    x1, y1 = min(box[0], box[2]), min(box[1], box[3])
+    x2, y2 = max(box[0], box[2]), max(box[1], box[3])
+    record = DetectionRecord(id=1, x1=x1, y1=y1, x2=x2, y2=y2, score=0.9, label="insect")
+    norm = normalized_box(record, width, height)
+    cx1, cx2 = np.clip([x1, x2], 0, width)
+    cy1, cy2 = np.clip([y1, y2], 0, height)
+    if cx2 <= cx1 or cy2 <= cy1:
+        assert norm is None
+        return
+    assert norm is not None
+    bx, by, bw, bh = norm
+    assert all(0.0 <= v <= 1.0 for v in norm) and bw > 0 and bh > 0
+    assert bx + bw <= 1.0 + 1e-12 and by + bh <= 1.0 + 1e-12
+    assert np.allclose([bx * width, by * height, (bx + bw) * width, (by + bh) * height],
+                       [cx1, cy1, cx2, cy2], rtol=0, atol=1e-6 * max(width, height))
+
+
+def test_normalized_box_of_an_image_of_unknown_size_is_none() -> None:
+    record = DetectionRecord(id=1, x1=1, y1=1, x2=5, y2=5, score=0.9, label="insect")
+    assert normalized_box(record, None, 100) is None and normalized_box(record, 100, 0) is None
