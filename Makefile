@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench-engine bench-enqueue bench-worker bench-soak bench-faults
+.PHONY: demo test lint bench-engine bench-enqueue bench-worker bench-soak bench-faults gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,3 +39,9 @@ bench-soak: $(STAMP)
 
 bench-faults: $(STAMP)
 	$(PY) -m bench.faults
+
+# The one-shot GPU check for a lent GPU machine: its own python3, torch and torchvision, no
+# venv and none of trapq's other dependencies. IMAGES=DIR adds real captures.
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONPATH=. $(GPU_PYTHON) -m bench.gpu_check $(IMAGES_ARG)
