@@ -22,8 +22,10 @@ from db.session import make_sessionmaker
 from inference.pipeline_spec import PipelineSpec
 from inference.registry import REGISTRY
 from tasks.celery_app import PROCESS_CHUNK
+from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings
 from tasks.store import session_factory
+from tests.inference_fixtures import http_server
 from tests.trapq_cli import one_line_error, trapq
 
 T0 = datetime(2024, 6, 1, 21, 0, tzinfo=UTC)
@@ -218,6 +220,29 @@ def test_only_unprocessed_skips_captures_done_by_a_job_with_the_same_pipeline(
             text("SELECT pipeline, fingerprint FROM jobs WHERE id = :j"), {"j": first.job_id}
         ).one()
     assert PipelineSpec.from_dict(stored).fingerprint() == fingerprint
+
+
+def test_weights_from_a_presigned_url_are_named_by_their_bytes_and_the_secret_never_stored(
+    settings: Settings, clean_pg: Engine, queue: redis.Redis
+) -> None:
+    add_captures(clean_pg, "trap-a", 5)
+    weights = Path(REGISTRY["demo_classifier"].default_weights or "")
+    with http_server() as server:
+        signed = "cls.pt?X-Amz-Signature=hunter2"
+        server.files[signed] = weights.read_bytes()
+        remote = settings.model_copy(
+            update={
+                "classifier_weights": f"{server.base}/file/{signed}",
+                "weights_cache_dir": settings.data_dir / "weights",
+            }
+        )
+        job = producer.enqueue(remote, "trap-a")
+    with clean_pg.connect() as conn:
+        stored, fingerprint = conn.execute(
+            text("SELECT pipeline, fingerprint FROM jobs WHERE id = :j"), {"j": job.job_id}
+        ).one()
+    assert "hunter2" not in json.dumps(stored)
+    assert fingerprint == pipeline_spec(settings).fingerprint()  # same bytes as the local file
 
 
 def test_dry_run_counts_but_creates_and_sends_nothing(
