@@ -87,3 +87,5 @@ def test_only_unprocessed_retakes_failed_captures_and_keeps_earlier_results(
     [(fingerprint, (models, jobs))] = pipelines.items()  # one pipeline, both jobs
     assert models == "constant_boxes > demo_classifier" and jobs == f"{second}, {first}"
     assert len(fingerprint) == 10
+    one = trapq(env, "status", str(second))
+    assert f"pipeline {fingerprint} · constant_boxes > demo_classifier" in one.stdout

@@ -288,6 +288,12 @@ def print_job(st: JobStatus) -> None:
         highlight=False,
         soft_wrap=True,
     )
+    reuse = f" · boxes of job {j.boxes_from_job_id}" if j.boxes_from_job_id is not None else ""
+    console.print(
+        f"pipeline {short_fingerprint(j.fingerprint)} · {j.models or 'models not recorded'}{reuse}",
+        highlight=False,
+        soft_wrap=True,
+    )
     table = Table(box=None)
     table.add_column("state")
     table.add_column("captures", justify="right")
