@@ -67,7 +67,7 @@ def import_source(
     if source.startswith("s3://"):
         if "s3" not in settings.allowed_schemes:
             raise UserError("s3:// is not in TRAPQ_ALLOWED_SCHEMES; add it to import from S3")
-        from tasks.s3_import import s3_rows  # boto3 is the optional [s3] extra
+        from tasks.s3_store import s3_rows  # boto3 is the optional [s3] extra
 
         rows = s3_rows(settings, source, pattern, IMAGE_SUFFIXES)
     elif pattern is not None:

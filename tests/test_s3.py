@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +17,14 @@ import pytest
 from moto.server import ThreadedMotoServer
 from sqlalchemy import Engine, select, text
 
+from db.deployments import DeploymentMetadata, set_metadata
+from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
 from db.models import Capture, JobCapture
+from db.results import write_results
 from db.session import make_sessionmaker
 from inference.fetch import Fetcher, FetchPolicy
-from inference.types import ErrorKind, ItemFailure
+from inference.types import Detection, ErrorKind, ItemFailure, ItemResult
 from tests.trapq_cli import one_line_error, trapq
 from tests.worker_jobs import detections_per_capture, job_state, jpeg_bytes, send, worker_env
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
@@ -176,3 +180,37 @@ def test_a_worker_processes_s3_captures_and_a_missing_key_fails_alone(
     assert sorted(images) == ["img0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"]
     assert images["img2.jpg"]["failure"] == "no such object: s3://night/n3/img2.jpg"
     assert all(len(images[f"img{i}.jpg"]["detections"]) > 0 for i in (0, 1, 3))
+
+
+def test_exports_upload_to_a_bucket_and_a_missing_one_is_a_one_line_error(
+    s3: Any, s3_env: dict[str, str], clean_pg: Engine
+) -> None:
+    s3.create_bucket(Bucket="results")
+    factory = make_sessionmaker(clean_pg)
+    with factory.begin() as s:
+        dep = get_or_create_deployment(s, "up")
+        set_metadata(s, "up", DeploymentMetadata(latitude=1.0, longitude=2.0,
+                                                  capture_method="activityDetection"))
+        insert_captures(s, dep, [{"uri": "s3://night/up/a.jpg", "width": 100, "height": 50,
+                                  "captured_at": datetime(2024, 6, 1, tzinfo=UTC)}])
+        plan = create_job(s, dep, pipeline={}, chunk_size=1)
+        (capture_id,) = s.scalars(select(Capture.id))
+    with factory.begin() as s:
+        write_results(s, plan.job_id, [ItemResult(capture_id, "s3://night/up/a.jpg", 100, 50, [
+            Detection(10, 10, 30, 20, 0.9, "insect")])])
+    job = str(plan.job_id)
+
+    coco = trapq(s3_env, "export", job, "--format", "coco", "-o", "s3://results/up/coco.json")
+    package = trapq(s3_env, "export", job, "--format", "camtrapdp", "-o", "s3://results/up/dp",
+                    "--project-title", "P", "--sampling-design", "targeted",
+                    "--contributor", "A <a@example.org>")
+    nowhere = trapq(s3_env, "export", job, "--format", "coco", "-o", "s3://no-bucket/c.json")
+
+    assert coco.returncode == 0 and package.returncode == 0, coco.stderr + package.stderr
+    listed = s3.list_objects_v2(Bucket="results", Prefix="up/")["Contents"]
+    assert sorted(o["Key"] for o in listed) == [
+        "up/coco.json", "up/dp/datapackage.json", "up/dp/deployments.csv", "up/dp/media.csv",
+        "up/dp/observations.csv"]
+    body = json.loads(s3.get_object(Bucket="results", Key="up/coco.json")["Body"].read())
+    assert [a["bbox"] for a in body["annotations"]] == [[10, 10, 20, 10]]
+    assert "no bucket 'no-bucket'" in one_line_error(nowhere)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import tempfile
+from pathlib import Path, PurePosixPath
 from typing import Annotated
 
 import typer
@@ -18,8 +19,9 @@ def export_(
     job: Annotated[int, typer.Argument(help="Job id.")],
     fmt: Annotated[str, typer.Option("--format", help=", ".join(FORMATS) + ".")] = "csv",
     output: Annotated[
-        Path | None,
-        typer.Option("-o", "--output", help="File to write (camtrapdp: a folder); default stdout."),
+        str | None,
+        typer.Option("-o", "--output", help="File to write (camtrapdp: a folder), or an "
+                     "s3://bucket/key to upload it to; default stdout."),
     ] = None,
     root: Annotated[
         str | None,
@@ -60,7 +62,20 @@ def export_(
     )
     s = settings()
     factory = ready_session_factory(s)
-    with database_errors(s):
-        written = export(factory, job, fmt, output, options)
-    where = output if output is not None else "stdout"
-    err_console.print(f"job {job}: {written} written to {where} ({fmt})", highlight=False)
+    if output is None or not output.startswith("s3://"):
+        with database_errors(s):
+            written = export(factory, job, fmt, Path(output) if output else None, options)
+        where = output if output is not None else "stdout"
+        err_console.print(f"job {job}: {written} written to {where} ({fmt})", highlight=False)
+        return
+    from tasks.s3_store import upload  # boto3 is the optional [s3] extra
+
+    with tempfile.TemporaryDirectory(prefix="trapq-export-") as tmp:
+        local = Path(tmp) / (PurePosixPath(output.rstrip("/")).name or "export")
+        with database_errors(s):
+            written = export(factory, job, fmt, local, options)
+        uris = upload(s, local, output)
+    err_console.print(
+        f"job {job}: {written} uploaded to {output} ({fmt}, {len(uris)} object(s))",
+        highlight=False,
+    )

@@ -143,7 +143,7 @@ def write_camtrapdp(
         "taxonomic": [{"scientificName": name} for name in sorted(taxa)],
     }
     (out_dir / "datapackage.json").write_text(json.dumps(package, indent=2) + "\n")
-    return f"{n_media} media, {n_obs} observations in {out_dir}"
+    return f"{n_media} media, {n_obs} observations"
 
 
 def check_camtrapdp(ctx: JobContext, counts: JobCounts, options: ExportOptions) -> None:
