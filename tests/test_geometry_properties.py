@@ -1,10 +1,12 @@
 """Property tests for the geometry every capture passes through: the synthetic scenes that
-benchmarks and the GPU check render at many sizes, EXIF orientation, roi_align crops at image
-edges and of 1-pixel boxes, and the normalized boxes of the export formats. Example-based tests
-pick the sizes their authors thought of; these pick the ones that break."""
+benchmarks and the GPU check render at many sizes, EXIF orientation, boxes scaled back to the
+original pixels, roi_align crops at image edges and of 1-pixel boxes, and the normalized boxes
+of the export formats. Example-based tests pick the sizes their authors thought of; these pick
+the ones that break."""
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
@@ -16,6 +18,8 @@ from PIL import Image, ImageOps
 from db.export_rows import DetectionRecord
 from inference.crops import crop_and_resize
 from inference.decode import decode, orient, read_header
+from inference.forward import BatchForward, ForwardOptions
+from inference.registry import load_pipeline, model_source
 from tasks.demo.scenes import render_scene
 from tasks.exports.common import normalized_box
 
@@ -179,3 +183,39 @@ def test_normalized_boxes_stay_in_the_unit_square_and_map_back_to_the_clipped_pi
 def test_normalized_box_of_an_image_of_unknown_size_is_none() -> None:
     record = DetectionRecord(id=1, x1=1, y1=1, x2=5, y2=5, score=0.9, label="insect")
     assert normalized_box(record, None, 100) is None and normalized_box(record, 100, 0) is None
+
+
+@functools.cache
+def _grid_forward() -> BatchForward:
+    """The real batched forward with the constant-grid detector: 16 boxes tiling whatever image
+    it is given, so the boxes that come back must tile the original image."""
+    pipe = load_pipeline(
+        model_source("constant_boxes", "detector"),
+        model_source("demo_classifier", "classifier", random_weights=True, input_size=(8, 8)),
+        device="cpu",
+        box_threshold=0.0,
+        detector_kwargs={"boxes": 16},
+    )
+    return BatchForward(pipe, ForwardOptions())
+
+
+@FAST
+@given(sizes=st.lists(st.tuples(st.integers(1, 2400), st.integers(1, 2400)), min_size=1,
+                      max_size=3))
+def test_boxes_found_on_the_resized_frame_come_back_in_the_original_pixels(
+    sizes: list[tuple[int, int]]
+) -> None:
+    """Each frame is resized to the detector's input on the device and its boxes scaled back:
+    whatever the size and aspect, and mixed in one batch, the grid covers exactly 0..W x 0..H."""
+    images = [torch.zeros((3, h, w), dtype=torch.uint8) for w, h in sizes]
+    boxes, _, _ = _grid_forward().detect(images)
+    for (w, h), b in zip(sizes, boxes, strict=True):
+        assert b.shape == (16, 4) and b.dtype == torch.float32
+        assert bool((b[:, 0] >= 0).all() and (b[:, 1] >= 0).all())
+        assert bool((b[:, 2] <= w).all() and (b[:, 3] <= h).all())
+        assert bool((b[:, 2] > b[:, 0]).all() and (b[:, 3] > b[:, 1]).all())
+        tol = 1e-3 * max(w, h)
+        assert abs(float(b[:, 0].min())) <= tol and abs(float(b[:, 1].min())) <= tol
+        assert abs(float(b[:, 2].max()) - w) <= tol and abs(float(b[:, 3].max()) - h) <= tol
+        area = float(((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])).sum())
+        assert abs(area - w * h) <= 1e-3 * w * h
