@@ -217,7 +217,7 @@ def detection_rows(session: Session, job_id: int) -> Iterator[DetectionRow]:
             if current is not None:
                 yield current
             current_id = det_id
-            current = DetectionRow(cap_id, uri, at, x1, y1, x2, y2, score, label, {})
+            current = DetectionRow(cap_id, uri, _aware(at), x1, y1, x2, y2, score, label, {})
         if name is not None and current is not None:
             current.classes[name] = (k_label, k_score)
     if current is not None:
