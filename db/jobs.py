@@ -164,7 +164,7 @@ def chunk_places(session: Session, chunk_ids: Sequence[int]) -> dict[int, ChunkP
         select(Chunk.id, Chunk.job_id, Chunk.seq, Job.n_chunks)
         .join(Job, Job.id == Chunk.job_id)
         .where(Chunk.id.in_(list(chunk_ids)))
-    ).tuples()
+    )
     return {cid: ChunkPlace(job_id, seq + 1, n) for cid, job_id, seq, n in rows}
 
 
