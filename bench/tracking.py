@@ -18,7 +18,8 @@ Side by side in one run:
   (b) scale: one night of --scale-captures captures x ~20 detections, tracked as it streams,
       with its time and peak memory.
 
-    .venv/bin/python -m bench.tracking [--captures 600] [--nights 2] [--scale-captures 10000]
+    .venv/bin/python -m bench.tracking [--captures 200] [--nights 1] [--scale-captures 10000]
+                                       [--store]   # --store: track_job on PostgreSQL too
     .venv/bin/python -m bench.tracking --tune   # grid search on the tuning seeds (not scored)
 """
 
