@@ -48,7 +48,7 @@ def job_item_counts(session: Session, job_ids: list[int]) -> dict[int, dict[str,
         select(JobCapture.job_id, JobCapture.state, func.count())
         .where(JobCapture.job_id.in_(job_ids))
         .group_by(JobCapture.job_id, JobCapture.state)
-    ).tuples()
+    )
     for job_id, state, n in rows:
         counts.setdefault(job_id, {})[state] = n
     return counts
