@@ -254,3 +254,35 @@ def occurrence_rows(s: Session, job_id: int) -> Iterator[dict[str, object]]:
     )
     for row in s.execute(q.execution_options(yield_per=PAGE)):
         yield dict(row._mapping)
+
+
+@dataclass(frozen=True)
+class LinkToReview:
+    occurrence_id: int
+    label: str
+    cost: float
+    detection_id: int
+    capture: str
+    previous_detection_id: int
+    previous_capture: str
+
+
+def doubtful_links(s: Session, job_id: int, n: int) -> list[LinkToReview]:
+    """The job's ``n`` costliest links: where a person should look first."""
+    here = Capture.__table__.alias("here")
+    before = Capture.__table__.alias("before")
+    det = Detection.__table__.alias("det")
+    prev = Detection.__table__.alias("prev")
+    rows = s.execute(
+        select(TrackLink.occurrence_id, Occurrence.label, TrackLink.cost, TrackLink.detection_id,
+               here.c.uri, TrackLink.previous_detection_id, before.c.uri)
+        .join(Occurrence, Occurrence.id == TrackLink.occurrence_id)
+        .join(det, det.c.id == TrackLink.detection_id)
+        .join(here, here.c.id == det.c.capture_id)
+        .join(prev, prev.c.id == TrackLink.previous_detection_id)
+        .join(before, before.c.id == prev.c.capture_id)
+        .where(Occurrence.job_id == job_id)
+        .order_by(TrackLink.cost.desc())
+        .limit(n)
+    )
+    return [LinkToReview(*r) for r in rows]

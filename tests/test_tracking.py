@@ -182,8 +182,9 @@ def test_worker_tracks_a_job_when_its_last_chunk_ends(
     assert sizes == {128 * 2}  # every detection: the demo classifier's 128 features, float16
     assert abs(n_occ - len(individuals)) <= max(2, 0.25 * len(individuals)), (n_occ, individuals)
     shown = trapq(env, "occurrences", str(job_id), "--csv", str(tmp_path / "occ.csv"),
-                  "--plot", str(tmp_path / "abundance.png"))
+                  "--plot", str(tmp_path / "abundance.png"), "--doubtful", "2")
     assert shown.returncode == 0, shown.stderr
+    assert "costliest links" in shown.stdout
     assert f"{n_occ} occurrences from {n_det} detections" in shown.stdout
     assert len((tmp_path / "occ.csv").read_text().splitlines()) == n_occ + 1
     assert (tmp_path / "abundance.png").read_bytes()[:4] == b"\x89PNG"

@@ -13,7 +13,13 @@ import typer
 from rich.table import Table
 
 from db.models import Job
-from db.occurrences import NightCount, occurrence_counts, occurrence_rows
+from db.occurrences import (
+    LinkToReview,
+    NightCount,
+    doubtful_links,
+    occurrence_counts,
+    occurrence_rows,
+)
 from tasks.cli_app import app, console
 from tasks.commands.jobstore import settings
 from tasks.errors import UserError
@@ -47,6 +53,9 @@ def occurrences(
     csv_out: Annotated[
         Path | None, typer.Option("--csv", help="Write every occurrence to this CSV file.")
     ] = None,
+    doubtful: Annotated[
+        int, typer.Option(min=0, help="Also list this many of the costliest links to review.")
+    ] = 0,
 ) -> None:
     """Per night and species: occurrences (individuals) against the detections they gather."""
     s = settings()
@@ -60,12 +69,15 @@ def occurrences(
         counts = occurrence_counts(session, job)
         if csv_out is not None:
             n = write_csv(csv_out, occurrence_rows(session, job))
+        links = doubtful_links(session, job, doubtful) if doubtful else []
     console.print(counts_table(job, counts))
     total_o = sum(c.occurrences for c in counts)
     total_d = sum(c.detections for c in counts)
     console.print(f"{total_o} occurrences from {total_d} detections"
                   + (f" ({total_d / total_o:.1f} detections per individual)" if total_o else ""),
                   highlight=False)
+    if links:
+        console.print(links_table(links))
     if csv_out is not None:
         console.print(f"occurrences CSV: {csv_out} ({n} rows)", highlight=False)
     if plot is not None:
@@ -81,6 +93,18 @@ def counts_table(job: int, counts: list[NightCount]) -> Table:
     table.add_column("detections", justify="right")
     for c in counts:
         table.add_row(c.night.isoformat(), c.label, str(c.occurrences), str(c.detections))
+    return table
+
+
+def links_table(links: list[LinkToReview]) -> Table:
+    table = Table(title="costliest links (review these first; captures by file name)")
+    for name in ("occurrence", "species", "cost", "detection", "capture", "linked from",
+                 "its capture"):
+        table.add_column(name, justify="right" if name == "cost" else "left")
+    for k in links:
+        table.add_row(str(k.occurrence_id), k.label, f"{k.cost:.3f}", str(k.detection_id),
+                      k.capture.rsplit("/", 1)[-1], str(k.previous_detection_id),
+                      k.previous_capture.rsplit("/", 1)[-1])
     return table
 
 
