@@ -187,12 +187,17 @@ def test_requeue_sends_never_sent_and_stuck_chunks_with_a_fresh_budget(
         "queued", "queued", "running")
     assert (rows[stuck].attempts, rows[stuck].deliveries) == (0, 0)
     messages = _queued(redis_url, queue_name)
-    assert sorted(args[0] for _, args in messages) == sorted([never_sent, stuck])
-    assert {task_id for task_id, _ in messages} == {rows[never_sent].task_id, rows[stuck].task_id}
+    assert sorted(args[0] for _, args, _ in messages) == sorted([never_sent, stuck])
+    assert {task_id for task_id, _, _ in messages} == {
+        rows[never_sent].task_id, rows[stuck].task_id}
+    # Flower names a requeued chunk as the first send did: its job and place.
+    assert {shadow for _, _, shadow in messages} == {
+        f"job {job.job_id} · chunk 1/3", f"job {job.job_id} · chunk 2/3"}
 
 
-def _queued(redis_url: str, queue: str) -> list[tuple[str, list]]:
-    """(task id, args) of the messages waiting on a queue, as Kombu stores them in Redis."""
+def _queued(redis_url: str, queue: str) -> list[tuple[str, list, str]]:
+    """(task id, args, shadow name) of the messages waiting on a queue, as Kombu stores them
+    in Redis."""
     client = redis.Redis.from_url(redis_url)
     raw = client.lrange(queue, 0, -1)
     client.close()
@@ -201,5 +206,5 @@ def _queued(redis_url: str, queue: str) -> list[tuple[str, list]]:
         message = json.loads(item)
         assert message["content-type"] == "application/json"
         args, _kwargs, _embed = json.loads(base64.b64decode(message["body"]))
-        out.append((message["headers"]["id"], args))
+        out.append((message["headers"]["id"], args, message["headers"]["shadow"]))
     return out
