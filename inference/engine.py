@@ -50,6 +50,7 @@ class EngineConfig:
     max_images_in_flight: int = 16
     max_bytes_in_flight: int = 512 * 2**20
     max_image_pixels: int = 100_000_000
+    max_fetching: int = 0  # items being fetched, a bound apart from images; 0: 2 x fetch threads
 
 
 @dataclass
@@ -109,14 +110,14 @@ class Run:
                 self._window.acquire()
                 if self.cancelled:
                     break
-                self._engine._inflight.acquire_image()
+                self._engine._inflight.acquire_fetch()
                 if self.cancelled:
-                    self._engine._inflight.release(0, decoded=False)
+                    self._engine._inflight.release_fetch()
                     break
                 try:
                     self._engine._fetch_pool.submit(self._engine._fetch_stage, self, item)
                 except RuntimeError:  # the engine closed under this run
-                    self._engine._inflight.release(0, decoded=False)
+                    self._engine._inflight.release_fetch()
                     raise
                 submitted += 1
         except BaseException as e:  # the caller's iterable failed; report it after the results
@@ -212,7 +213,11 @@ class Engine:
         self.warm_up_s = 0.0  # start-up compile and warm-up: the time to the first batch
         self._forward: BatchForward | None = None
         self._fetcher = Fetcher(self.config.fetch)
-        self._inflight = InFlight(self.config.max_images_in_flight, self.config.max_bytes_in_flight)
+        self._inflight = InFlight(
+            self.config.max_images_in_flight,
+            self.config.max_bytes_in_flight,
+            self.config.max_fetching or 2 * self.config.fetch.pool_size,
+        )
         self._queue: queue.Queue[_Pending | None] = queue.Queue(self.config.max_images_in_flight)
         self._fetch_pool: ThreadPoolExecutor
         self._decode_pool: ThreadPoolExecutor
@@ -366,18 +371,27 @@ class Engine:
     # caller side: fetch and decode pools
 
     def _fetch_stage(self, run: Run, item: WorkItem) -> None:
+        """Holds a fetch slot while fetching, then trades it for an image slot."""
         if run.cancelled:
-            return self._finish(run, None, 0, False)
+            return self._inflight.release_fetch()
         t0 = time.perf_counter()
         try:
             data = self._fetcher.fetch(item.uri)
         except ItemFailure as e:
-            return self._fail(run, item, e.kind, e.message, 0, False)
+            kind, message = e.kind, e.message
         except Exception as e:  # not a failure fetch foresaw: a bug, which no retry fixes
-            message = f"fetch failed ({e!r}) for {item.uri}"
-            return self._fail(run, item, ErrorKind.FETCH_BUG, message)
-        run.add_times(fetch_decode_s=time.perf_counter() - t0)
-        self._decode_pool.submit(self._decode_stage, run, item, data)
+            kind, message = ErrorKind.FETCH_BUG, f"fetch failed ({e!r}) for {item.uri}"
+        else:
+            run.add_times(fetch_decode_s=time.perf_counter() - t0)
+            self._inflight.fetched()
+            self._decode_pool.submit(self._decode_stage, run, item, data)
+            return None
+        self._inflight.release_fetch()
+        with self._stats_lock:
+            self._errors += 1
+        if not run.cancelled:
+            run.deliver(ItemResult(item.key, item.uri, error_kind=kind, error=message))
+        return None
 
     def _decode_stage(self, run: Run, item: WorkItem, data: bytes) -> None:
         if run.cancelled:
@@ -615,9 +629,9 @@ class Engine:
         fresh = [i for i, (p, _) in enumerate(ready) if p.item.boxes is None]
         if given:
             boxes = [ready[i][0].item.boxes or () for i in given]
-            found = self._forward.classify_boxes([ready[i][1] for i in given], boxes)
-            for i, dets in zip(given, found, strict=True):
-                out[i] = dets
+            found = self._forward.launch_given([ready[i][1] for i in given], boxes)
+            for i, image in zip(given, found.per_image(), strict=True):
+                out[i] = image
         if fresh:
             launched = self._forward.launch([ready[i][1] for i in fresh])
             for i, image in zip(fresh, launched.per_image(), strict=True):

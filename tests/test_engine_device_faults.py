@@ -4,6 +4,7 @@ marks the engine faulted; torch.compile is warmed up at start, and its failure s
 
 from __future__ import annotations
 
+import threading
 import weakref
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from inference.registry import (
 )
 from inference.types import ErrorKind, WorkItem
 from tests.inference_fixtures import encode, structured_image
+from tests.local_http import QuietHandler, serving
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -232,3 +234,37 @@ def test_a_compiler_that_fails_stops_the_start_with_one_line_saying_what_to_do()
     assert "C compiler" in message
     with pytest.raises(RuntimeError, match="start"):
         engine.run([])  # nothing was started
+
+
+# a separate bound for items still being fetched
+
+
+def test_stalled_fetches_do_not_take_the_image_slots_of_fetched_captures(tmp_path: Path) -> None:
+    """Two captures on a host that stalls until the fast ones are through: with two image slots,
+    the stalled fetches held both and the GPU waited on them. Fetching now has a bound of its
+    own, so the fast captures pass them."""
+    release = threading.Event()
+
+    class Stalls(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            release.wait(30)
+            self.send_body(200, encode(structured_image(48, 32, seed=9)), "image/jpeg")
+
+    fast = jpegs(tmp_path, 6)
+    with serving(Stalls) as base:
+        slow = [WorkItem(100 + i, f"{base}/slow{i}.jpg") for i in range(2)]
+        engine = engine_for(
+            pipeline_of(ConstantBoxes(boxes=1)), batch_size=1, max_images_in_flight=2,
+            fetch=FetchPolicy(pool_size=4), batch_wait_ms=5,
+        )
+        order = []
+        with engine:
+            for result in engine.run([*slow, *fast]):
+                order.append(result.key)
+                if set(order) >= {item.key for item in fast}:
+                    release.set()
+            stats = engine.stats()
+        release.set()
+    assert set(order[:6]) == {item.key for item in fast}, order
+    assert sorted(order[6:]) == [100, 101]
+    assert stats.images_in_flight_peak <= 2 and stats.images_in_flight == 0
