@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.crops import crop_and_resize, crop_batch, normalize
+from inference.crops import crop_batch, normalize
 from inference.registry import LoadedModel, Pipeline
 from inference.types import Classification, Detection
 
@@ -128,33 +128,33 @@ class BatchForward:
             rows, ready = _to_host(torch.cat([*head, *blocks], dim=1))
         return Launched(rows, found.counts, ready, self.pipeline.detector, layout)
 
-    def classify_boxes(
+    def launch_given(
         self, images: list[torch.Tensor], given: list[Sequence[Detection]]
-    ) -> list[list[Detection]]:
-        """Re-classification: the crops of boxes found earlier (in original pixels) through the
-        classifiers, the detector skipped. Each detection keeps its given box, detector score,
-        label and source; only its classifications are new."""
+    ) -> Launched:
+        """Re-classification, queued like launch(): the boxes found earlier (original pixels)
+        are cropped and classified, the detector skipped. Every given box is kept, so nothing
+        waits on the device at all (a filter's routing aside); each detection keeps its given
+        box, score, label and source, with new classifications (and embedding)."""
         with torch.inference_mode():
-            crops = [
-                crop_and_resize(
-                    img,
-                    torch.tensor([[d.x1, d.y1, d.x2, d.y2] for d in boxes],
-                                 dtype=torch.float32, device=img.device).reshape(-1, 4),
-                    self.pipeline.classifier.source.input_size,
-                )
-                for img, boxes in zip(images, given, strict=True)
+            counts = [len(boxes) for boxes in given]
+            table = [
+                [d.x1, d.y1, d.x2, d.y2, d.score, i]
+                for i, boxes in enumerate(given)
+                for d in boxes
             ]
-            classes = self.classify(torch.cat(crops)) if crops else []
-        out: list[list[Detection]] = []
-        offset = 0
-        for boxes in given:
-            out.append([
-                Detection(d.x1, d.y1, d.x2, d.y2, d.score, d.label,
-                          classifications=classes[offset + i], source=d.source)
-                for i, d in enumerate(boxes)
-            ])
-            offset += len(boxes)
-        return out
+            values = _to_device(torch.tensor(table, dtype=torch.float32).reshape(-1, 6),
+                                self.device)
+            n = values.shape[0]
+            boxes, owners = values[:, :4], values[:, 5]
+            ends = list(itertools.accumulate(counts))
+            spans = list(zip([0, *ends[:-1]], ends, strict=True))
+            size = self.pipeline.classifier.source.input_size
+            crops = crop_batch(images, boxes, owners, spans, size)
+            blocks, layout = self._route(crops, torch.arange(n, device=self.device), n)
+            rows, ready = _to_host(torch.cat([torch.ones_like(values[:, :1]), boxes,
+                                              values[:, 4:5], torch.zeros_like(owners)[:, None],
+                                              *blocks], dim=1))
+        return Launched(rows, counts, ready, self.pipeline.detector, layout, given)
 
     def detect(
         self, images: list[torch.Tensor]
@@ -452,8 +452,10 @@ class Launched:
         ready: torch.cuda.Event | None,
         detector: LoadedModel,
         layout: _Layout,
+        given: list[Sequence[Detection]] | None = None,
     ) -> None:
         self._rows = rows
+        self._given = given  # re-classification: the boxes the rows were cut from
         self._counts = counts
         self._ready = ready
         self._detector = detector
@@ -492,6 +494,11 @@ class Launched:
                     labels[index] = self._detector.label(index)
                 x1, y1, x2, y2 = row[1:5]
                 embedding = None if embeddings is None else embeddings[i].tobytes()
+                if self._given is not None:  # the given box as it was, not float32-rounded
+                    d = self._given[len(out)][i - start]
+                    items.append(Detection(d.x1, d.y1, d.x2, d.y2, d.score, d.label, found,
+                                           source=d.source, embedding=embedding))
+                    continue
                 items.append(Detection(x1, y1, x2, y2, row[5], labels[index], found,
                                        embedding=embedding))
             out.append(items)

@@ -1,15 +1,17 @@
 """The engine's classify-only path: items that come with boxes skip the detector, keep their
-boxes, and get the classifications a full run gives the same boxes, also in a batch mixed with
-items that are detected."""
+boxes, and get the classifications (and embeddings) a full run gives the same boxes, also in a
+batch mixed with items that are detected."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from inference.engine import Engine, EngineConfig
+from inference.forward import ForwardOptions
 from inference.registry import load_pipeline, model_source
 from inference.types import Detection, ItemResult, WorkItem
 from tasks.demo.scenes import generate_night
@@ -22,7 +24,9 @@ def engine() -> Iterator[Engine]:
         model_source("demo_classifier", "classifier"),
         device="cpu",
     )
-    with Engine(pipeline, EngineConfig(batch_size=4, batch_wait_ms=200)) as running:
+    config = EngineConfig(forward=ForwardOptions(embeddings=True), batch_size=4,
+                          batch_wait_ms=200)
+    with Engine(pipeline, config) as running:
         yield running
 
 
@@ -59,6 +63,9 @@ def test_given_boxes_are_classified_as_the_full_run_classified_them(
         for new, old in zip(result.detections, before, strict=True):
             assert new.classifications[0].score == pytest.approx(old.classifications[0].score,
                                                                  abs=1e-4)
+            assert new.embedding is not None and old.embedding is not None
+            assert np.allclose(np.frombuffer(new.embedding, np.float16),
+                               np.frombuffer(old.embedding, np.float16), atol=1e-2)
         sources = [d.source for d in result.detections]
         assert sources == ([100 * i + j for j in range(len(before))] if i in given
                            else [None] * len(before))
