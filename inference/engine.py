@@ -299,6 +299,11 @@ class Engine:
     def _start_failure(self, error: Exception) -> str:
         detail = str(error).strip().splitlines()
         reason = f"{type(error).__name__}: {detail[-1][:200] if detail else ''}"
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return (
+                f"the models run out of device memory on one dummy frame ({reason}); give "
+                "this worker a GPU of its own or smaller models"
+            )
         if self.config.forward.compile:
             return (
                 f"torch.compile failed on a dummy batch at start-up ({reason}); set "
@@ -352,6 +357,7 @@ class Engine:
             inflight = self._inflight
             return EngineStats(
                 **memory,
+                fetching=inflight.fetching,
                 images=self._images,
                 errors=self._errors,
                 batches=self._batches,

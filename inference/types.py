@@ -110,6 +110,7 @@ class EngineStats:
     device_reserved_mb: float = 0.0
     device_peak_allocated_mb: float = 0.0
     gpu_decoded: int = 0  # JPEGs nvJPEG decoded
+    fetching: int = 0  # items being fetched (a bound of their own, apart from images in flight)
     gpu_refused: int = 0  # JPEGs routed to nvJPEG that it refused (decoded on the CPU instead)
 
     @property

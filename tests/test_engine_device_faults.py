@@ -268,3 +268,82 @@ def test_stalled_fetches_do_not_take_the_image_slots_of_fetched_captures(tmp_pat
     assert set(order[:6]) == {item.key for item in fast}, order
     assert sorted(order[6:]) == [100, 101]
     assert stats.images_in_flight_peak <= 2 and stats.images_in_flight == 0
+
+
+def test_a_fault_after_the_first_batch_fails_no_queued_item_and_frees_every_slot(
+    tmp_path: Path,
+) -> None:
+    """Items queued behind the faulting batch never reach the device: their run is already
+    interrupted, and each gives back its share of the bounds."""
+    model = IllegalAddress(torch.AcceleratorError("CUDA error: unspecified launch failure"))
+    with engine_for(pipeline_of(model), batch_size=1, batch_wait_ms=0) as engine:
+        with pytest.raises(DeviceFault):
+            list(engine.run(jpegs(tmp_path, 6)))
+        for _ in range(100):  # the queued items settle on the device thread
+            stats = engine.stats()
+            if stats.images_in_flight == stats.fetching == 0:
+                break
+            threading.Event().wait(0.05)
+    assert model.calls == 1
+    assert stats.images_in_flight == stats.bytes_in_flight == stats.fetching == 0
+
+
+def test_a_cuda_error_where_a_frame_is_decoded_or_pinned_is_a_device_fault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pin_memory is a CUDA call: a sticky error can surface in the decode pool, and must not
+    make a readable capture UNDECODABLE."""
+    import inference.engine as engine_module
+
+    def pin_fails(*_: object) -> torch.Tensor:
+        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(engine_module, "decode", pin_fails)
+    model = ConstantBoxes(boxes=1)
+    with engine_for(pipeline_of(model)) as engine:
+        with pytest.raises(DeviceFault):
+            list(engine.run(jpegs(tmp_path, 2)))
+        assert engine.fault is not None and "illegal memory access" in engine.fault
+
+
+def test_nvjpeg_failing_outside_any_file_sends_the_batch_to_the_cpu_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import inference.gpu_decode as gpu_decode_module
+
+    def decoder_broken(*_: object) -> list[torch.Tensor | None]:
+        raise RuntimeError("nvjpegCreateEx failed (simulated)")
+
+    monkeypatch.setattr(gpu_decode_module, "decode_jpegs_on_device", decoder_broken)
+    engine = engine_for(pipeline_of(ConstantBoxes(boxes=1)), batch_size=4)
+    engine.gpu_decode = True
+    with engine:
+        results = list(engine.run(jpegs(tmp_path, 4)))
+        stats = engine.stats()
+    assert len(results) == 4 and all(r.ok for r in results)
+    assert (stats.gpu_decoded, stats.gpu_refused) == (0, 4)
+    assert stats.bytes_in_flight == stats.images_in_flight == 0
+
+
+class OutOfMemoryAbove(ConstantBoxes):
+    def __init__(self, limit: int) -> None:
+        super().__init__(boxes=1)
+        self.limit = limit
+
+    def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        if len(images) > self.limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return super().forward(images)
+
+
+def test_warm_up_goes_on_past_an_oom_at_batch_size_and_stops_at_one_at_batch_1() -> None:
+    """Serving splits a batch that does not fit, so the start does too; a model that cannot
+    take one frame cannot serve at all."""
+    forward = ForwardOptions(crop_batch_size=4, compile=True, compile_backend="eager")
+    fits_one = engine_for(pipeline_of(OutOfMemoryAbove(1)), batch_size=4, forward=forward)
+    fits_one.start()
+    fits_one.close()
+    assert fits_one.warm_up_s > 0
+    fits_none = engine_for(pipeline_of(OutOfMemoryAbove(0)), batch_size=4, forward=forward)
+    with pytest.raises(EngineStartError, match="out of device memory on one dummy frame"):
+        fits_none.start()
