@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     max_bytes_in_flight_mb: int = Field(
         512, ge=16, description="Decoded MiB held per worker process (backpressure bound)."
     )
+    max_fetching: int = Field(
+        0, ge=0, description="Captures being fetched per worker process (0: 2x fetch threads)."
+    )
 
     # Tracking (occurrences); defaults tuned on synthetic nights (python -m bench.tracking --tune)
     store_embeddings: bool = Field(

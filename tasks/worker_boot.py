@@ -103,6 +103,7 @@ def engine_config(s: Settings) -> EngineConfig:
         max_images_in_flight=s.max_images_in_flight,
         max_bytes_in_flight=s.max_bytes_in_flight_mb * 2**20,
         max_image_pixels=s.max_image_pixels,
+        max_fetching=s.max_fetching,
     )
 
 
