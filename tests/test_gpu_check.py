@@ -49,12 +49,12 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_and_skips_only_cuda_checks() -> No
         "precision:ssdlite320_mobilenet_v3_large": "pass",
         "precision:constant_boxes": "pass",
         "oom": "skip",
-        "sticky": "skip",
+        "sticky": "pass",  # the error CUDA reports, injected: a CPU has no device asserts
         "throughput": "measured",
         "compile": "skip",
     }
-    for check in ("oom", "sticky", "compile"):
+    for check in ("oom", "compile"):
         assert f"skipped {check}: CUDA only" in done.stdout
     assert "skipped decode/nvJPEG parts: no CUDA device" in done.stdout
     last = done.stdout.strip().splitlines()[-1]
-    assert last.startswith("RESULT gpu_check device=cpu passed=3 failed=0 skipped=3")
+    assert last.startswith("RESULT gpu_check device=cpu passed=4 failed=0 skipped=2")
