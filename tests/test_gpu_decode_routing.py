@@ -135,6 +135,10 @@ def test_one_bad_file_in_a_batch_of_eight_fails_alone_and_the_seven_decode_once(
     assert dict(cpu) == {"trapq-decode": 1}  # the truncated file, on a decode pool thread
     assert stats.images_in_flight == stats.bytes_in_flight == 0
     assert (stats.gpu_decoded, stats.gpu_refused) == (7, 0)
+    # The eight were held together (one batch); those for nvJPEG were charged their encoded
+    # bytes, the truncated one its decoded frame: far under eight decoded frames.
+    frame = 320 * 240 * 3
+    assert stats.bytes_in_flight_peak <= sum(len(d) for d in good.values()) + frame < 2 * frame
 
 
 def test_a_file_nvjpeg_refuses_is_decoded_on_the_cpu_off_the_device_thread(
