@@ -181,9 +181,11 @@ def calibrate(pipeline: Pipeline, frames: list[torch.Tensor], boxes: int) -> flo
     for frame in frames:
         scores = sorted((d.score for d in forward([frame])[0]), reverse=True)
         kth.append(scores[min(boxes, len(scores)) - 1] if scores else 0.0)
-    threshold = statistics.median(kth)
-    holder.score_thresh = threshold
-    pipeline.box_threshold = threshold
+    # Just under the median k-th score, and at most `boxes` kept: a random head scores many
+    # boxes alike, and a threshold at such a tie would keep a handful or hundreds.
+    threshold = max(0.0, statistics.median(kth) - 1e-6)
+    holder.score_thresh = pipeline.box_threshold = threshold
+    holder.detections_per_img = boxes
     return threshold
 
 
