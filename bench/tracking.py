@@ -231,18 +231,22 @@ def mot_scores(sim: Simulated, tracks: NightTracks) -> dict[str, float]:
             "idsw": float(row["num_switches"])}
 
 
-def occurrences_per_kind(sim: Simulated, tracks: NightTracks) -> Counter[int]:
-    """One occurrence per track, labelled by the score-weighted vote of its detections."""
+def occurrences_per_kind(sim: Simulated, tracks: NightTracks) -> tuple[Counter[int], int]:
+    """One occurrence per track, labelled by the score-weighted vote of its detections; and
+    how many tracks hold false boxes only (no insect at all)."""
     order = np.argsort(tracks.detection_ids)  # detection ids are the night's positions
     track = tracks.track[order]
+    truth = np.concatenate(sim.hyp_truth)
     counts: Counter[int] = Counter()
+    false_only = 0
     by_track = np.argsort(track, kind="stable")
     bounds = np.flatnonzero(np.diff(track[by_track])) + 1
     for members in np.split(by_track, bounds):
         if members.size:
             label, _ = label_vote(sim.labels[members].tolist(), sim.scores[members].tolist())
             counts[int(label)] += 1
-    return counts
+            false_only += int((truth[members] < 0).all())
+    return counts, false_only
 
 
 def feature_distances(sim: Simulated) -> tuple[float, float, float]:
@@ -280,7 +284,9 @@ def evaluate(sims: list[Simulated], params: TrackParams) -> dict[str, dict[str, 
             t = totals.setdefault(name, {"idf1": 0.0, "mota": 0.0, "idsw": 0.0})
             for k, v in mot_scores(sim, tracks).items():
                 t[k] += v / len(sims) if k != "idsw" else v
-            found[name].update(occurrences_per_kind(sim, tracks))
+            counts, false_only = occurrences_per_kind(sim, tracks)
+            found[name].update(counts)
+            t["false_only"] = t.get("false_only", 0.0) + false_only
     for name, t in totals.items():
         errors = [abs(found[name][k] - true_kinds[k]) / true_kinds[k] for k in true_kinds]
         t["occurrences"] = float(sum(found[name].values()))
@@ -446,6 +452,8 @@ def main() -> None:
               f"{r['occurrences']:12.0f} {r['individuals']:12.0f} "
               f"{r['species_within_10pct']:12.0f} of {r['species']:.0f} "
               f"{r['worst_species_error']:13.1%}")
+    for name, r in res.items():
+        print(f"  {name}: {r['false_only']:.0f} occurrences are tracks of false boxes only")
     for name, r in res.items():
         per = ", ".join(f"{k} {f}/{t}" for k, (f, t) in r["per_species"].items())  # type: ignore[union-attr]
         print(f"  {name} occurrences/individuals: {per}")
