@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--classifier-size", type=int, default=128, help="crop side for throughput")
     p.add_argument("--boxes", type=int, default=20, help="detections per image for throughput")
     p.add_argument("--naive-n", type=int, default=0, help="images for the naive loop")
-    p.add_argument("--budget-s", type=float, default=450.0, help="skip measurements past this")
+    p.add_argument("--budget-s", type=float, default=420.0, help="skip measurements past this")
     p.add_argument("--keep", action="store_true", help="keep the generated inputs")
     p.add_argument("--sticky-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--compile-child", type=Path, help=argparse.SUPPRESS)
