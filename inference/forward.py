@@ -279,8 +279,14 @@ class BatchForward:
         out = []
         step = self.options.crop_batch_size
         mean, std = self._normalization(model)
+        size = tuple(model.source.input_size)
         for start in range(0, crops.shape[0], step):
-            x = normalize(crops[start : start + step], mean, std)
+            x = crops[start : start + step]
+            if tuple(x.shape[-2:]) != size:  # crops are cut at the classifier's size; a filter
+                x = F.interpolate(  # trained at another takes them resized to its own
+                    x, size=size, mode="bilinear", antialias=True, align_corners=False
+                )
+            x = normalize(x, mean, std)
             with self._autocast():
                 logits = module(x)
             out.append(logits.float().softmax(dim=1))

@@ -3,6 +3,8 @@ a resnet50 trained at 128 px must not be run at 224."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from inference.forward import BatchForward, ForwardOptions
@@ -48,3 +50,26 @@ def test_crops_reach_the_classifier_at_its_models_input_size() -> None:
     pipe.classifier.module.register_forward_hook(lambda _m, i, _o: shapes.append(tuple(i[0].shape)))
     BatchForward(pipe, ForwardOptions())([chw(structured_image(320, 240, seed=0))])
     assert shapes and all(shape[1:] == (3, 40, 40) for shape in shapes)
+
+
+def test_a_filter_trained_at_another_size_gets_the_crops_at_its_own() -> None:
+    pipe = load_pipeline(
+        model_source("constant_boxes", "detector"),
+        model_source("demo_classifier", "classifier", random_weights=True, input_size=(40, 40)),
+        model_source("demo_classifier", "classifier", random_weights=True, input_size=(24, 24)),
+        device="cpu",
+        box_threshold=0.0,
+    )
+    assert pipe.filter is not None
+    seen: dict[str, tuple[int, ...]] = {}
+
+    def record(role: str) -> Callable[..., None]:
+        def hook(_m: object, inputs: tuple[torch.Tensor, ...], _o: object) -> None:
+            seen.setdefault(role, tuple(inputs[0].shape[1:]))
+
+        return hook
+
+    pipe.filter.module.register_forward_hook(record("filter"))
+    pipe.classifier.module.register_forward_hook(record("classifier"))
+    BatchForward(pipe, ForwardOptions())([chw(structured_image(320, 240, seed=1))])
+    assert seen == {"filter": (3, 24, 24), "classifier": (3, 40, 40)}
