@@ -87,8 +87,9 @@ def bench_writes(engine: Engine, n: int, batch: int) -> dict[str, float]:
     dets = {"off": plain, "on": embedded}
     seconds = dict.fromkeys(jobs, 0.0)
     sizes = dict.fromkeys(jobs, 0)
-    for chunks in zip(*(j.chunk_ids for j in jobs.values()), strict=True):
-        for (name, job), chunk in zip(jobs.items(), chunks, strict=True):
+    for turn, chunks in enumerate(zip(*(j.chunk_ids for j in jobs.values()), strict=True)):
+        pairs = list(zip(jobs.items(), chunks, strict=True))
+        for (name, job), chunk in pairs[:: 1 if turn % 2 else -1]:  # who goes first alternates
             with factory.begin() as s:
                 claim_chunk(s, chunk, worker="bench", retries=0, max_deliveries=5)
                 results = [ItemResult(i.capture_id, i.uri, 256, 192, dets[name])
