@@ -43,11 +43,15 @@ RUNNERS: dict[str, Callable[[fs.Lab, int], fs.Outcome | fs.BadInputOutcome]] = {
     "supervisor_kill": lambda lab, _: fs.supervisor_kill(lab),
     "stall": lambda lab, _: fs.stall(lab),
     "redelivery": lambda lab, _: fs.redelivery(lab),
+    "partition": lambda lab, _: fs.partition(lab),
 }
 SCENARIOS = tuple(RUNNERS)
+# What a scenario gave: its outcome, why it could not run here, or None when it broke.
+Ran = fs.Outcome | fs.BadInputOutcome | fs.Unavailable | None
 # Scenario figures that go into the RESULT line (Outcome.counts), beside the audits' totals.
 RESULT_FIGURES = ("orphans", "orphan_exit_ms", "stall_beat_gap_ms", "stall_deadline_ms",
-                  "redelivery_ms", "redelivery_bound_ms")
+                  "redelivery_ms", "redelivery_bound_ms", "partition_recovery_ms",
+                  "partition_late_writes_refused")
 
 
 def main() -> None:
@@ -56,7 +60,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="*", choices=SCENARIOS, default=list(SCENARIOS))
     args = ap.parse_args()
 
-    outcomes: dict[str, fs.Outcome | fs.BadInputOutcome | None] = {}
+    outcomes: dict[str, Ran] = {}
     with (
         temporary_database("trapq_bench") as db_url,
         tempfile.TemporaryDirectory(prefix="trapq-faults-") as tmp_dir,
@@ -73,7 +77,7 @@ def main() -> None:
 
 def run(
     scenario: str, engine: Engine, db_url: str, queue: str, tmp: Path, args: argparse.Namespace
-) -> fs.Outcome | fs.BadInputOutcome | None:
+) -> Ran:
     """One scenario on its own queue; every worker it started is killed before it returns."""
     workers: list[WorkerProcess] = []
     env = service_env(tmp / "trapq-data", db_url, REDIS_URL, queue)
@@ -87,9 +91,12 @@ def run(
     lab = fs.Lab(engine, env, tmp / scenario, make)
     (tmp / scenario).mkdir()
     t0 = time.monotonic()
-    outcome: fs.Outcome | fs.BadInputOutcome | None = None
+    outcome: Ran = None
     try:
         outcome = RUNNERS[scenario](lab, args.trials)
+    except fs.Unavailable as e:
+        print(f"{scenario}: skipped: {e}", flush=True)
+        return e
     except Exception:
         print(f"{scenario}: FAILED to complete\n{traceback.format_exc()}")
     finally:
@@ -99,32 +106,36 @@ def run(
     return outcome
 
 
-def report(scenario: str, outcome: fs.Outcome | fs.BadInputOutcome | None, wall_s: float) -> None:
+def report(scenario: str, outcome: Ran, wall_s: float) -> None:
     if isinstance(outcome, fs.BadInputOutcome):
         print(f"bad_inputs: {outcome.cases_ok}/{len(outcome.results)} cases as expected")
         for line in outcome.lines():
             print(f"  {line}")
-    elif outcome is not None:
+    elif isinstance(outcome, fs.Outcome):
         print(outcome.line())
     print(f"  ({scenario} took {wall_s:.0f}s)", flush=True)
 
 
-def result_line(outcomes: dict[str, fs.Outcome | fs.BadInputOutcome | None], trials: int) -> str:
-    audits = [o.audit for o in outcomes.values() if o is not None]
+def result_line(outcomes: dict[str, Ran], trials: int) -> str:
+    audits = [o.audit for o in outcomes.values()
+              if isinstance(o, (fs.Outcome, fs.BadInputOutcome))]
     kill = outcomes.get("sigkill_restart")
     kill_ok = kill.trials_ok if isinstance(kill, fs.Outcome) and kill.ok else 0
     bad = outcomes.get("bad_inputs")
     bad_ok, bad_n = (
         (bad.cases_ok, len(bad.results)) if isinstance(bad, fs.BadInputOutcome) else (0, 0)
     )
-    failed = [name for name, o in outcomes.items() if o is None or not o.ok]
+    skipped = [name for name, o in outcomes.items() if isinstance(o, fs.Unavailable)]
+    failed = [name for name, o in outcomes.items()
+              if o is None or (name not in skipped and not o.ok)]
     figures = {
         key: value
         for o in outcomes.values() if isinstance(o, fs.Outcome)
         for key, value in o.counts.items() if key in RESULT_FIGURES
     }
     return (
-        f"scenarios not ok: {', '.join(failed) or 'none'}\n"
+        f"scenarios not ok: {', '.join(failed) or 'none'}; skipped: "
+        f"{', '.join(skipped) or 'none'}\n"
         f"RESULT kill_trials_ok={kill_ok}/{trials} "
         f"duplicates={sum(a.duplicates for a in audits)} lost={sum(a.lost for a in audits)} "
         f"bad_inputs_ok={bad_ok}/{bad_n}"

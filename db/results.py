@@ -112,11 +112,24 @@ class ClaimLost(Exception):
 SUPERSEDED = "superseded"
 
 
+# A delivery cut off mid-transaction (a network partition) would keep its row locks, and
+# the next delivery waiting on them, until TCP gives up (many minutes): PostgreSQL ends a
+# worker's transaction that sits idle this long. Its statements follow each other at once.
+WRITE_IDLE_LIMIT_MS = 30_000
+
+
+def limit_idle(s: Session) -> None:
+    """This transaction ends (and frees its locks) if its client goes silent inside it."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text(f"SET LOCAL idle_in_transaction_session_timeout = {WRITE_IDLE_LIMIT_MS}"))
+
+
 def check_claim(s: Session, token: ClaimToken) -> None:
     """Fencing, in the caller's write transaction: raise ClaimLost unless the chunk still
     carries this delivery's claim. The chunk row is share-locked until the transaction
     ends, so a new claim (which locks it for update) waits for a write in progress and
     every write after it sees the new claim."""
+    limit_idle(s)
     current = s.scalar(
         select(chunks_t.c.claim).where(chunks_t.c.id == token.chunk_id).with_for_update(read=True)
     )
@@ -157,6 +170,7 @@ def claim_chunk(
     never ended, e.g. a chunk that kills its worker by running out of memory. Past
     `max_deliveries` of those the chunk is failed for good instead of looping forever.
     """
+    limit_idle(s)
     row = s.execute(
         select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items, Chunk.claim)
         .where(Chunk.id == chunk_id)
@@ -436,6 +450,7 @@ def heartbeat(s: Session, chunk_id: int, token: ClaimToken | None = None) -> str
     """
     c = chunks_t.c
     held = [c.claim == token.claim] if token is not None else []
+    limit_idle(s)
     s.execute(
         update(chunks_t)
         .where(c.id == chunk_id, c.state == ChunkState.RUNNING.value, *held)

@@ -25,14 +25,19 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psutil
 import redis
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
 
+from tasks.supervisor import celery_argv
 from tasks.visibility import worst_redelivery_s
 from tests.badinputs import READ_TIMEOUT_S, Case, ImageServer, build_corpus
 from tests.local_http import QuietHandler, serving
+from tests.netns import NetNs, TcpForwarder
+from tests.netns import unavailable as netns_unavailable
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
@@ -60,6 +65,10 @@ JOB_END_TIMEOUT_S = 180.0
 IMAGE_DELAY_S = 0.12
 
 WorkerFactory = Callable[..., WorkerProcess]
+
+
+class Unavailable(Exception):
+    """The scenario cannot run on this machine (e.g. no network namespaces); says why."""
 
 
 @dataclass
@@ -423,6 +432,83 @@ def redelivery(lab: Lab, n: int = 40) -> Outcome:
     return Outcome("redelivery", job.job_id, audit(lab.engine, job.job_id), state,
                    int(returned_s <= bound), 1, notes,
                    {"redelivery_ms": round(1000 * returned_s), "redelivery_bound_ms": 1000 * bound})
+
+
+def partition(lab: Lab, n: int = 60) -> Outcome:
+    """Cut a worker host off the network mid-chunk, for real, and bring it back.
+
+    Worker A runs in its own network namespace (tests/netns.py) and reaches PostgreSQL, a
+    private redis-server and the image server only through a veth pair. Mid-chunk this
+    side of the link goes down: A's packets vanish and its connections hang. Worker B, here,
+    gets the chunk once the visibility timeout has passed (Kombu's sweep) and completes
+    it, under a new claim. Then the link comes back, A's hung calls resume, and its late
+    writes must be refused (the claim token of db.results) or harmless. Audited against a
+    reference run by A before the cut: every capture done once, no duplicate rows.
+    """
+    reason = netns_unavailable()
+    if reason:
+        raise Unavailable(reason)
+    pg = make_url(lab.env["TRAPQ_DATABASE_URL"])
+    with (
+        NetNs() as ns,
+        redis_server(lab.tmp / "redis-partition") as broker,
+        ImageServer() as server,
+        TcpForwarder(ns.host_addr, ("127.0.0.1", broker.port)) as via_redis,
+        TcpForwarder(ns.host_addr, (pg.host or "127.0.0.1", pg.port or 5432)) as via_pg,
+        TcpForwarder(ns.host_addr, ("127.0.0.1", urlsplit(server.url).port or 80)) as via_images,
+    ):
+        here = fault_env(lab.env, TRAPQ_BROKER_URL=broker.url, TRAPQ_RESULT_BACKEND=broker.url)
+        redis_there = f"redis://{ns.host_addr}:{via_redis.port}/0"
+        there = dict(
+            here, TRAPQ_BROKER_URL=redis_there, TRAPQ_RESULT_BACKEND=redis_there,
+            TRAPQ_DATABASE_URL=pg.set(host=ns.host_addr, port=via_pg.port).render_as_string(
+                hide_password=False),
+        )
+        node = f"partitioned-{os.urandom(3).hex()}@%h"
+        argv = ns.argv(celery_argv(here["TRAPQ_QUEUE"], node, pool="threads", concurrency=1))
+        cut_off = lab.workers(there, argv=argv, node=node).start()
+        uris = [f"http://{ns.host_addr}:{via_images.port}/img/{i}.jpg" for i in range(n)]
+        reference = make_job(lab.engine, uris, chunk_size=n, deployment="partition")
+        send(here, lab.engine, reference.chunk_ids)
+        if wait_job_end(lab.engine, reference.job_id, cut_off) != "done":
+            raise AssertionError("the reference job through the veth pair did not end done")
+        server.delay_s = IMAGE_DELAY_S
+        job = make_job(lab.engine, [], chunk_size=n, deployment="partition")
+        send(here, lab.engine, job.chunk_ids)
+        wait_mid_chunk(lab, job, cut_off)
+        ns.partition()
+        cut_at = time.monotonic()
+        other = lab.workers(here, concurrency=1).start()
+        state = wait_job_end(lab.engine, job.job_id, other)
+        recovery_s = time.monotonic() - cut_at
+        ns.heal()
+        healed_at = time.monotonic()
+        reacted_s: float | None = None
+        try:
+            wait_for(lambda: any(m in cut_off.log_text() for m in LATE_WRITER_STOPPED), 180,
+                     "the partitioned worker to meet its lost claim", on_timeout=cut_off.tail)
+            reacted_s = time.monotonic() - healed_at
+        except AssertionError as e:
+            late = str(e).splitlines()[0]
+        refused = cut_off.log_text().count("its writes are refused")
+        other.stop()
+        cut_off.stop()
+    with lab.engine.connect() as conn:
+        claims = conn.scalar(text("SELECT claim FROM chunks WHERE id = :c"),
+                             {"c": job.chunk_ids[0]})
+    if reacted_s is not None:
+        late = f"the cut-off worker met its lost claim {reacted_s:.1f}s later"
+    notes = [f"link cut mid-chunk; chunk done by the other worker {recovery_s:.1f}s later "
+             f"(visibility timeout {VISIBILITY_S:.0f}s); link back: {late}, {refused} late "
+             f"write(s) refused; claims of the chunk: {claims}"]
+    return Outcome("partition", job.job_id, audit(lab.engine, job.job_id, reference.job_id),
+                   state, int(reacted_s is not None), 1, notes,
+                   {"partition_recovery_ms": round(1000 * recovery_s),
+                    "partition_late_writes_refused": refused})
+
+
+# What the cut-off worker logs when it finds its claim superseded (tasks.chunk).
+LATE_WRITER_STOPPED = ("this delivery stops", "the chunk is superseded")
 
 
 def free_port() -> int:
