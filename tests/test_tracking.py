@@ -28,8 +28,8 @@ from inference.types import Detection as Det
 from tasks.demo.nights import generate_tracked_night, outline_box, plan_night
 from tasks.settings import Settings
 from tasks.tracking import track_job
-from tests.trapq_cli import trapq
-from tests.worker_jobs import ENDED, job_state, worker_env
+from tests.trapq_cli import one_line_error, trapq
+from tests.worker_jobs import ENDED, job_state, make_job, worker_env
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
 W, H = 1920, 1080
@@ -192,3 +192,11 @@ def test_worker_tracks_a_job_when_its_last_chunk_ends(
     assert again.returncode == 0, again.stderr
     with clean_pg.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Occurrence)) == n_occ
+
+
+def test_occurrences_of_an_untracked_or_unknown_job_is_one_line_saying_what_to_do(
+    service_env: dict[str, str], clean_pg: Engine
+) -> None:
+    job = make_job(clean_pg, ["a.jpg"], chunk_size=1)
+    assert "run `trapq track" in one_line_error(trapq(service_env, "occurrences", str(job.job_id)))
+    assert "no job 999999" in one_line_error(trapq(service_env, "track", "999999"))
