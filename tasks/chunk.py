@@ -25,8 +25,10 @@ from celery import Task
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from sqlalchemy import exc as sa_exc
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from db.models import Chunk
 from db.results import (
     ClaimLost,
     ClaimToken,
@@ -170,7 +172,16 @@ class ChunkTask(Task):
         if isinstance(exc, Transient):
             error = f"gave up after {self.request.retries} retries: {error}"
         log.error("chunk %s failed: %s", args[0], error, exc_info=not isinstance(exc, Transient))
-        _best_effort(args[0], error, lambda s: fail_chunk(s, args[0], error))
+        ended: list[int] = []
+
+        def record(s: Session) -> None:
+            if fail_chunk(s, args[0], error):  # the job ended with this chunk: track it
+                job_id = s.scalar(select(Chunk.job_id).where(Chunk.id == args[0]))
+                ended.extend([job_id] if job_id is not None else [])
+
+        _best_effort(args[0], error, record)
+        for job_id in ended:
+            send_tracking(job_id)
 
     def after_return(self, *_: Any, **__: Any) -> None:
         memory_guard()
@@ -192,6 +203,13 @@ def process_chunk(self: ChunkTask, chunk_id: int) -> dict[str, Any]:
         if is_transient(exc):
             raise Transient(describe(exc)) from exc
         raise
+
+
+def send_tracking(job_id: int) -> None:
+    """Occurrences once a job has ended (tasks.tracking), done or failed. Sent once: only the
+    transaction that ended the job sees it end."""
+    if get_settings().track_after_job:
+        app.send_task(TRACK_JOB, args=[job_id])
 
 
 def _best_effort(chunk_id: int, error: str, record: Callable[[Session], object]) -> None:
@@ -321,9 +339,7 @@ class _ChunkRun:
         self._report()
         if job_state:
             log.info("job %s ended %s with chunk %s", self.job_id, job_state, self.chunk_id)
-            if self.rt.settings.track_after_job:
-                # Sent once: only the transaction that ended the job returns its state.
-                app.send_task(TRACK_JOB, args=[self.job_id])
+            send_tracking(self.job_id)
         return {**self.progress, "state": ChunkState.DONE.value, "metrics": metrics}
 
     def _take(self, result: ItemResult) -> None:

@@ -26,10 +26,20 @@ from inference.tracking import (
 from inference.types import Classification, ItemResult
 from inference.types import Detection as Det
 from tasks.demo.nights import generate_tracked_night, outline_box, plan_night
+from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings
 from tasks.tracking import track_job
+from tests.fault_scenarios import wait_job_end
 from tests.trapq_cli import one_line_error, trapq
-from tests.worker_jobs import ENDED, job_state, make_job, worker_env
+from tests.worker_jobs import (
+    ENDED,
+    job_state,
+    make_job,
+    send,
+    settings_of,
+    worker_env,
+    write_jpegs,
+)
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
 W, H = 1920, 1080
@@ -200,3 +210,25 @@ def test_occurrences_of_an_untracked_or_unknown_job_is_one_line_saying_what_to_d
     job = make_job(clean_pg, ["a.jpg"], chunk_size=1)
     assert "run `trapq track" in one_line_error(trapq(service_env, "occurrences", str(job.job_id)))
     assert "no job 999999" in one_line_error(trapq(service_env, "track", "999999"))
+
+
+@pytest.mark.slow
+def test_a_job_that_ends_failed_is_tracked_too(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+) -> None:
+    """Its last chunk fails (this worker's box threshold is not the job's): the failure path
+    sends the tracking task as the success path does."""
+    settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
+    paths = write_jpegs(tmp_path / "images", 2)
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2,
+                   spec=pipeline_spec(settings))
+    env = worker_env(service_env, TRAPQ_BOX_THRESHOLD="0.3")
+    worker = worker_factory(env).start()
+    send(env, clean_pg, job.chunk_ids)
+    assert wait_job_end(clean_pg, job.job_id, worker) == "failed"
+
+    def tracked() -> bool:
+        with clean_pg.connect() as conn:
+            return conn.scalar(select(Job.tracked_at).where(Job.id == job.job_id)) is not None
+
+    wait_for(tracked, 60, "tracking after the failed job", on_timeout=worker.tail)
