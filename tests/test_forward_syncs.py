@@ -108,7 +108,9 @@ def _source(name: str, labels: list[str]) -> ModelSource:
     return ModelSource(name, "", tuple(labels), (8, 8), None)
 
 
-def _pipeline(boxes: int, with_filter: bool, threshold: float = 0.75) -> Pipeline:
+def _pipeline(
+    boxes: int, with_filter: bool, threshold: float = 0.75, device: torch.device = CPU
+) -> Pipeline:
     spec = ModelSpec("constant_boxes", "detector", "constant_boxes", (48, 64), 2, None,
                      mean=None, std=None)
     detector = LoadedModel(
@@ -116,32 +118,46 @@ def _pipeline(boxes: int, with_filter: bool, threshold: float = 0.75) -> Pipelin
     )
     flt = _classifier("filter", ["moth", "nonmoth"], Brightness()) if with_filter else None
     species = _classifier("species", list("abcdefg"), TinyNet(7, seed=2))
-    pipe = Pipeline(CPU, detector, species, flt, threshold)
+    for model in (detector, species, flt):
+        if model is not None:
+            model.module.to(device)
+    pipe = Pipeline(device, detector, species, flt, threshold)
     pipe.top_k, pipe.filter_negative_label = 3, "nonmoth"
     return pipe
 
 
-def _images(n: int) -> list[torch.Tensor]:
-    """Noise over a left-to-right ramp: the filter keeps the right side's crops."""
+def _images(n: int, same_size: bool = False, device: torch.device = CPU) -> list[torch.Tensor]:
+    """Noise over a left-to-right ramp: the filter keeps the right side's crops. Frames of one
+    size are cropped a batch at once, frames of several sizes one by one."""
     generator = torch.Generator().manual_seed(n)
     images = []
     for i in range(n):
-        ramp = torch.linspace(0, 200, 64).expand(3, 48 + 8 * i, 64)
+        ramp = torch.linspace(0, 200, 64).expand(3, 48 if same_size else 48 + 8 * i, 64)
         noise = torch.randint(0, 56, ramp.shape, generator=generator)
-        images.append((ramp + noise).to(torch.uint8))
+        images.append((ramp + noise).to(torch.uint8).to(device))
     return images
 
 
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("same_size", [False, True])
 @pytest.mark.parametrize("with_filter, expected", [(False, 1), (True, 2)])
 def test_a_batch_costs_the_same_syncs_whatever_its_images_and_boxes(
-    with_filter: bool, expected: int
+    with_filter: bool, expected: int, same_size: bool, device: str
 ) -> None:
+    dev = torch.device(device)
     counts: dict[tuple[int, int], int] = {}
     for boxes in (0, 20, 200):
-        forward = BatchForward(_pipeline(boxes, with_filter), ForwardOptions(crop_batch_size=64))
-        forward(_images(2))  # first use copies the model's constants to the device, once
+        pipe = _pipeline(boxes, with_filter, device=dev)
+        forward = BatchForward(pipe, ForwardOptions(crop_batch_size=64))
+        forward(_images(2, same_size, dev))  # first use copies the models' constants, once
         for n in (1, 4, 8):
-            images = _images(n)
+            images = _images(n, same_size, dev)
             with SyncCounter() as counter:
                 launched = forward.launch(images)
             counts[(n, boxes)] = len(counter.syncs)
