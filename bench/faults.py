@@ -21,6 +21,7 @@ if not __package__:  # `python bench/faults.py` runs as `python -m bench.faults`
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import signal
 import tempfile
 import time
 import traceback
@@ -36,6 +37,7 @@ from tests.worker_process import WorkerProcess
 RUNNERS: dict[str, Callable[[fs.Lab, int], fs.Outcome | fs.BadInputOutcome]] = {
     "sigkill_restart": lambda lab, trials: fs.sigkill_restart(lab, trials=trials),
     "redis_restart": lambda lab, _: fs.redis_restart(lab),
+    "redis_killed": lambda lab, _: fs.redis_restart(lab, sig=signal.SIGKILL),
     "redis_data_lost": lambda lab, _: fs.redis_data_lost(lab),
     "pg_terminate": lambda lab, _: fs.pg_terminate(lab),
     "sigterm_warm": lambda lab, _: fs.sigterm_warm(lab),

@@ -507,8 +507,10 @@ def partition(lab: Lab, n: int = 60) -> Outcome:
                     "partition_late_writes_refused": refused})
 
 
-# What the cut-off worker logs when it finds its claim superseded (tasks.chunk).
-LATE_WRITER_STOPPED = ("this delivery stops", "the chunk is superseded")
+# What the cut-off worker logs when the link is back (tasks.chunk): its claim superseded
+# (late writes refused), or a connection that the partition broke (the retry then finds the
+# chunk done and writes nothing: harmless).
+LATE_WRITER_STOPPED = ("this delivery stops", "the chunk is superseded", ": retry 1/")
 
 
 def free_port() -> int:
@@ -585,23 +587,30 @@ def redis_server(folder: Path, **kwargs: object) -> Iterator[RedisServer]:
         server.stop(signal.SIGKILL)
 
 
-def redis_restart(lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.0) -> Outcome:
+def redis_restart(
+    lab: Lab, n: int = 48, chunk_size: int = 6, down_s: float = 3.0,
+    sig: int = signal.SIGTERM,
+) -> Outcome:
     """Stop the broker (and result backend) mid-job, keep it down a while, start it again on
-    the same port with its append-only file; the worker reconnects and the job completes."""
+    the same port with its append-only file; the worker reconnects and the job completes.
+    SIGTERM is Redis' clean shutdown; SIGKILL a crash, where the append-only file (compose's
+    set-up) is all that is left of the queue and of the unacknowledged chunks."""
     with redis_server(lab.tmp / "redis-restart") as broker, ImageServer() as server:
         env = fault_env(lab.env, TRAPQ_BROKER_URL=broker.url, TRAPQ_RESULT_BACKEND=broker.url)
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "redis")
         send(env, lab.engine, job.chunk_ids)
         wait_mid_chunk(lab, job, worker)
-        broker.stop(signal.SIGTERM)
+        broker.stop(sig)
         time.sleep(down_s)
         broker.start()
         state = wait_job_end(lab.engine, job.job_id, worker)
         alive = worker.proc is not None and worker.proc.poll() is None
         worker.stop()
-    notes = [f"broker down {down_s:.0f}s mid-chunk; worker alive after: {alive}"]
-    return Outcome("redis_restart", job.job_id, audit(lab.engine, job.job_id, ref_id),
+    how = signal.Signals(sig).name
+    notes = [f"broker {how}ed and down {down_s:.0f}s mid-chunk; worker alive after: {alive}"]
+    name = "redis_restart" if sig == signal.SIGTERM else "redis_killed"
+    return Outcome(name, job.job_id, audit(lab.engine, job.job_id, ref_id),
                    state if alive else f"{state} (worker died)", notes=notes)
 
 
@@ -661,35 +670,40 @@ def slow_detection_writes(engine: Engine, seconds: float) -> Iterator[None]:
             conn.execute(text("DROP FUNCTION IF EXISTS trapq_fault_slow()"))
 
 
-def terminate_writers(engine: Engine) -> int:
+def terminate_writers(engine: Engine, within_s: float) -> int:
     """pg_terminate_backend on the worker sessions of this database that are writing
-    detections right now, by INSERT or COPY (never this connection)."""
+    detections right now, by INSERT or COPY (never this connection), and started that
+    statement less than `within_s` ago: with slow_detection_writes longer than that, each
+    one is cut while its statement still runs, i.e. mid-write. Selected and terminated in
+    one statement, so none can finish in between."""
     with engine.connect() as conn:
-        pids = conn.scalars(text(
-            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+        terminated = conn.scalars(text(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() "
             "AND pid <> pg_backend_pid() AND application_name LIKE 'trapq-worker%' "
-            "AND state = 'active' AND query ~* '^\\s*(INSERT INTO|COPY|DELETE FROM) detections'"
-        )).all()
-        for pid in pids:
-            conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+            "AND state = 'active' AND query ~* '^\\s*(INSERT INTO|COPY|DELETE FROM) detections' "
+            "AND clock_timestamp() - query_start < make_interval(secs => :within)"
+        ), {"within": within_s}).all()
         conn.commit()
-    return len(pids)
+    return sum(1 for ok in terminated if ok)
 
 
-def pg_terminate(lab: Lab, kills: int = 6, n: int = 48, chunk_size: int = 6) -> Outcome:
-    """Terminate the worker's PostgreSQL backends in the middle of its result writes."""
+def pg_terminate(lab: Lab, kills: int = 6, n: int = 72, chunk_size: int = 6) -> Outcome:
+    """Terminate the worker's PostgreSQL backends in the middle of its result writes, `kills`
+    times: each write sleeps 0.6 s before its rows go in, and only writes younger than
+    0.4 s are cut, so every termination lands mid-write; the job is long enough for all."""
     env = fault_env(lab.env, TRAPQ_MAX_RETRIES="20")
     with ImageServer() as server:
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "pg")
         terminated = 0
-        with slow_detection_writes(lab.engine, 0.3):
+        with slow_detection_writes(lab.engine, 0.6):
             send(env, lab.engine, job.chunk_ids)
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + 120
             while terminated < kills and time.monotonic() < deadline:
                 if job_state(lab.engine, job.job_id) in ENDED:
                     break
-                terminated += terminate_writers(lab.engine)
+                terminated += terminate_writers(lab.engine, within_s=0.4)
                 time.sleep(0.05)
         state = wait_job_end(lab.engine, job.job_id, worker)
         alive = worker.proc is not None and worker.proc.poll() is None

@@ -4,12 +4,14 @@ captures (scenarios in tests/fault_scenarios.py, also run by bench/faults.py).""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
 from tests import fault_scenarios as fs
+from tests import netns
 from tests.worker_process import worker_factory  # noqa: F401
 
 pytestmark = pytest.mark.slow
@@ -44,6 +46,12 @@ def test_broker_stopped_and_restarted_mid_job_loses_and_doubles_nothing(lab: fs.
     _assert_exactly_once(fs.redis_restart(lab))
 
 
+def test_broker_sigkilled_and_restarted_from_its_append_only_file_loses_and_doubles_nothing(
+    lab: fs.Lab,
+) -> None:
+    _assert_exactly_once(fs.redis_restart(lab, sig=signal.SIGKILL))
+
+
 def test_broker_restarted_empty_strands_queued_chunks_until_requeue_stuck_resends_them(
     lab: fs.Lab,
 ) -> None:
@@ -53,8 +61,9 @@ def test_broker_restarted_empty_strands_queued_chunks_until_requeue_stuck_resend
 def test_worker_database_sessions_terminated_mid_write_lose_and_double_nothing(
     lab: fs.Lab,
 ) -> None:
-    outcome = fs.pg_terminate(lab)
-    assert outcome.trials_ok >= 1, outcome.line()
+    outcome = fs.pg_terminate(lab, kills=6)
+    # Every one of the six terminations cut a write in progress.
+    assert outcome.trials_ok == 6, outcome.line()
     _assert_exactly_once(outcome)
 
 
@@ -70,4 +79,17 @@ def test_children_of_a_sigkilled_trapq_worker_stop_within_10s_and_lose_and_doubl
     outcome = fs.supervisor_kill(lab, trials=2)
     assert outcome.counts["orphans"] == 0, outcome.line()
     assert outcome.trials_ok == 2, outcome.line()
+    _assert_exactly_once(outcome)
+
+
+def test_worker_cut_off_by_a_network_partition_mid_chunk_has_its_late_writes_refused(
+    lab: fs.Lab,
+) -> None:
+    reason = netns.unavailable()
+    if reason:
+        print(f"skipped: {reason}")
+        pytest.skip(reason)
+    outcome = fs.partition(lab)
+    print(outcome.line())  # the time to recovery
+    assert outcome.trials_ok == 1, outcome.line()  # the cut-off worker stopped, once back
     _assert_exactly_once(outcome)
