@@ -380,6 +380,7 @@ def stall(lab: Lab, n: int = 12) -> Outcome:
         wait_for(host.entered.is_set, 60, "the hanging fetch", on_timeout=worker.tail)
         beats: list[datetime] = []
         row: tuple[object, ...] = ()
+        first_start: datetime | None = None
         while not (row and "past its deadline" in str(row[2] or "")):
             with lab.engine.connect() as conn:
                 row = tuple(conn.execute(text(
@@ -387,11 +388,14 @@ def stall(lab: Lab, n: int = 12) -> Outcome:
                 ), {"c": job.chunk_ids[0]}).one())
             if row[2] is None and (not beats or row[0] != beats[-1]):
                 beats.append(row[0])  # type: ignore[arg-type]
+                first_start = first_start or row[1]  # type: ignore[assignment]
             if worker.proc is None or worker.proc.poll() is not None:
                 raise AssertionError(f"worker died\n{worker.tail()}")
             time.sleep(0.05)
         hung = host.release.is_set() is False
-        deadline_s = (row[0] - row[1]).total_seconds()  # type: ignore[operator]
+        # When the deadline's retry was seen (to within the 50 ms poll), from the first start.
+        assert first_start is not None
+        deadline_s = (datetime.now(first_start.tzinfo) - first_start).total_seconds()
         host.release.set()
         state = wait_job_end(lab.engine, job.job_id, worker)
         worker.stop()
