@@ -22,7 +22,7 @@ from typing import Any
 import kombu.exceptions
 import redis.exceptions
 from celery import Task
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import Reject, SoftTimeLimitExceeded
 from celery.utils.log import get_task_logger
 from sqlalchemy import exc as sa_exc
 from sqlalchemy import select
@@ -300,6 +300,8 @@ class _ChunkRun:
             except ChunkStopped as stopped:
                 self._flush()
                 log.info("chunk %s stopped: %s", self.chunk_id, stopped)
+                if stopped.requeue:  # unacknowledged, back on the queue at once
+                    raise Reject(str(stopped), requeue=True) from None
                 return {"chunk_id": self.chunk_id, "state": stopped.state}
             except ChunkRetry:
                 self._flush()  # what came back before the deadline stays written

@@ -20,10 +20,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import FrameType, TracebackType
 from typing import Protocol
 
-from celery import signals
+from celery import platforms, signals
 
 from db.states import ChunkState
 
@@ -38,18 +38,28 @@ class ChunkStopped(Exception):
     """Stop the run and write nothing more: the chunk row left `running` (cancelled), or the
     worker is shutting down cold (the row stays running; the chunk is delivered again)."""
 
-    def __init__(self, state: str | None, why: str) -> None:
+    def __init__(self, state: str | None, why: str, *, requeue: bool = False) -> None:
         super().__init__(why)
         self.state = state
+        self.requeue = requeue  # give the message back to the broker now
 
 
 _cold = threading.Event()
 
 
-@signals.worker_shutting_down.connect
-def _on_shutting_down(how: str = "", **_: object) -> None:
-    if how == "Cold":
+@signals.worker_ready.connect
+def _flag_cold_shutdown_first(**_: object) -> None:
+    """Celery's cold-shutdown handler (SIGQUIT, which `trapq worker` forwards) stops the pool
+    before it announces itself, and the threads pool waits for its running chunks there:
+    the watches are told first, so they interrupt their runs."""
+    celery_handler = platforms.signals["SIGQUIT"]
+
+    def on_sigquit(signum: int, frame: FrameType | None) -> None:
         _cold.set()
+        if callable(celery_handler):
+            celery_handler(signum, frame)
+
+    platforms.signals["SIGQUIT"] = on_sigquit
 
 
 class ChunkWatch:
@@ -97,7 +107,8 @@ class ChunkWatch:
         while not self._closed.is_set():
             if _cold.wait(self._every_s):
                 self._run.interrupt(ChunkStopped(
-                    ChunkState.RUNNING.value, "cold shutdown: the chunk goes back to the queue"
+                    ChunkState.RUNNING.value, "cold shutdown: the chunk goes back to the queue",
+                    requeue=True,
                 ))
                 return
             if self._closed.is_set():
