@@ -137,10 +137,13 @@ class Run:
     def stats(self) -> RunStats:
         """This run's own figures so far: its batches, and the device's busy time since it
         started (a chunk row stores these, not the process's figures since start)."""
-        busy_s = self._engine.stats().busy_s - self._busy_s_at_start
+        wall_s = time.perf_counter() - self._started_at
+        # Busy time is counted when a batch ends, so a batch begun before this run started
+        # counts whole: the device was busy for at most the run's own wall time.
+        busy_s = min(self._engine.stats().busy_s - self._busy_s_at_start, wall_s)
         with self._lock:
             return RunStats(
-                wall_s=time.perf_counter() - self._started_at,
+                wall_s=wall_s,
                 fetch_decode_s=self.fetch_decode_s,
                 gpu_s=self.gpu_s,
                 batches=self.batches,
