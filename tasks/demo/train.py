@@ -55,8 +55,13 @@ def _render(args: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor, tor
 
 
 def render_pool(seed: int, stream: int, n: int, processes: int) -> list[tuple[torch.Tensor, ...]]:
+    """Scenes rendered by `processes` forked workers, or in this process for one: a fork of a
+    process whose other threads hold locks (torch's pools, a test's workers) can hang forever."""
+    jobs = [(seed, stream, i) for i in range(n)]
+    if processes <= 1:
+        return [_render(job) for job in jobs]
     with Pool(processes) as pool:
-        return pool.map(_render, [(seed, stream, i) for i in range(n)], chunksize=4)
+        return pool.map(_render, jobs, chunksize=4)
 
 
 def _crop_and_flip(img: torch.Tensor, boxes: torch.Tensor, gen: torch.Generator
