@@ -26,9 +26,9 @@ from tests.worker_jobs import (
     chunk_rows,
     item_states,
     job_state,
+    kill_trial_env,
     make_job,
     send,
-    worker_env,
 )
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
@@ -227,14 +227,7 @@ def test_reclassification_worker_killed_mid_chunk_copies_every_box_once(
     service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
     slow_image_server: str,  # noqa: F811
 ) -> None:
-    env = worker_env(
-        service_env,
-        TRAPQ_VISIBILITY_TIMEOUT_S="12",
-        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
-        TRAPQ_CHUNK_TIME_LIMIT_S="11",
-        TRAPQ_FETCH_THREADS="1",
-        TRAPQ_WRITE_BATCH_SIZE="2",
-    )
+    env = kill_trial_env(service_env)
     n = 24
     uris = [f"{slow_image_server}/img{i}.jpg" for i in range(n)]
     source = make_job(clean_pg, uris, chunk_size=n)

@@ -27,6 +27,7 @@ from tests.worker_jobs import (
     item_states,
     job_state,
     jpeg_bytes,
+    kill_trial_env,
     make_job,
     send,
     settings_of,
@@ -68,16 +69,7 @@ def slow_image_server() -> Iterator[str]:
 def test_worker_killed_mid_chunk_then_restarted_loses_and_doubles_nothing(
     service_env: dict[str, str], clean_pg: Engine, worker_factory, slow_image_server: str,  # noqa: F811
 ) -> None:
-    # Redis hands an unacknowledged message out again once it is older than the visibility
-    # timeout; a short one keeps this test short.
-    env = worker_env(
-        service_env,
-        TRAPQ_VISIBILITY_TIMEOUT_S="12",
-        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
-        TRAPQ_CHUNK_TIME_LIMIT_S="11",
-        TRAPQ_FETCH_THREADS="1",
-        TRAPQ_WRITE_BATCH_SIZE="2",
-    )
+    env = kill_trial_env(service_env)
     n = 24
     job = make_job(clean_pg, [f"{slow_image_server}/img{i}.jpg" for i in range(n)], chunk_size=n)
     first = worker_factory(env, concurrency=1).start()

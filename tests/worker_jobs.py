@@ -46,6 +46,20 @@ def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
     return env
 
 
+
+def kill_trial_env(service_env: dict[str, str]) -> dict[str, str]:
+    """worker_env for a worker killed mid-chunk: Redis hands an unacknowledged message out
+    again once it is older than the visibility timeout, and a short one keeps the test short;
+    one slow fetch at a time and small write batches leave a chunk half written when killed."""
+    return worker_env(
+        service_env,
+        TRAPQ_VISIBILITY_TIMEOUT_S="12",
+        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
+        TRAPQ_CHUNK_TIME_LIMIT_S="11",
+        TRAPQ_FETCH_THREADS="1",
+        TRAPQ_WRITE_BATCH_SIZE="2",
+    )
+
 def settings_of(env: dict[str, str]) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
