@@ -1,1 +1,0 @@
-"""Synthetic moth-trap nights and the small models trained on them, for `trapq demo`."""
