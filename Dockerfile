@@ -34,6 +34,7 @@ COPY db ./db
 COPY inference ./inference
 COPY migrations ./migrations
 COPY tasks ./tasks
+COPY synthetic ./synthetic
 RUN pip install ".[s3]"
 
 USER trapq

@@ -35,10 +35,10 @@ from db.results import claim_chunk, pending_items, write_results
 from db.session import make_engine, make_sessionmaker
 from inference.forward import BatchForward, ForwardOptions
 from inference.types import ItemResult
-from tasks.demo.nights import plan_night
-from tasks.demo.scenes import render_placements
+from synthetic.nights import plan_night
+from synthetic.scenes import render_placements
 from tasks.settings import Settings
-from tasks.worker_boot import load_models
+from tasks.worker.boot import load_models
 from tests.services import temporary_database
 
 WIDTH = 128  # the demo classifier's penultimate features

@@ -6,7 +6,7 @@
 It imports only inference/, bench/ and the scene generator (numpy and Pillow), so it runs with a
 bare image's python3, torch and torchvision (torch 2.11 / torchvision 0.26 were seen on the lent
 H200s; the project pins 2.14.1 / 0.29.1). Without --images it makes its own inputs in /dev/shm:
-synthetic 4096x2160 captures from tasks/demo/scenes.py, plus grey, CMYK, progressive,
+synthetic 4096x2160 captures from synthetic/scenes.py, plus grey, CMYK, progressive,
 truncated and EXIF-rotated variants. One RESULT line per check; the last line sums them up.
 
 Correctness checks fail the run (exit 1): decode (nvJPEG routing, outcome per variant alone
@@ -69,7 +69,7 @@ from inference.pipeline_spec import ModelSource
 from inference.registry import REGISTRY, LoadedModel, ModelSpec, Pipeline, load_pipeline
 from inference.registry import model_source as source
 from inference.types import ErrorKind, ItemFailure, WorkItem
-from tasks.demo.scenes import render_scene
+from synthetic.scenes import render_scene
 
 FOUR_K = (4096, 2160)
 MAD_GOAL = 2.0  # of 255: nvJPEG and libjpeg-turbo differ by IDCT and chroma upsampling only
@@ -78,7 +78,7 @@ GOALS = {"e2e_over_ceiling": 0.90, "e2e_over_naive": 10.0, "e2e_over_dataloader"
          "captures_per_s": 300.0}
 EXPECTED_ROUTING = {"baseline": True, "grey": True, "exif_rotated": True, "cmyk": False,
                     "progressive": False, "truncated": False}
-STICKY_CHILD_EXIT = 76  # as tasks.worker_boot.DEVICE_FAULT_EXIT (not imported: no Celery here)
+STICKY_CHILD_EXIT = 76  # as tasks.worker.exits.DEVICE_FAULT_EXIT (not imported: no Celery here)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -36,7 +36,7 @@ from db.session import make_engine, make_sessionmaker
 from inference.engine import Engine, EngineConfig
 from inference.registry import load_pipeline, model_source
 from inference.types import Detection, ItemResult, WorkItem
-from tasks.demo.scenes import generate_night
+from synthetic.scenes import generate_night
 from tasks.producer import enqueue
 from tasks.settings import Settings
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue

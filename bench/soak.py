@@ -52,7 +52,7 @@ from sqlalchemy import Engine, func, select
 
 from db.models import Chunk, Job, JobCapture
 from db.session import make_engine
-from tasks.supervisor import celery_argv
+from tasks.worker.supervisor import celery_argv
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 
 UHD_WIDTH = 3840  # "4K": UHD (3840x2160) and DCI (4096x2160) captures both count
@@ -80,7 +80,7 @@ def four_k_jpegs(folder: Path) -> list[Path]:
 
 
 def generated_captures(folder: Path, n: int) -> list[Path]:
-    from tasks.demo.scenes import generate_night
+    from synthetic.scenes import generate_night
 
     generate_night(folder, n, seed=8, size=(4096, 2160))
     return sorted(folder.glob("*.jpg"))

@@ -1,6 +1,6 @@
 """Tracking against true identities: trapq's tracker and the companion app's, side by side.
 
-Nights come from tasks.demo.nights (insects arrive, sit, shift, hide, leave). Scoring is at the
+Nights come from synthetic.nights (insects arrive, sit, shift, hide, leave). Scoring is at the
 detection level, so a night of thousands of captures runs in seconds on a CPU: the detector is
 simulated from the true boxes (misses, jitter, a few false boxes) and so are the classifier's
 top-1 and its embeddings. The embeddings are synthetic per individual (a species centroid, an
@@ -48,8 +48,8 @@ from sqlalchemy import select
 from db.models import Capture
 from inference.tracking import Frame, NightTracks, TrackParams, label_vote, track_baseline
 from inference.tracking import track_night as trapq_track
-from tasks.demo.nights import NightBehaviour, outline_box, plan_night
-from tasks.demo.scenes import KINDS, render_placements
+from synthetic.nights import NightBehaviour, outline_box, plan_night
+from synthetic.scenes import KINDS, render_placements
 from tasks.settings import Settings
 from tasks.tracking import track_params
 

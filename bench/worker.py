@@ -46,7 +46,7 @@ from db.session import make_engine
 from inference.engine import Engine as InferenceEngine
 from inference.types import WorkItem
 from tasks.settings import Settings
-from tasks.worker_boot import engine_config, load_models
+from tasks.worker.boot import engine_config, load_models
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 from tests.worker_jobs import item_states, make_job, send, write_jpegs
 from tests.worker_process import WorkerProcess, wait_for
@@ -61,7 +61,7 @@ def bench_engine(settings: Settings, paths: list[Path]) -> tuple[float, float]:
     pipeline = load_models(settings.model_copy(update={"device": "cpu"}))
     engine = InferenceEngine(pipeline, engine_config(settings))
     engine.start()
-    gc.freeze()  # as tasks.worker_boot does once the models are loaded
+    gc.freeze()  # as tasks.worker.boot does once the models are loaded
     checked = 0
     try:
         t0, cpu0 = time.perf_counter(), time.process_time()

@@ -3,7 +3,7 @@ every later CUDA call of the process fails. Such an error is the device's, not t
 splitting the batch or failing its images would only fail every later capture too.
 
 The engine stops using the device at the first one and raises DeviceFault to every caller; the
-worker sends its chunks back to the queue and exits with its own code (tasks.worker_boot), and
+worker sends its chunks back to the queue and exits with its own code (tasks.worker.boot), and
 its supervisor starts a fresh process with a fresh CUDA context.
 """
 

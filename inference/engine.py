@@ -39,7 +39,7 @@ from inference.types import (
 class EngineConfig:
     """How the engine runs: what it may fetch, how it batches, how much it holds. What it computes
     (models, precision, threshold, top-k) is the pipeline's. Built from the TRAPQ_* settings by
-    tasks.worker_boot.engine_config."""
+    tasks.worker.boot.engine_config."""
 
     fetch: FetchPolicy = field(default_factory=FetchPolicy)  # its pool_size: fetch threads
     forward: ForwardOptions = field(default_factory=ForwardOptions)

@@ -25,7 +25,7 @@ _CHUNK = 1 << 20
 @dataclass(frozen=True)
 class FetchPolicy:
     """What a fetch may touch and how long it may take. Built from the TRAPQ_* bad-input
-    settings by tasks.worker_boot.engine_config (which turns their MiB into bytes)."""
+    settings by tasks.worker.boot.engine_config (which turns their MiB into bytes)."""
 
     max_image_bytes: int = 64 * 2**20
     http_connect_timeout_s: float = 5.0

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.demo.scenes import (
+from synthetic.scenes import (
     DEFAULT_START,
     KINDS,
     REFERENCE_WIDTH,

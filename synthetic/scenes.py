@@ -44,7 +44,7 @@ EXIF_DATETIME = 0x0132
 @dataclass(frozen=True)
 class Insect:
     """One insect: its kind and its box (x1, y1, x2, y2) in image pixels, x2/y2 exclusive.
-    ``individual`` is its identity across the captures of a tracked night (tasks.demo.nights)."""
+    ``individual`` is its identity across the captures of a tracked night (synthetic.nights)."""
 
     kind: str
     box: tuple[float, float, float, float]

@@ -1,6 +1,6 @@
 """Trains the demo detector and classifier on synthetic scenes, on the CPU, from a seed.
 
-    python -m tasks.demo.train --out inference/checkpoints --seed 0
+    python -m synthetic.train --out inference/checkpoints --seed 0
 
 A pool of scenes is rendered once (JPEG round trip included, as the worker sees them); the
 detector trains on whole flipped captures, the classifier on jittered roi_align crops of their
@@ -33,8 +33,8 @@ from inference.architectures import (
     tiny_classifier,
     tiny_detector,
 )
-from tasks.demo.evaluate import Scores, score_image
-from tasks.demo.scenes import KINDS, render_scene
+from synthetic.evaluate import Scores, score_image
+from synthetic.scenes import KINDS, render_scene
 
 TRAIN_STREAM = 7  # scene seeds (seed, 7, i): never equal to generate_night's (seed, i)
 HELD_OUT_STREAM = 8

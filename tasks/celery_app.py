@@ -12,6 +12,7 @@ from celery import Celery
 
 from tasks.settings import Settings, get_settings
 from tasks.visibility import redis_broker_options
+from tasks.worker import CELERY_INCLUDE
 
 PROCESS_CHUNK = "trapq.process_chunk"
 TRACK_JOB = "trapq.track_job"  # tasks.tracking: occurrences once a job ends
@@ -50,11 +51,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "result_expires": 7 * 24 * 3600,
         "worker_proc_alive_timeout": 60,
-        # Guards: a worker started by `trapq worker` stops when that dies; a worker with
-        # another visibility timeout than its queue's live workers does not start.
-        "include": [
-            "tasks.chunk", "tasks.orphan_guard", "tasks.visibility_guard", "tasks.tracking"
-        ],
+        # The worker's tasks and signal handlers (boot, guards): tasks.worker names them.
+        "include": list(CELERY_INCLUDE),
     }
 
 

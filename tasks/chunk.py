@@ -6,7 +6,7 @@ the captures still pending. Progress goes to Celery (state PROGRESS, shown by Fl
 the chunk row (heartbeat, live counts).
 
 Deadline: the default threads pool (and solo) ignore Celery's soft and hard time limits, so
-the task enforces settings.chunk_soft_time_limit_s itself, from a timer (tasks.chunk_watch,
+the task enforces settings.chunk_soft_time_limit_s itself, from a timer (tasks.worker.chunk_watch,
 which beats the heartbeat too) whatever the engine is doing: past it the run stops, what is
 written stays written, and the chunk is retried for the rest. In the prefork pool Celery's
 own limits apply as well.
@@ -48,9 +48,9 @@ from inference.device_fault import DeviceFault
 from inference.pipeline_spec import PipelineSpec
 from inference.types import Detection, ItemResult, WorkItem
 from tasks.celery_app import PROCESS_CHUNK, TRACK_JOB, app
-from tasks.chunk_watch import ChunkStopped, ChunkWatch
 from tasks.settings import get_settings
-from tasks.worker_boot import Runtime, memory_guard, runtime, stop_for_device_fault
+from tasks.worker.boot import Runtime, memory_guard, runtime, stop_for_device_fault
+from tasks.worker.chunk_watch import ChunkStopped, ChunkWatch
 
 log = get_task_logger(__name__)
 

@@ -25,15 +25,15 @@ from db.occurrences import occurrence_counts
 from db.states import ItemState
 from db.status import JobStatus, job_status
 from db.summary import DrawnBox, boxes_of, busiest_captures, kind_counts
-from tasks.demo.nights import NightBehaviour, generate_tracked_night
+from synthetic.nights import NightBehaviour, generate_tracked_night
 from tasks.errors import UserError
 from tasks.exports.table import write_csv
 from tasks.importer import import_source
 from tasks.producer import enqueue
 from tasks.settings import Settings
 from tasks.store import ready_session_factory
-from tasks.supervisor import celery_argv
 from tasks.tracking import track_job
+from tasks.worker.supervisor import celery_argv
 
 WORKER_STOP_S = 60.0
 TRACKING_WAIT_S = 60.0

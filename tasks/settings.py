@@ -2,7 +2,7 @@
 
 Defaults are embedded (SQLite job store, Kombu's SQLAlchemy transport on SQLite as broker) so
 that the demo needs no server; production points the URLs at PostgreSQL and Redis. Sizes are in
-MiB (the _mb settings). tasks.worker_boot.engine_config is where they reach the engine.
+MiB (the _mb settings). tasks.worker.boot.engine_config is where they reach the engine.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ queue every message older than *its own* visibility timeout. So:
 - The hash is one per Redis database by default, swept by every worker of every queue on
   it; trapq names it after the queue, so only the workers of one queue sweep its messages.
 - Workers of one queue with different visibility timeouts deliver each other's chunks
-  early (the shortest wins): tasks.visibility_guard refuses to start such a worker.
+  early (the shortest wins): tasks.worker.visibility_guard refuses to start such a worker.
 """
 
 from __future__ import annotations

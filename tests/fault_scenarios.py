@@ -32,8 +32,8 @@ import redis
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from tasks.supervisor import celery_argv
 from tasks.visibility import worst_redelivery_s
+from tasks.worker.supervisor import celery_argv
 from tests.badinputs import READ_TIMEOUT_S, Case, ImageServer, build_corpus
 from tests.local_http import QuietHandler, serving
 from tests.netns import NetNs, TcpForwarder

@@ -14,7 +14,7 @@ from inference.engine import Engine, EngineConfig
 from inference.forward import ForwardOptions
 from inference.registry import load_pipeline, model_source
 from inference.types import Detection, ItemResult, WorkItem
-from tasks.demo.scenes import generate_night
+from synthetic.scenes import generate_night
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 
 from db.models import Capture, Classification, Detection
-from tasks.demo.evaluate import Scores, score_image
-from tasks.demo.scenes import generate_night
+from synthetic.evaluate import Scores, score_image
+from synthetic.scenes import generate_night
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     classifications_per_detection,

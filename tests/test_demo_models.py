@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchvision.io import decode_jpeg, read_file
 
-from tasks.demo.evaluate import Scores, score_image
-from tasks.demo.scenes import KINDS, generate_night
-from tasks.demo.train import load_models, predict
+from synthetic.evaluate import Scores, score_image
+from synthetic.scenes import KINDS, generate_night
+from synthetic.train import load_models, predict
 
 CHECKPOINTS = Path(__file__).resolve().parents[1] / "inference" / "checkpoints"
 BOX_THRESHOLD = 0.5

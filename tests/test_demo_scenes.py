@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tasks.demo.scenes import KINDS, TRUTH_FILE, generate_night, load_truth
+from synthetic.scenes import KINDS, TRUTH_FILE, generate_night, load_truth
 
 SMALL = (480, 270)
 

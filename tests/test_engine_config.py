@@ -1,4 +1,4 @@
-"""Settings reach the engine by one explicit function (tasks.worker_boot.engine_config): every
+"""Settings reach the engine by one explicit function (tasks.worker.boot.engine_config): every
 engine field takes its setting's value, sizes turn from MiB into bytes, and none is left at
 the engine's own default by a name that no longer matches."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from inference.engine import EngineConfig
 from tasks.settings import Settings
-from tasks.worker_boot import engine_config
+from tasks.worker.boot import engine_config
 
 NOT_FROM_SETTINGS = {"fetch.s3_options"}  # boto3 reads its own environment (AWS_*)
 

@@ -20,7 +20,7 @@ from inference.crops import crop_and_resize
 from inference.decode import decode, orient, read_header
 from inference.forward import BatchForward, ForwardOptions
 from inference.registry import load_pipeline, model_source
-from tasks.demo.scenes import render_scene
+from synthetic.scenes import render_scene
 from tasks.exports.common import normalized_box
 
 EXIF_ORIENTATION = 0x0112

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from inference.types import EngineStats
-from tasks.metrics import MetricsLogger
+from tasks.worker.metrics import MetricsLogger
 
 ZERO = EngineStats(0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 16, 2**29)
 

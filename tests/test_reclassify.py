@@ -17,8 +17,8 @@ from db.compare import Box, match_by_iou, pair_boxes
 from db.jobs import create_job
 from db.models import Chunk, Classification, Detection, Job
 from db.session import make_sessionmaker
-from tasks.demo.scenes import generate_night
-from tasks.demo.train import TRAIN_STREAM, render_pool, train_classifier
+from synthetic.scenes import generate_night
+from synthetic.train import TRAIN_STREAM, render_pool, train_classifier
 from tests.test_worker_faults import slow_image_server  # noqa: F401
 from tests.trapq_cli import one_line_error, trapq
 from tests.worker_jobs import (

@@ -25,7 +25,7 @@ from inference.tracking import (
 )
 from inference.types import Classification, ItemResult
 from inference.types import Detection as Det
-from tasks.demo.nights import generate_tracked_night, outline_box, plan_night
+from synthetic.nights import generate_tracked_night, outline_box, plan_night
 from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings
 from tasks.tracking import track_job

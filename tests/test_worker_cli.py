@@ -15,7 +15,7 @@ import redis
 from sqlalchemy import Engine, select, update
 
 from db.models import Capture, Chunk, Classification, Detection
-from tasks.supervisor import plan_workers
+from tasks.worker.supervisor import plan_workers
 from tests.trapq_cli import TRAPQ, trapq
 from tests.worker_jobs import (
     ENDED,

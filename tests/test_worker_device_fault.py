@@ -22,7 +22,7 @@ from sqlalchemy import Engine, select
 from torch import nn
 
 from db.models import Chunk
-from tasks.worker_boot import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT
+from tasks.worker.exits import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT
 from tests.local_http import QuietHandler, serving
 from tests.trapq_cli import TRAPQ
 from tests.worker_jobs import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from tasks.supervisor import celery_argv
+from tasks.worker.supervisor import celery_argv
 from tests.worker_jobs import ENDED, job_state, make_job, send, worker_env, write_jpegs
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.supervisor import celery_argv
+from tasks.worker.supervisor import celery_argv
 
 READY_TIMEOUT_S = 120.0
 

@@ -1,11 +1,12 @@
-"""Command modules of the `trapq` CLI; each registers its commands on tasks.cli_app.app."""
+"""Command modules of the `trapq` CLI, one per command group, each registering on cli_app.app."""
 
 from tasks.commands import (  # noqa: F401
+    cleanup,
+    compare,
     demo,
     deployments,
     exports,
     jobstore,
     operate,
     tracking,
-    versions,
 )

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from db.status import JobStatus
 from tasks.cli_app import app, console
-from tasks.commands.jobstore import settings as get_settings
+from tasks.cli_app import settings as get_settings
 from tasks.store import redact
 
 
@@ -25,7 +25,7 @@ def demo(
     chunk_size: Annotated[int, typer.Option(min=1, help="Captures per chunk.")] = 8,
 ) -> None:
     """Generate a night of captures, run it through a real worker, and summarise the result."""
-    from tasks.demo.run import run_demo
+    from tasks.demo import run_demo
 
     s = get_settings()
     console.print(

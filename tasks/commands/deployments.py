@@ -1,4 +1,5 @@
-"""`trapq deployments set`: a deployment's location, period, capture method and camera.
+"""`trapq deployments`: the deployments with their captures and jobs, and `deployments set`: a
+deployment's location, period, capture method and camera.
 
 One deployment from options, or many from a CSV whose columns are Camtrap DP's deployment
 terms (deploymentID, latitude, longitude, deploymentStart, ...), so a deployments.csv written
@@ -13,12 +14,59 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from db.deployments import CAPTURE_METHODS, DeploymentMetadata, set_metadata
-from tasks.cli_app import console
-from tasks.commands.jobstore import deployments_app, settings, timestamp
+from db.status import deployments
+from tasks.cli_app import app, console, settings, short_fingerprint, timestamp
 from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
+
+deployments_app = typer.Typer(
+    help="List deployments (no subcommand), or set their metadata.", invoke_without_command=True
+)
+app.add_typer(deployments_app, name="deployments")
+
+
+@deployments_app.callback()
+def deployments_(ctx: typer.Context) -> None:
+    """List deployments with their capture counts; `deployments set` records their metadata."""
+    if ctx.invoked_subcommand is not None:
+        return
+    s = settings()
+    factory = ready_session_factory(s)
+    with database_errors(s), factory() as session:
+        rows = deployments(session)
+    if not rows:
+        console.print("no deployments yet; `trapq import SOURCE --deployment NAME` creates one")
+        return
+    table = Table(title="deployments")
+    table.add_column("deployment")
+    table.add_column("captures", justify="right")
+    table.add_column("first capture")
+    table.add_column("last capture")
+    table.add_column("jobs", justify="right")
+    for r in rows:
+        table.add_row(
+            r.name,
+            str(r.n_captures),
+            f"{r.first:%Y-%m-%d %H:%M}" if r.first else "",
+            f"{r.last:%Y-%m-%d %H:%M}" if r.last else "",
+            str(r.n_jobs),
+        )
+    console.print(table)
+    done = Table(title="captures done per pipeline")
+    done.add_column("pipeline", no_wrap=True)
+    done.add_column("deployment")
+    done.add_column("models")
+    done.add_column("done", justify="right")
+    for r in rows:
+        for p in r.pipelines:
+            done.add_row(short_fingerprint(p.fingerprint), r.name, p.models or "-",
+                         f"{p.captures} of {r.n_captures}")
+    if done.row_count:
+        console.print(done)
+
 
 # Camtrap DP deployment term -> (column of `deployments`, parser of the CSV cell).
 CSV_TERMS: dict[str, tuple[str, Callable[[str], Any]]] = {

@@ -8,8 +8,7 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli_app import app, err_console
-from tasks.commands.jobstore import settings
+from tasks.cli_app import app, err_console, settings
 from tasks.exports import FORMATS, ExportOptions, export
 from tasks.store import database_errors, ready_session_factory
 

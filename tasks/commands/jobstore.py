@@ -1,14 +1,12 @@
-"""Job-store commands: db upgrade, import, enqueue, status, deployments."""
+"""Job-store commands: db upgrade, import, enqueue, status."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from datetime import datetime
 from typing import Annotated
 
 import typer
-from pydantic import ValidationError
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -21,35 +19,17 @@ from rich.table import Table
 
 import migrations
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState
-from db.status import JobRow, JobStatus, deployments, job_status, recent_jobs
-from tasks.cli_app import app, console, err_console, settings_problem
+from db.status import JobRow, JobStatus, job_status, recent_jobs
+from tasks.cli_app import app, console, err_console, settings, short_fingerprint, timestamp
 from tasks.errors import UserError
 from tasks.importer import BadRow, import_source
 from tasks.producer import enqueue as enqueue_job
-from tasks.settings import Settings, get_settings
 from tasks.store import database_errors, ready_session_factory, redact
-from tasks.timestamps import parse_timestamp
 
 db_app = typer.Typer(help="The job store's schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
 
 WARN_AT_MOST = 20  # bad manifest rows printed one by one; the rest are counted
-
-
-def settings() -> Settings:
-    try:
-        return get_settings()
-    except ValidationError as e:
-        raise UserError(settings_problem(e)) from None
-
-
-def timestamp(text: str | None, option: str) -> datetime | None:
-    if text is None:
-        return None
-    try:
-        return parse_timestamp(text)
-    except ValueError as e:
-        raise UserError(f"{option}: {e}") from None
 
 
 @db_app.command("upgrade")
@@ -275,10 +255,6 @@ def print_pipelines(rows: list[JobRow]) -> None:
     console.print(table)
 
 
-def short_fingerprint(fingerprint: str | None) -> str:
-    """Enough of a pipeline's fingerprint to tell pipelines apart at a glance, as git does."""
-    return fingerprint[:10] if fingerprint else "-"
-
 
 def print_job(st: JobStatus) -> None:
     j = st.job
@@ -318,49 +294,3 @@ def print_job(st: JobStatus) -> None:
             highlight=False,
             soft_wrap=True,
         )
-
-
-deployments_app = typer.Typer(
-    help="List deployments (no subcommand), or set their metadata.", invoke_without_command=True
-)
-app.add_typer(deployments_app, name="deployments")
-
-
-@deployments_app.callback()
-def deployments_(ctx: typer.Context) -> None:
-    """List deployments with their capture counts; `deployments set` records their metadata."""
-    if ctx.invoked_subcommand is not None:
-        return
-    s = settings()
-    factory = ready_session_factory(s)
-    with database_errors(s), factory() as session:
-        rows = deployments(session)
-    if not rows:
-        console.print("no deployments yet; `trapq import SOURCE --deployment NAME` creates one")
-        return
-    table = Table(title="deployments")
-    table.add_column("deployment")
-    table.add_column("captures", justify="right")
-    table.add_column("first capture")
-    table.add_column("last capture")
-    table.add_column("jobs", justify="right")
-    for r in rows:
-        table.add_row(
-            r.name,
-            str(r.n_captures),
-            f"{r.first:%Y-%m-%d %H:%M}" if r.first else "",
-            f"{r.last:%Y-%m-%d %H:%M}" if r.last else "",
-            str(r.n_jobs),
-        )
-    console.print(table)
-    done = Table(title="captures done per pipeline")
-    done.add_column("pipeline", no_wrap=True)
-    done.add_column("deployment")
-    done.add_column("models")
-    done.add_column("done", justify="right")
-    for r in rows:
-        for p in r.pipelines:
-            done.add_row(short_fingerprint(p.fingerprint), r.name, p.models or "-",
-                         f"{p.captures} of {r.n_captures}")
-    if done.row_count:
-        console.print(done)

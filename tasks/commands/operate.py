@@ -10,7 +10,7 @@ import typer
 from kombu.exceptions import KombuError
 
 from tasks.cli_app import app, console
-from tasks.commands.jobstore import settings as get_settings
+from tasks.cli_app import settings as get_settings
 from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
 
@@ -29,7 +29,7 @@ def worker(
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
 ) -> None:
     """Start one Celery worker per GPU on the chunk queue; Ctrl-C stops them warmly."""
-    from tasks.supervisor import Supervisor, plan_workers
+    from tasks.worker.supervisor import Supervisor, plan_workers
 
     s = get_settings()
     chosen_pool = pool or s.pool

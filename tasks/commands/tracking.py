@@ -20,8 +20,7 @@ from db.occurrences import (
     occurrence_counts,
     occurrence_rows,
 )
-from tasks.cli_app import app, console
-from tasks.commands.jobstore import settings
+from tasks.cli_app import app, console, settings
 from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
 from tasks.tracking import track_job

@@ -29,10 +29,11 @@ from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.pipeline_spec import PipelineSpec
-from tasks.metrics import MetricsLogger
 from tasks.pipeline import model_sources
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
+from tasks.worker.exits import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
+from tasks.worker.metrics import MetricsLogger
 
 if TYPE_CHECKING:
     from inference.engine import Engine, EngineConfig
@@ -40,10 +41,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("trapq.worker")
 
-MEMORY_RESTART_EXIT = 75  # EX_TEMPFAIL: the worker stopped itself to come back with less RSS
-LOAD_FAILED_EXIT = 78  # EX_CONFIG: the models could not be loaded
 METRICS_EVERY_S = 60.0
-DEVICE_FAULT_EXIT = 76  # a CUDA error that poisons the process: restart with a fresh context
 DEVICE_FAULT_GRACE_S = 30.0  # longest a warm shutdown may take on a broken device
 
 # Lets an operator (and the fault tests) find the worker's database sessions.

@@ -13,36 +13,21 @@ worker that resumes them from their pending captures.
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from typing import Any
 
 from celery import signals
 
+from tasks.worker.exits import DEATH_SIGNAL, ORPHANED_EXIT, SUPERVISOR_PID_ENV
+
 log = logging.getLogger("trapq.orphan_guard")
 
-SUPERVISOR_PID_ENV = "TRAPQ_SUPERVISOR_PID"
-DEATH_SIGNAL = signal.SIGTERM  # Celery's warm shutdown
-ORPHANED_EXIT = 70  # the supervisor was already gone when the child started
 POLL_S = 0.5
 GRACE_S = 7.0  # warm shutdown, then cold: every child is gone within 10 s of its supervisor
-_PR_SET_PDEATHSIG = 1
-# Resolved here, in the supervisor, not in the forked child where only plain calls belong.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Run in the child between fork and exec (Popen's preexec_fn), so no logging: the
-    child gets DEATH_SIGNAL when its parent dies."""
-    if _prctl is not None:
-        _prctl(_PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0)
-    if os.getppid() != parent_pid:  # died before prctl took effect: nobody would tell us
-        os._exit(ORPHANED_EXIT)
 
 
 def supervisor_pid() -> int | None:

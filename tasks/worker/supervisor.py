@@ -13,12 +13,13 @@ cannot load (LOAD_FAILED_EXIT) is not started again, since only the operator can
 Children stay in the supervisor's process group, so a signal to the group reaches them as
 the operator meant it: Ctrl-C in a terminal or `kill -TERM -PGID` stops everything warmly
 (Celery takes a repeated warm signal as one), `kill -KILL -PGID` kills everything. If the
-supervisor alone dies, its children stop too (tasks.orphan_guard): no worker runs on
+supervisor alone dies, its children stop too (tasks.worker.orphan_guard): no worker runs on
 unsupervised, with no memory guard and perhaps old models.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -30,14 +31,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
-from tasks.orphan_guard import SUPERVISOR_PID_ENV, die_with_parent
 from tasks.settings import Settings
-from tasks.worker_boot import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
+from tasks.worker.exits import (
+    DEATH_SIGNAL,
+    DEVICE_FAULT_EXIT,
+    LOAD_FAILED_EXIT,
+    MEMORY_RESTART_EXIT,
+    ORPHANED_EXIT,
+    SUPERVISOR_PID_ENV,
+)
 
 log = logging.getLogger("trapq.supervisor")
 
 FAST_CRASH_S = 60.0  # a child that dies sooner than this after its start crashed at start
 MAX_FAST_CRASHES = 5
+_PR_SET_PDEATHSIG = 1
+# Resolved here, in the supervisor, not in the forked child where only plain calls belong.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Run in the child between fork and exec (Popen's preexec_fn), so no logging: the
+    child gets DEATH_SIGNAL when its parent dies (tasks.worker.orphan_guard covers the rest)."""
+    if _prctl is not None:
+        _prctl(_PR_SET_PDEATHSIG, int(DEATH_SIGNAL), 0, 0, 0)
+    if os.getppid() != parent_pid:  # died before prctl took effect: nobody would tell us
+        os._exit(ORPHANED_EXIT)
 
 
 @dataclass(frozen=True)

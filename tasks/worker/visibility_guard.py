@@ -20,7 +20,7 @@ from celery import signals
 from celery.utils.nodenames import host_format
 
 from tasks.settings import Settings, get_settings
-from tasks.worker_boot import LOAD_FAILED_EXIT
+from tasks.worker.exits import LOAD_FAILED_EXIT
 
 log = logging.getLogger("trapq.visibility")
 
