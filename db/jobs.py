@@ -27,7 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from db.models import Capture, Chunk, Job, JobCapture
+from db.models import Capture, Chunk, Job, JobCapture, Pipeline
+from db.pipelines import detector_fingerprint
 from db.states import ChunkState, ItemState
 
 captures = Capture.__table__.c
@@ -72,12 +73,14 @@ def create_job(
     limit: int | None = None,
     only_unprocessed: bool = False,
     boxes_from_job_id: int | None = None,
+    pipeline_id: int | None = None,
 ) -> JobPlan:
     """Create the job, its chunks and one pending work item per selected capture.
 
     Captures are taken in (captured_at, id) order, so a chunk holds neighbouring frames.
     `since` is inclusive, `until` exclusive; either one leaves out captures without a time.
-    `pipeline` is the job's PipelineSpec as a dict and `fingerprint` its fingerprint.
+    `pipeline` is the job's PipelineSpec as a dict and `fingerprint` its fingerprint;
+    `pipeline_id` the named version it comes from (db.pipelines).
     `only_unprocessed` leaves out captures already `done` in an earlier job of this
     deployment with the same fingerprint (same weights' bytes, labels and thresholds):
     a new model or threshold processes everything again, a rerun only what is missing.
@@ -105,6 +108,8 @@ def create_job(
         n_captures=n,
         n_chunks=n_chunks,
         boxes_from_job_id=boxes_from_job_id,
+        pipeline_id=pipeline_id,
+        detector_fingerprint=detector_fingerprint(pipeline),
     )
     session.add(job)
     session.flush()
@@ -149,11 +154,14 @@ def mark_chunks_queued(session: Session, sent: Sequence[tuple[int, str]], at: da
 
 @dataclass(frozen=True)
 class ChunkPlace:
-    """Where a chunk sits: its job, its position (from 1) and how many the job has."""
+    """Where a chunk sits: its job, its position (from 1) and how many the job has, and the
+    pipeline it runs (NAME@VERSION, or "" for a removed one, and its fingerprint)."""
 
     job_id: int
     number: int
     of: int
+    pipeline: str = ""
+    fingerprint: str = ""
 
 
 def chunk_places(session: Session, chunk_ids: Sequence[int]) -> dict[int, ChunkPlace]:
@@ -161,11 +169,16 @@ def chunk_places(session: Session, chunk_ids: Sequence[int]) -> dict[int, ChunkP
     if not chunk_ids:
         return {}
     rows = session.execute(
-        select(Chunk.id, Chunk.job_id, Chunk.seq, Job.n_chunks)
+        select(Chunk.id, Chunk.job_id, Chunk.seq, Job.n_chunks, Job.fingerprint,
+               Pipeline.name, Pipeline.version)
         .join(Job, Job.id == Chunk.job_id)
+        .outerjoin(Pipeline, Pipeline.id == Job.pipeline_id)
         .where(Chunk.id.in_(list(chunk_ids)))
     )
-    return {cid: ChunkPlace(job_id, seq + 1, n) for cid, job_id, seq, n in rows}
+    return {
+        cid: ChunkPlace(job_id, seq + 1, n, f"{name}@{version}" if name else "", fp or "")
+        for cid, job_id, seq, n, fp, name, version in rows
+    }
 
 
 def _same_pipeline_jobs(

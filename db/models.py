@@ -77,11 +77,33 @@ class Capture(Base):
     height: Mapped[int | None] = mapped_column(Integer)
 
 
+class Pipeline(Base):
+    """A named, versioned pipeline (db.pipelines): one spec, one fingerprint, one row."""
+
+    __tablename__ = "pipelines"
+    __table_args__ = (
+        UniqueConstraint("name", "version", name="uq_pipelines_name_version"),
+        UniqueConstraint("fingerprint", name="uq_pipelines_fingerprint"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column()  # PipelineSpec.to_dict()
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # The TRAPQ_* model settings it was recorded from (tasks.pipeline.settings_key), if any.
+    settings_key: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         Index("ix_jobs_deployment", "deployment_id"),
         Index("ix_jobs_fingerprint", "fingerprint"),
+        Index("ix_jobs_deployment_detector", "deployment_id", "detector_fingerprint"),
+        Index("ix_jobs_project_state", "project_id", "state"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -103,6 +125,13 @@ class Job(Base):
         BigInteger().with_variant(Integer(), "sqlite"),
         ForeignKey("jobs.id", ondelete="SET NULL", name="fk_jobs_boxes_from_job"),
     )
+    # The named pipeline version it runs (None once that is removed; `pipeline` stays).
+    pipeline_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("pipelines.id", ondelete="SET NULL", name="fk_jobs_pipeline"),
+    )
+    # db.pipelines.detector_fingerprint(pipeline): equal values find the same boxes (db.reuse).
+    detector_fingerprint: Mapped[str | None] = mapped_column(String(64))
 
     deployment: Mapped[Deployment] = relationship()
 
