@@ -1,4 +1,5 @@
-"""One detector batch on the device: resize, detect, map boxes back, crop, classify, top-k.
+"""One detector batch on the device: resize, detect, map boxes back, crop, classify, top-k,
+and the species answer a taxa list and taxonomy allow (inference.rollup).
 
 Kept apart from the engine's threads and queues so that the numerics can be tested directly
 (batched equals one at a time) and reused by the benchmark's model-only ceiling.
@@ -19,6 +20,7 @@ from torch import nn
 
 from inference.crops import crop_batch, normalize
 from inference.registry import LoadedModel, Pipeline
+from inference.rollup import SOURCES, Rollup
 from inference.types import Classification, Detection
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -62,6 +64,9 @@ class ForwardOptions:
     # Every detection's embedding (the species classifier's penultimate features) from the same
     # forward: the classifier then runs on the filter's negatives too, and they keep no labels.
     embeddings: bool = False
+    # Every classification's full softmax (before any taxa list) as float16, so another list
+    # or threshold can be applied later without the device (inference.reapply).
+    probabilities: bool = False
 
 
 class BatchForward:
@@ -76,6 +81,8 @@ class BatchForward:
         self._norms: dict[str, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._names: dict[tuple[str, int], list[str]] = {}
         self._negatives: dict[tuple[str, int], torch.Tensor] = {}
+        answers = pipeline.answers  # the taxa list and roll-up, on the device once
+        self._rollup = Rollup(answers, self._species_labels(), self.device) if answers else None
         # Only a torchvision-style `backbone` runs in reduced precision; a detector without one
         # (TorchScript, constant_boxes) runs wholly in float32.
         backbone = getattr(self.detector, "backbone", None)
@@ -226,6 +233,7 @@ class BatchForward:
         """Classifier outputs scattered into n result rows (crop i belongs to row rows[i]).
         Crops the filter calls negative skip the second classifier: one nonzero picks the
         others, made even when there is nothing to pick, so a batch's syncs stay constant."""
+        rollup = self._rollup
         blocks: list[torch.Tensor] = []
         layout = _Layout()
         everything, every_row, pick = crops, rows, None
@@ -242,18 +250,27 @@ class BatchForward:
             pick = positive.nonzero().flatten()
             crops, rows = crops.index_select(0, pick), rows.index_select(0, pick)
         model = self.pipeline.classifier
+        logits = None
         if self._features is None:
-            top = self._top_k(self.classifier, model, crops)
-        else:
+            if crops.shape[0]:
+                logits = self._logits(self.classifier, model, crops)
+        elif everything.shape[0]:
             # One forward over every crop: its features are every detection's embedding,
             # while only the filter's positives keep the classifier's labels.
-            top = None
-            if everything.shape[0]:
-                with self._features.catching():
-                    probs = self._probabilities(self.classifier, model, everything)
-                top = self._top_of(probs if pick is None else probs.index_select(0, pick))
+            with self._features.catching():
+                logits = self._logits(self.classifier, model, everything)
+            logits = logits if pick is None else logits.index_select(0, pick)
+        top = answer = raw = None
+        if logits is not None and logits.shape[0]:  # a shape: known on the host
+            probs = (rollup.mask(logits) if rollup else logits).softmax(dim=1)
+            top = self._top_of(probs, rollup.kept if rollup else None)
+            answer = rollup.answer(probs) if rollup else None
+            if self.options.probabilities:
+                raw = logits.softmax(dim=1) if rollup and rollup.masked else probs
         names = self.names(model, top[2]) if top else []
-        blocks.append(layout.add(model.spec.name, names, top, rows, n))
+        blocks.append(layout.add(model.spec.name, names, top, rows, n, rollup, answer))
+        if raw is not None:
+            blocks.append(layout.add_probabilities(raw, rows, n))
         if self._features is not None:
             blocks.append(layout.add_embeddings(self._features.take(), every_row, n))
         return blocks, layout
@@ -265,17 +282,24 @@ class BatchForward:
         model never sees an empty batch)."""
         if crops.shape[0] == 0:
             return None
-        return self._top_of(self._probabilities(module, model, crops))
+        return self._top_of(self._logits(module, model, crops).softmax(dim=1))
 
-    def _top_of(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    def _top_of(
+        self, probs: torch.Tensor, kept: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        """`kept`: the labels a taxa list keeps; the top-k never reaches a removed one."""
         if probs.shape[0] == 0:
             return None
-        values, indices = probs.topk(min(self.pipeline.top_k, probs.shape[1]), dim=1)
+        k = min(self.pipeline.top_k, probs.shape[1], kept or probs.shape[1])
+        values, indices = probs.topk(k, dim=1)
         return values, indices, probs.shape[1]
 
-    def _probabilities(
-        self, module: nn.Module, model: LoadedModel, crops: torch.Tensor
-    ) -> torch.Tensor:
+    def _species_labels(self) -> list[str]:
+        classifier = self.pipeline.classifier
+        count = classifier.num_classes or len(classifier.labels)
+        return [classifier.label(i) for i in range(count)]
+
+    def _logits(self, module: nn.Module, model: LoadedModel, crops: torch.Tensor) -> torch.Tensor:
         out = []
         step = self.options.crop_batch_size
         mean, std = self._normalization(model)
@@ -288,8 +312,7 @@ class BatchForward:
                 )
             x = normalize(x, mean, std)
             with self._autocast():
-                logits = module(x)
-            out.append(logits.float().softmax(dim=1))
+                out.append(module(x).float())
         return torch.cat(out)
 
     def _normalization(self, model: LoadedModel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -388,15 +411,24 @@ class _Block:
     classifier: str
     names: list[str]  # label of each class index
     k: int  # top-k columns; 0 where the classifier ran on no crop of the batch
+    rollup: Rollup | None = None  # then 3 more columns: answer taxon, its score, its source
 
 
 @dataclass
 class _Layout:
     """Where each classifier's outputs sit in a result row: per classifier, a flag (it ran on
-    this row's crop), k probabilities, then k class indices."""
+    this row's crop), k probabilities, k class indices, then with a taxa list or taxonomy the
+    answer (Rollup.answer's three columns)."""
 
     blocks: list[_Block] = field(default_factory=list)
     embedding_dim: int = 0  # the embedding's columns, last in a row
+    probabilities_dim: int = 0  # the species softmax's columns, after the classifiers'
+
+    def add_probabilities(self, probs: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
+        """(n, labels) columns: each classified crop's full softmax in its row."""
+        self.probabilities_dim = probs.shape[1]
+        out = torch.zeros((n, probs.shape[1]), device=rows.device)
+        return out.index_copy_(0, rows, probs)
 
     def add_embeddings(self, features: torch.Tensor, rows: torch.Tensor, n: int) -> torch.Tensor:
         """(n, d) columns: each crop's features in its row."""
@@ -411,16 +443,23 @@ class _Layout:
         top: tuple[torch.Tensor, torch.Tensor, int] | None,
         rows: torch.Tensor,
         n: int,
+        rollup: Rollup | None = None,
+        answer: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The classifier's (n, 1 + 2k) columns, its results scattered to their rows."""
+        """The classifier's (n, 1 + 2k [+ 3]) columns, its results scattered to their rows."""
         if top is None:
             self.blocks.append(_Block(classifier, names, 0))
             return torch.zeros((n, 1), device=rows.device)
         values, indices, _ = top
         k = values.shape[1]
-        self.blocks.append(_Block(classifier, names, k))
-        src = torch.cat([torch.ones_like(values[:, :1]), values, indices.float()], dim=1)
-        return torch.zeros((n, 1 + 2 * k), device=rows.device).index_copy_(0, rows, src)
+        columns = [torch.ones_like(values[:, :1]), values, indices.float()]
+        if answer is None:
+            rollup = None
+        else:
+            columns.append(answer)
+        self.blocks.append(_Block(classifier, names, k, rollup))
+        src = torch.cat(columns, dim=1)
+        return torch.zeros((n, src.shape[1]), device=rows.device).index_copy_(0, rows, src)
 
     def classifications(self, rows: np.ndarray, col: int) -> list[list[Classification]]:
         """Each result row's classifications, the classifier columns starting at `col`. A
@@ -435,10 +474,26 @@ class _Layout:
                 indices = rows[ran, col + 1 + k : col + 1 + 2 * k].astype(np.int64)
                 labels = np.asarray(block.names, dtype=object)[indices].tolist()
                 name = block.classifier
-                for r, vs, ls in zip(ran.tolist(), values, labels, strict=True):
+                rollup = block.rollup
+                answers = (
+                    rows[ran, col + 1 + 2 * k : col + 4 + 2 * k].tolist() if rollup else None
+                )
+                for j, (r, vs, ls) in enumerate(zip(ran.tolist(), values, labels, strict=True)):
                     topk = list(zip(ls, vs, strict=True))
-                    out[r].append(Classification(name, ls[0], vs[0], topk))
-            col += 1 + 2 * k
+                    if rollup is None or answers is None:
+                        out[r].append(Classification(name, ls[0], vs[0], topk))
+                        continue
+                    node, score, source = answers[j]
+                    out[r].append(Classification(
+                        name, rollup.names[int(node)], score, topk,
+                        rank=rollup.ranks[int(node)], source=SOURCES[int(source)],
+                    ))
+            col += 1 + 2 * k + (3 if block.rollup else 0)
+        if self.probabilities_dim:  # the species classifier's, whose block is the last
+            probs = rows[:, col : col + self.probabilities_dim].astype(np.float16)
+            for r, found in enumerate(out):
+                if found and found[-1].classifier == self.blocks[-1].classifier:
+                    found[-1].probabilities = probs[r].tobytes()
         return out
 
 

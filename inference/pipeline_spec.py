@@ -7,11 +7,14 @@ Kept free of torch, so the producer, the job store and the CLI can read and comp
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from inference.taxonomy import AnswerPolicy
 
 
 @dataclass(frozen=True)
@@ -66,11 +69,13 @@ class PipelineSpec:
     box_threshold: float
     top_k: int
     filter_negative_label: str
+    answers: AnswerPolicy | None = None  # taxa list, taxonomy, species threshold
 
     def fingerprint(self) -> str:
         """Hex sha256 of the canonical JSON of everything that decides results.
 
         The filter's negative label only counts with a filter, and weight locations never do.
+        A pipeline without a taxa list or taxonomy keeps the fingerprint it had before them.
         """
         identity = {
             "detector": self.detector.identity(),
@@ -80,6 +85,8 @@ class PipelineSpec:
             "top_k": int(self.top_k),
             "filter_negative_label": self.filter_negative_label if self.filter else None,
         }
+        if self.answers is not None:
+            identity["answers"] = self.answers.identity()
         canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
         return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
@@ -91,6 +98,7 @@ class PipelineSpec:
             "box_threshold": float(self.box_threshold),
             "top_k": int(self.top_k),
             "filter_negative_label": self.filter_negative_label,
+            **({"answers": self.answers.to_dict()} if self.answers else {}),
         }
 
     @classmethod
@@ -103,7 +111,12 @@ class PipelineSpec:
             box_threshold=float(data["box_threshold"]),
             top_k=int(data["top_k"]),
             filter_negative_label=str(data["filter_negative_label"]),
+            answers=AnswerPolicy.from_dict(data["answers"]) if data.get("answers") else None,
         )
+
+    def with_answers(self, answers: AnswerPolicy | None) -> PipelineSpec:
+        """The same models under another taxa list, taxonomy or threshold."""
+        return dataclasses.replace(self, answers=answers)
 
     def differences(self, other: PipelineSpec) -> list[str]:
         """What differs, e.g. ["detector sha256", "box_threshold"]: for a one-line error."""
@@ -120,6 +133,8 @@ class PipelineSpec:
         negative = self.filter_negative_label != other.filter_negative_label
         if negative and (self.filter or other.filter):
             found.append("filter_negative_label")
+        if mine.get("answers") != theirs.get("answers"):
+            found.append("taxa list, taxonomy or species threshold")
         return found
 
 

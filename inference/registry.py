@@ -22,6 +22,7 @@ from torch import nn
 
 from inference import weights as W
 from inference.pipeline_spec import ModelSource, PipelineSpec, sha256_of
+from inference.taxonomy import AnswerPolicy
 
 Role = Literal["detector", "classifier"]
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -269,6 +270,7 @@ class Pipeline:
     precision: str = "fp32"  # resolved once, by load_pipeline: bf16, fp16 or fp32
     top_k: int = 5
     filter_negative_label: str = "nonmoth"
+    answers: AnswerPolicy | None = None  # taxa list and roll-up; a job's own may replace it
 
     @property
     def spec(self) -> PipelineSpec:
@@ -280,6 +282,7 @@ class Pipeline:
             box_threshold=self.box_threshold,
             top_k=self.top_k,
             filter_negative_label=self.filter_negative_label,
+            answers=self.answers,
         )
 
     def describe(self) -> dict[str, Any]:
@@ -400,6 +403,7 @@ def load_pipeline(
     box_threshold: float = 0.5,
     top_k: int = 5,
     filter_negative_label: str = "nonmoth",
+    answers: AnswerPolicy | None = None,
     device: str = "auto",
     precision: str = "auto",
     detector_kwargs: Mapping[str, Any] | None = None,
@@ -423,4 +427,5 @@ def load_pipeline(
         resolve_precision(precision, dev),
         top_k,
         filter_negative_label,
+        answers,
     )

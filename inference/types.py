@@ -48,6 +48,11 @@ class Classification:
     label: str
     score: float
     topk: list[tuple[str, float]] = field(default_factory=list)
+    # With a taxonomy: the rank of `label` (a label, or the taxon the scores rolled up to).
+    rank: str | None = None
+    source: str = "classifier"  # prediction_source: inference.rollup.SOURCES
+    # The full softmax before any taxa list, float16 (ForwardOptions.probabilities).
+    probabilities: bytes | None = None
 
 
 @dataclass

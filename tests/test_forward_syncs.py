@@ -25,6 +25,7 @@ from inference.engine import Engine, EngineConfig
 from inference.forward import BatchForward, ForwardOptions, Launched
 from inference.pipeline_spec import ModelSource
 from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline
+from inference.taxonomy import AnswerPolicy, Taxon, Taxonomy
 from inference.types import WorkItem
 from tests.inference_fixtures import encode
 
@@ -144,17 +145,34 @@ DEVICES = [
 ]
 
 
+# A taxa list keeping five of the seven labels, and a genus and family to roll up to: masking,
+# roll-up and the stored softmax add tensor ops only, never a sync.
+ANSWERS = AnswerPolicy(
+    Taxonomy(tuple(
+        [Taxon(label, "species", label.upper(), "G1" if label < "d" else "G2", None)
+         for label in "abcdefg"]
+        + [Taxon("G1", "genus", "G1", "F", None), Taxon("G2", "genus", "G2", "F", None),
+           Taxon("F", "family", "F", None, None)]
+    )),
+    ("a", "b", "c", "e", "g"),
+    0.6,
+)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("same_size", [False, True])
 @pytest.mark.parametrize("with_filter, expected", [(False, 1), (True, 2)])
+@pytest.mark.parametrize("answers", [False, True])
 def test_a_batch_costs_the_same_syncs_whatever_its_images_and_boxes(
-    with_filter: bool, expected: int, same_size: bool, device: str
+    with_filter: bool, expected: int, same_size: bool, device: str, answers: bool
 ) -> None:
     dev = torch.device(device)
     counts: dict[tuple[int, int], int] = {}
     for boxes in (0, 20, 200):
         pipe = _pipeline(boxes, with_filter, device=dev)
-        forward = BatchForward(pipe, ForwardOptions(crop_batch_size=64))
+        pipe.answers = ANSWERS if answers else None
+        options = ForwardOptions(crop_batch_size=64, probabilities=answers)
+        forward = BatchForward(pipe, options)
         forward(_images(2, same_size, dev))  # first use copies the models' constants, once
         for n in (1, 4, 8):
             images = _images(n, same_size, dev)
@@ -165,6 +183,10 @@ def test_a_batch_costs_the_same_syncs_whatever_its_images_and_boxes(
             kept = int((torch.linspace(1.0, 0.5, boxes) >= 0.75).sum())
             assert [len(d) for d in detections] == [kept] * n
             assert all(len(d.classifications) >= 1 for ds in detections for d in ds)
+            if answers:
+                species = [d.classifications[-1] for ds in detections for d in ds
+                           if d.classifications[-1].classifier == "species"]
+                assert all(c.source.startswith("masked") and c.probabilities for c in species)
     assert set(counts.values()) == {expected}, counts
 
 
