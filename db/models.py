@@ -58,6 +58,8 @@ class Deployment(Base):
     setup_by: Mapped[str | None] = mapped_column(String(200))
     habitat: Mapped[str | None] = mapped_column(Text)
     comments: Mapped[str | None] = mapped_column(Text)
+    # The species that can occur here (0010): labels, taxon names or GBIF keys, as given.
+    taxa_list: Mapped[list[Any] | None] = mapped_column(JSON)
 
 
 class Capture(Base):
@@ -242,7 +244,14 @@ class Classification(Base):
     classifier: Mapped[str] = mapped_column(String(200))
     label: Mapped[str] = mapped_column(String(200))
     score: Mapped[float] = mapped_column(Float)
-    topk: Mapped[list[Any] | None] = mapped_column(JSON)
+    topk: Mapped[list[Any] | None] = mapped_column(JSON)  # the labels', after any taxa list
+    # With a taxonomy, `label` may be a higher taxon: its rank, and how it was reached
+    # (inference.rollup.SOURCES; None before 0010).
+    rank: Mapped[str | None] = mapped_column(String(32))
+    prediction_source: Mapped[str | None] = mapped_column(String(32))
+    # The full softmax before any taxa list, float16 (TRAPQ_STORE_PROBABILITIES): re-applying
+    # another list or threshold reads it.
+    probabilities: Mapped[bytes | None] = mapped_column(LargeBinary)
 
 
 class Occurrence(Base):

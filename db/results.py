@@ -42,6 +42,9 @@ class ClassificationLike(Protocol):
     label: str
     score: float
     topk: Sequence[Sequence[Any]]
+    rank: str | None  # with a taxonomy, of `label`
+    source: str  # prediction_source
+    probabilities: bytes | None  # the full softmax, float16
 
 
 class DetectionLike(Protocol):
@@ -365,6 +368,9 @@ def _insert_detections(conn: Any, job_id: int, results: Sequence[ResultLike]) ->
             "label": c.label,
             "score": float(c.score),
             "topk": [[label, float(score)] for label, score in c.topk] or None,
+            "rank": c.rank,
+            "prediction_source": c.source,
+            "probabilities": c.probabilities,
         }
         for det_id, (_, d) in zip(ids, dets, strict=True)
         for c in d.classifications
@@ -386,7 +392,8 @@ _PG_COPY_DETECTIONS = (
     "source_detection_id, embedding) FROM STDIN"
 )
 _PG_COPY_CLASSIFICATIONS = (
-    "COPY classifications (detection_id, classifier, label, score, topk) FROM STDIN"
+    "COPY classifications (detection_id, classifier, label, score, topk, rank, "
+    "prediction_source, probabilities) FROM STDIN"
 )
 
 
@@ -411,7 +418,8 @@ def _insert_detections_pg(
                     for c in d.classifications:
                         topk = (json.dumps([[label, float(score)] for label, score in c.topk])
                                 if c.topk else None)
-                        copy.write_row((det_id, c.classifier, c.label, float(c.score), topk))
+                        copy.write_row((det_id, c.classifier, c.label, float(c.score), topk,
+                                        c.rank, c.source, c.probabilities))
     except dbapi_error as e:
         # COPY goes around SQLAlchemy's execute(): wrap the driver's error the way execute()
         # would (OperationalError for a lost connection or a serialization failure, ...), so
@@ -570,4 +578,3 @@ def _finish_job_if_ended(s: Session, job_id: int) -> str | None:
         execution_options={"preserve_rowcount": True},
     ).rowcount
     return state if ended else None
-
