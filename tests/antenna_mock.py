@@ -276,7 +276,7 @@ class AntennaMock:
             if any(d.source_image_id != image_id for d in result.detections):
                 self._problem(f"task of image {image_id} answered with others' detections")
             self._check_keys(job, result)
-        task.answers.append(result.model_dump(mode="json"))
+        task.answers.append(result.model_dump(mode="json", exclude_unset=True))  # as sent
         task.subject = None
 
     def _check_keys(self, job: MockJob, result: Any) -> None:

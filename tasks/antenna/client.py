@@ -51,6 +51,7 @@ class AntennaUnavailable(Exception):
 class MalformedTask:
     """A task that cannot become a capture; answered with a PipelineResultsError."""
 
+    task_id: str
     reply_subject: str
     image_id: str | None
     error: str
@@ -65,6 +66,7 @@ class PostReport:
     unknown: list[str] = field(default_factory=list)  # may have landed: never post again
     too_large: list[str] = field(default_factory=list)  # answered with an error instead
     error: str = ""
+    refused_token: bool = False  # 401/403: the bridge must stop
 
 
 def client_info() -> ClientInfo:
@@ -158,7 +160,8 @@ class AntennaClient:
                 report.not_sent.append(pack[0][0])
                 report.error = "not sent: even a one-line error answer was refused with 413"
             else:
-                report.error = outcome
+                report.error = outcome.partition(": ")[2]
+                report.refused_token = outcome.startswith("auth")
                 kind = report.unknown if outcome.startswith("unknown") else report.not_sent
                 kind += [subject for subject, _ in pack]
                 report.not_sent += [s for p in pending for s, _ in p]
@@ -184,7 +187,7 @@ class AntennaClient:
         return b'{"results":[' + b",".join(parts) + b'],"client_info":' + info + b"}"
 
     def _post_pack(self, job_id: int, pack: list[tuple[str, bytes]]) -> str:
-        """posted, too_large, or a reason prefixed `unknown:` / `not sent:`."""
+        """posted, too_large, or a reason prefixed `unknown: `, `not sent: ` or `auth: `."""
         body = self._body([part for _, part in pack])
         path = f"/jobs/{job_id}/result/"
         try:
@@ -196,7 +199,10 @@ class AntennaClient:
             return f"unknown: POST {path} broke off ({type(e).__name__})"
         if resp.status_code == 413:
             return "too_large"
-        _raise_for_auth(resp, path)
+        try:
+            _raise_for_auth(resp, path)
+        except AntennaAuthError as e:
+            return f"auth: {e}"
         if resp.status_code >= 400:
             return f"not sent: POST {path} answered HTTP {resp.status_code}"
         return "posted"
@@ -247,12 +253,15 @@ def split_tasks(raw: list[dict[str, Any]]) -> tuple[list[ProcessingTask], list[M
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
-            bad.append(MalformedTask(subject, image, f"malformed task: {where}: {first['msg']}"))
+            bad.append(MalformedTask(
+                str(item.get("id") or subject), subject, image,
+                f"malformed task: {where}: {first['msg']}",
+            ))
             continue
         if not task.image_url.startswith(("http://", "https://")):
             scheme = task.image_url.split(":", 1)[0] if ":" in task.image_url else "no scheme"
             bad.append(MalformedTask(
-                subject, image, f"image_url must be http(s), got {scheme!r}"
+                task.id, subject, image, f"image_url must be http(s), got {scheme!r}"
             ))
             continue
         good.append(task)

@@ -21,6 +21,9 @@ class AntennaSettings(BaseSettings):
     token: SecretStr = Field(SecretStr(""), description="Antenna API token (or token_file).")
     token_file: Path | None = Field(None, description="File holding the Antenna API token.")
     projects: list[int] = Field([], description="Antenna project ids to serve.")
+    pipelines: list[str] = Field(
+        ["default"], description="trapq pipelines (NAME or NAME@VERSION) offered to Antenna."
+    )
     service_name: str = Field("trapq", description="Processing service name shown in Antenna.")
     max_post_mb: float = Field(8.0, gt=0, description="Largest result POST body, in MiB.")
     ack_wait_s: float = Field(

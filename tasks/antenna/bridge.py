@@ -1,0 +1,245 @@
+"""The bridge behind `trapq antenna`: Antenna's tasks in, trapq jobs through the pool, answers
+out. Everything it knows is in the job store, so it can be SIGKILLed at any point and
+several can run at once.
+
+One round: answers of ended work items are built from SQL and stored (ready); ready answers
+are claimed and posted, split under the POST limit; then, if the pool has room, tasks are
+taken from every unfinished Antenna job in turn. Taken tasks become captures of a deployment
+per Antenna project (by image id) and one trapq job per batch on the pipeline the Antenna job
+asks for, so fair share, Flower, requeue and exactly-once writes apply; an image this
+pipeline already processed is answered from SQL without a job.
+
+Room: the pool should answer every task it holds within `answer_within` of Antenna's ack
+wait. Its rate is measured from the answers made ready in that horizon; the bridge holds at
+most rate x horizon tasks, and while the rate is unknown, only a first small batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.antenna import (
+    Delivery,
+    Load,
+    boxes_of,
+    claim_ready,
+    ended_tasks,
+    image_captures,
+    load,
+    lock_intake,
+    mark_answered,
+    processed_items,
+    record_deliveries,
+    release,
+    store_answers,
+    unsent_chunks,
+)
+from db.imports import get_or_create_deployment
+from db.jobs import create_job
+from db.models import AntennaTask
+from tasks.antenna.answers import ServedPipeline, answer
+from tasks.antenna.client import (
+    AntennaAuthError,
+    AntennaClient,
+    AntennaUnavailable,
+    MalformedTask,
+)
+from tasks.antenna.schemas import PipelineResultsError, TaskResult
+from tasks.antenna.settings import AntennaSettings
+from tasks.producer import send_chunks
+from tasks.settings import Settings
+
+log = logging.getLogger("trapq.antenna")
+ROUND_LIMIT = 500  # answers built or claimed per round
+
+
+class Bridge:
+    def __init__(self, settings: Settings, antenna: AntennaSettings, client: AntennaClient,
+                 factory: sessionmaker[Session], served: Sequence[ServedPipeline],
+                 name: str) -> None:
+        self.settings = settings
+        self.antenna = antenna
+        self.client = client
+        self.factory = factory
+        self.by_slug = {p.slug: p for p in served}
+        self.name = name
+        self.host = urlsplit(antenna.url).netloc
+        self.ack_wait = timedelta(seconds=antenna.ack_wait_s)
+        self.horizon = self.ack_wait * antenna.answer_within
+        self._turn = 0
+        self._registered = False
+
+    def register(self) -> None:
+        configs = [p.config() for p in self.by_slug.values()]
+        for project in self.antenna.projects:
+            done = self.client.register(project, self.antenna.service_name, configs)
+            log.info("registered %s with Antenna project %s (%d new)",
+                     ", ".join(self.by_slug), project, len(done.pipelines_created))
+
+    def resume(self) -> None:
+        """Send the chunks a stopped bridge created but never sent."""
+        with self.factory.begin() as session:
+            chunk_ids = unsent_chunks(session, self.host)
+        if chunk_ids:
+            send_chunks(self.settings, self.factory, chunk_ids)
+            log.info("sent %d chunks a stopped bridge left unsent", len(chunk_ids))
+
+    def run(self, stop: threading.Event) -> None:
+        """Rounds until `stop`; Antenna unavailable: back off, holding no more tasks."""
+        backoff = 0.0
+        while not stop.is_set():
+            try:
+                busy = self.step()
+                backoff = 0.0
+            except AntennaUnavailable as e:
+                backoff = min(max(2 * backoff, 1.0), self.antenna.backoff_max_s)
+                log.warning("Antenna unavailable (%s); trying again in %.0f s", e, backoff)
+                stop.wait(backoff)
+                continue
+            if not busy:
+                stop.wait(self.antenna.poll_s)
+
+    def step(self) -> bool:
+        """One round; True when anything was answered or taken. The first registers the
+        pipelines and sends what a stopped bridge left unsent."""
+        if not self._registered:
+            self.register()
+            self.resume()
+            self._registered = True
+        answered = self.answer_ended()
+        posted = self.post_ready()
+        taken = self.take_work()
+        return bool(answered or posted or taken)
+
+    def answer_ended(self) -> int:
+        now = datetime.now(UTC)
+        with self.factory.begin() as session:
+            ended = ended_tasks(session, self.host, list(self.by_slug), ROUND_LIMIT)
+            boxes = boxes_of(session, [(t.job_id, t.capture_id) for t in ended])
+            store_answers(session, {
+                t.id: answer(t, boxes[(t.job_id, t.capture_id)], self.by_slug[t.pipeline_slug], now)
+                for t in ended
+            }, now)
+        return len(ended)
+
+    def post_ready(self) -> int:
+        """Post claimed answers, per Antenna job. Answers that certainly did not arrive go
+        back to ready; those that may have arrived are never posted again (Antenna
+        redelivers a task it did not get, and the redelivery makes it ready once more)."""
+        with self.factory.begin() as session:
+            claimed = claim_ready(session, self.host, self.name, datetime.now(UTC), ROUND_LIMIT)
+        by_job: dict[int, list] = defaultdict(list)
+        for c in claimed:
+            by_job[c.antenna_job_id].append(c)
+        failure = ""
+        refused = ""
+        for job_id, items in by_job.items():
+            ids = {c.reply_subject: c.id for c in items}
+            if failure or refused:
+                with self.factory.begin() as session:
+                    release(session, list(ids.values()))
+                continue
+            results = [TaskResult.model_validate({"reply_subject": c.reply_subject,
+                                                  "result": c.answer}) for c in items]
+            report = self.client.post_results(job_id, results)
+            with self.factory.begin() as session:
+                mark_answered(session, [ids[s] for s in report.posted], datetime.now(UTC))
+                release(session, [ids[s] for s in report.not_sent])
+            if report.posted:
+                log.info("posted %d answers to Antenna job %s", len(report.posted), job_id)
+            if report.refused_token:
+                refused = report.error
+            elif report.error:
+                failure = report.error
+        if refused:
+            raise AntennaAuthError(refused)
+        if failure:
+            raise AntennaUnavailable(failure)
+        return len(claimed)
+
+    def take_work(self) -> int:
+        slugs = list(self.by_slug)
+        jobs = [(project, job) for project in self.antenna.projects
+                for job in self.client.jobs(project, slugs)]
+        if not jobs:
+            return 0
+        self._turn = (self._turn + 1) % len(jobs)
+        jobs = jobs[self._turn:] + jobs[:self._turn]  # no job always first
+        taken = 0
+        for i, (project, job) in enumerate(jobs):
+            with self.factory.begin() as session:
+                lock_intake(session, self.host)
+                room = self.room(load(session, self.host, datetime.now(UTC), self.horizon))
+                if room <= 0:
+                    break
+                share = -(-room // (len(jobs) - i))  # the jobs left share the room
+                tasks, bad = self.client.take_tasks(job.id, min(share, self.antenna.max_batch))
+                if not tasks and not bad:
+                    continue
+                served = self.by_slug[job.pipeline_slug or slugs[0]]
+                chunk_ids = self._record(session, project, job.id, served, tasks, bad)
+            if chunk_ids:
+                send_chunks(self.settings, self.factory, chunk_ids)
+            taken += len(tasks) + len(bad)
+            log.info("took %d tasks of Antenna job %s (%d malformed)", len(tasks) + len(bad),
+                     job.id, len(bad))
+        return taken
+
+    def room(self, now_load: Load) -> int:
+        """How many more tasks the pool can answer within the horizon."""
+        rate = now_load.answered / now_load.span_s
+        room = int(rate * self.horizon.total_seconds()) - now_load.held
+        if now_load.held == 0:
+            room = max(room, self.antenna.first_batch)
+        return min(room, self.antenna.max_batch)
+
+    def _record(self, session: Session, project: int, job_id: int, served: ServedPipeline,
+                tasks: Sequence, bad: Sequence[MalformedTask]) -> list[int]:
+        """Record the tasks; their new images go to one trapq job, whose chunk ids return
+        (sent once the transaction commits, so that workers see the rows)."""
+        now = datetime.now(UTC)
+        deliveries = [Delivery(t.id, t.image_id, t.image_url, t.reply_subject or "")
+                      for t in tasks]
+        deliveries += [
+            Delivery(b.task_id, b.image_id, None, b.reply_subject, answer=(
+                PipelineResultsError(error=b.error, image_id=b.image_id)
+                .model_dump(mode="json", exclude_none=True)
+            ))
+            for b in bad
+        ]
+        recorded = record_deliveries(
+            session, antenna=self.host, project_id=project, antenna_job_id=job_id,
+            pipeline_slug=served.slug, deliveries=deliveries, now=now, ack_wait=self.ack_wait,
+        )
+        if not recorded.new:
+            return []
+        deployment = get_or_create_deployment(session, f"antenna {self.host} project {project}")
+        urls = {d.task_id: d.image_url for d in deliveries}
+        captures = image_captures(session, deployment, [
+            (t.image_id or "", urls[t.task_id] or "") for t in recorded.new
+        ])
+        done = processed_items(session, list(captures.values()), served.fingerprint)
+        todo: list[AntennaTask] = []
+        for t in recorded.new:
+            t.capture_id = captures[t.image_id or ""]
+            if t.capture_id in done:
+                t.job_id = done[t.capture_id]
+            else:
+                todo.append(t)
+        if not todo:
+            return []
+        plan = create_job(
+            session, deployment, pipeline=served.spec, fingerprint=served.fingerprint,
+            chunk_size=self.antenna.chunk_size,
+            capture_ids=sorted({t.capture_id for t in todo if t.capture_id is not None}),
+        )
+        for t in todo:
+            t.job_id = plan.job_id
+        return plan.chunk_ids

@@ -1,0 +1,190 @@
+"""`trapq antenna` against the mock Antenna, with real workers, PostgreSQL and Redis: every
+task taken is answered exactly once, bad images with an error of their own, across SIGKILLs
+of the bridge and of a worker, and jobs of very different sizes served side by side by
+several bridges without a single redelivery (ami-data-companion #143)."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, func, select
+
+from db.models import AntennaTask, Chunk, Job
+from tests.antenna_mock import AntennaMock
+from tests.local_http import QuietHandler, serving
+from tests.trapq_cli import TRAPQ, one_line_error, trapq
+from tests.worker_jobs import BOXES_PER_IMAGE, jpeg_bytes, kill_trial_env, worker_env
+from tests.worker_process import wait_for, worker_factory  # noqa: F401
+
+SLUG = "trapq-default-v1"
+
+
+class Images(QuietHandler):
+    """/img/N.jpg a JPEG, /text/N.jpg not an image, anything else 404."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        name = self.path.rsplit("/", 1)[-1].removesuffix(".jpg")
+        if self.path.startswith("/img/") and name.isdigit():
+            self.send_body(200, jpeg_bytes(seed=int(name)), "image/jpeg")
+        elif self.path.startswith("/text/"):
+            self.send_body(200, b"<html>not an image</html>", "text/html")
+        else:
+            self.send_body(404, b"no such image")
+
+
+@pytest.fixture
+def images() -> Iterator[str]:
+    with serving(Images) as url:
+        yield url
+
+
+@pytest.fixture
+def mock() -> Iterator[AntennaMock]:
+    server = AntennaMock(ack_wait_s=60).start()
+    yield server
+    server.stop()
+
+
+def bridge_env(env: dict[str, str], mock: AntennaMock, **overrides: str) -> dict[str, str]:
+    out = dict(env)
+    out.update(
+        TRAPQ_ANTENNA_URL=mock.url,
+        TRAPQ_ANTENNA_TOKEN=mock.token,
+        TRAPQ_ANTENNA_PROJECTS="[1]",
+        TRAPQ_ANTENNA_ACK_WAIT_S=str(mock.ack_wait_s),
+        TRAPQ_ANTENNA_POLL_S="0.3",
+        TRAPQ_ANTENNA_CHUNK_SIZE="4",
+    )
+    out.update(overrides)
+    return out
+
+
+def start_bridge(worker_factory, env: dict[str, str]):  # noqa: F811
+    return worker_factory(env, argv=[str(TRAPQ), "antenna"]).start(ready="registered ")
+
+
+def assert_answered_once(mock: AntennaMock, job_id: int) -> dict[str, dict]:
+    answers = mock.answers(job_id)
+    assert all(len(a) == 1 for a in answers.values()), {k: len(v) for k, v in answers.items()}
+    assert mock.problems == [] and mock.lost() == 0
+    return {task: a[0] for task, a in answers.items()}
+
+
+def test_mixed_good_and_bad_images_are_answered_completely_and_once(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    images: str,
+) -> None:
+    good = [(str(i), f"{images}/img/{i}.jpg") for i in range(6)]
+    bad = [("404", f"{images}/missing/404.jpg"), ("html", f"{images}/text/1.jpg")]
+    job = mock.add_job(1, SLUG, good + bad, raw_tasks=[
+        {"id": "no-url", "image_id": "nourl"},
+        {"id": "local", "image_id": "local", "image_url": "file:///etc/passwd"},
+    ])
+    env = bridge_env(worker_env(service_env), mock)
+    worker = worker_factory(env).start()
+    bridge = start_bridge(worker_factory, env)
+    wait_for(lambda: mock.finished(job), 120, "every task answered",
+             on_timeout=lambda: bridge.tail() + worker.tail())
+
+    answers = assert_answered_once(mock, job)
+    assert mock.redeliveries() == 0
+    for image_id, url in good:
+        result = answers[f"{job}-{image_id}"]
+        assert result["source_images"] == [{"id": image_id, "url": url}]
+        assert len(result["detections"]) == BOXES_PER_IMAGE
+        for d in result["detections"]:
+            assert d["source_image_id"] == image_id and 0 <= d["bbox"]["x1"] < d["bbox"]["x2"]
+            [species] = d["classifications"]
+            assert species["terminal"] is True and "labels" not in species
+            assert "logits" not in species and 1 <= len(species["scores"]) <= 5
+    assert "404" in answers[f"{job}-404"]["error"]
+    assert answers[f"{job}-html"]["image_id"] == "html"
+    assert "image_url" in answers["no-url"]["error"]
+    assert "http(s)" in answers["local"]["error"]
+    registered = mock.registered[1][0].pipelines
+    assert [p.slug for p in registered] == [SLUG]
+    with clean_pg.connect() as conn:
+        jobs_before = conn.scalar(select(func.count()).select_from(Job))
+
+    # The same images in a new Antenna job: answered from SQL, no new trapq job.
+    again = mock.add_job(1, SLUG, good)
+    wait_for(lambda: mock.finished(again), 60, "the second job answered",
+             on_timeout=bridge.tail)
+    answers_again = assert_answered_once(mock, again)
+    assert [answers_again[f"{again}-{i}"]["detections"] for i, _ in good] == [
+        answers[f"{job}-{i}"]["detections"] for i, _ in good
+    ]
+    with clean_pg.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Job)) == jobs_before
+    assert mock.token not in bridge.log_text()
+
+
+@pytest.mark.slow
+def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    images: str,
+) -> None:
+    mock.ack_wait_s = 40  # above the worker's 12 s visibility timeout plus a chunk
+    job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(24)])
+    env = bridge_env(kill_trial_env(service_env), mock, TRAPQ_ANTENNA_FIRST_BATCH="8")
+    worker = worker_factory(env).start()
+    bridge = start_bridge(worker_factory, env)
+
+    def answered() -> int:
+        return sum(1 for a in mock.answers(job).values() if a)
+
+    wait_for(lambda: answered() >= 1, 90, "a first answer", on_timeout=bridge.tail)
+    bridge.kill()  # mid-batch: tasks are held, chunks queued or running
+    start_bridge(worker_factory, env)
+
+    def running() -> bool:
+        with clean_pg.connect() as conn:
+            return bool(conn.scalar(select(func.count()).where(Chunk.state == "running")))
+
+    wait_for(running, 60, "a chunk running", every=0.05, on_timeout=worker.tail)
+    worker.signal(signal.SIGKILL)
+    worker.kill()
+    worker_factory(env).start()
+
+    wait_for(lambda: mock.finished(job), 240, "every task answered",
+             on_timeout=bridge.tail)
+    assert_answered_once(mock, job)
+    assert answered() == 24
+    with clean_pg.connect() as conn:
+        states = dict(conn.execute(
+            select(AntennaTask.state, func.count()).group_by(AntennaTask.state)
+        ).all())
+    assert states == {"answered": 24}
+
+
+@pytest.mark.slow
+def test_jobs_of_very_different_sizes_with_two_bridges_get_no_redelivery(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    images: str,
+) -> None:
+    """ami-data-companion #143 (10/10/100/100/500/500 images), scaled down for a CPU."""
+    sizes = [2, 2, 20, 20, 100, 100]
+    jobs = [
+        mock.add_job(1, SLUG, [(f"{n}-{i}", f"{images}/img/{i}.jpg") for i in range(n)])
+        for n in sizes
+    ]
+    env = bridge_env(worker_env(service_env), mock)
+    worker_factory(env).start()
+    bridges = [start_bridge(worker_factory, env) for _ in range(2)]
+    wait_for(lambda: all(mock.finished(j) for j in jobs), 400, "every job answered",
+             on_timeout=lambda: "\n".join(b.tail(20) for b in bridges))
+    for j in jobs:
+        assert_answered_once(mock, j)
+    assert mock.redeliveries() == 0 and mock.stale_answers == []
+    assert all("took" in b.log_text() for b in bridges), "both bridges took tasks"
+
+
+def test_a_refused_token_stops_the_bridge_with_one_line(
+    service_env: dict[str, str], mock: AntennaMock,
+) -> None:
+    env = bridge_env(service_env, mock, TRAPQ_ANTENNA_TOKEN="not-the-token-42")
+    result = trapq(env, "antenna")
+    line = one_line_error(result)
+    assert "401" in line and "TRAPQ_ANTENNA_TOKEN" in line and "not-the-token" not in line
