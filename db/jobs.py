@@ -73,6 +73,7 @@ def create_job(
     limit: int | None = None,
     only_unprocessed: bool = False,
     boxes_from_job_id: int | None = None,
+    capture_ids: Sequence[int] | None = None,
     pipeline_id: int | None = None,
 ) -> JobPlan:
     """Create the job, its chunks and one pending work item per selected capture.
@@ -85,7 +86,8 @@ def create_job(
     deployment with the same fingerprint (same weights' bytes, labels and thresholds):
     a new model or threshold processes everything again, a rerun only what is missing.
     `boxes_from_job_id` makes it a re-classification job reusing that job's boxes (checked
-    by the caller, see db.reuse).
+    by the caller, see db.reuse). `capture_ids` keeps only those captures (the Antenna
+    bridge's job over one batch of tasks).
 
     The caller commits. Run it in one snapshot (REPEATABLE READ on PostgreSQL, as the
     producer does); should captures still change between the count and the insert, the
@@ -94,7 +96,7 @@ def create_job(
     if chunk_size < 1:
         raise ValueError("chunk_size must be at least 1")
     done_in = _same_pipeline_jobs(session, deployment_id, fingerprint) if only_unprocessed else []
-    where = _capture_filter(deployment_id, since, until, done_in)
+    where = _capture_filter(deployment_id, since, until, done_in, capture_ids)
     n = session.scalar(
         select(func.count()).select_from(select(captures.id).where(*where).limit(limit).subquery())
     ) or 0
@@ -191,9 +193,12 @@ def _same_pipeline_jobs(
 
 
 def _capture_filter(
-    deployment_id: int, since: datetime | None, until: datetime | None, done_in: list[int]
+    deployment_id: int, since: datetime | None, until: datetime | None, done_in: list[int],
+    capture_ids: Sequence[int] | None = None,
 ) -> list[ColumnElement[bool]]:
     where: list[ColumnElement[bool]] = [captures.deployment_id == deployment_id]
+    if capture_ids is not None:
+        where.append(captures.id.in_(list(capture_ids)))
     if since is not None:
         where.append(captures.captured_at >= since)
     if until is not None:

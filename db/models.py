@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from db.states import ChunkState, ItemState, JobState
+from db.states import AntennaTaskState, ChunkState, ItemState, JobState
 
 # SQLite only auto-increments INTEGER PRIMARY KEY; PostgreSQL gets 64-bit ids.
 BigId = BigInteger().with_variant(Integer(), "sqlite")
@@ -294,3 +294,53 @@ class TrackLink(Base):
     )
     occurrence_id: Mapped[int] = mapped_column(ForeignKey("occurrences.id", ondelete="CASCADE"))
     cost: Mapped[float] = mapped_column(Float)
+
+
+class AntennaImage(Base):
+    """An Antenna image as a capture of its project's deployment: the same image id always
+    finds the same capture, whatever URL (signed, expiring) a task gives for it."""
+
+    __tablename__ = "antenna_images"
+
+    deployment_id: Mapped[int] = mapped_column(
+        ForeignKey("deployments.id", ondelete="CASCADE"), primary_key=True
+    )
+    image_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    capture_id: Mapped[int] = mapped_column(ForeignKey("captures.id", ondelete="CASCADE"))
+
+
+class AntennaTask(Base):
+    """One task taken from Antenna and its answer (db.antenna): waiting for its capture's
+    work item, ready (answer stored), posting (a bridge claimed it), answered. The answer is
+    posted at most once per delivery; a redelivered task is answered from `answer`."""
+
+    __tablename__ = "antenna_tasks"
+    __table_args__ = (
+        UniqueConstraint("antenna", "antenna_job_id", "task_id", name="uq_antenna_tasks_task"),
+        Index("ix_antenna_tasks_state_deadline", "state", "deadline"),
+        Index("ix_antenna_tasks_job_capture", "job_id", "capture_id"),
+        Index("ix_antenna_tasks_ready_at", "ready_at"),
+    )
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    antenna: Mapped[str] = mapped_column(String(200))  # host:port of the Antenna API
+    project_id: Mapped[int] = mapped_column(BigInteger)
+    antenna_job_id: Mapped[int] = mapped_column(BigInteger)
+    task_id: Mapped[str] = mapped_column(String(200))
+    image_id: Mapped[str | None] = mapped_column(String(200))
+    pipeline_slug: Mapped[str] = mapped_column(String(200))
+    reply_subject: Mapped[str] = mapped_column(Text)
+    deliveries: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # received + ack wait
+    job_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("jobs.id", ondelete="SET NULL", name="fk_antenna_tasks_job"),
+    )
+    capture_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
+    state: Mapped[str] = mapped_column(String(16), default=AntennaTaskState.WAITING)
+    answer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    poster: Mapped[str | None] = mapped_column(String(200))  # the bridge that posted it

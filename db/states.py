@@ -26,5 +26,12 @@ class ItemState(StrEnum):
     FAILED = "failed"
 
 
+class AntennaTaskState(StrEnum):
+    WAITING = "waiting"  # its capture's work item has not ended
+    READY = "ready"  # answer stored, to be posted
+    POSTING = "posting"  # claimed by one bridge, POST in flight
+    ANSWERED = "answered"  # Antenna accepted the answer
+
+
 CHUNK_ENDED = (ChunkState.DONE, ChunkState.FAILED, ChunkState.CANCELLED)
 JOB_ENDED = (JobState.DONE, JobState.FAILED, JobState.CANCELLED)

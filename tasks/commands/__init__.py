@@ -1,6 +1,7 @@
 """Command modules of the `trapq` CLI, one per command group, each registering on cli_app.app."""
 
 from tasks.commands import (  # noqa: F401
+    antenna,
     cleanup,
     compare,
     demo,
