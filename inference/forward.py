@@ -24,6 +24,10 @@ from inference.rollup import SOURCES, Rollup
 from inference.types import Classification, Detection
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# A stored softmax costs 2 bytes a label: 8 KiB a detection at this many, about a resnet50
+# embedding's 4 KiB twice over; beyond it (a 29,000-species head: 58 KiB) nothing is stored
+# and re-applying a taxa list needs a re-classification run.
+MAX_STORED_LABELS = 4096
 
 
 class AutocastBackbone(nn.Module):
@@ -265,7 +269,7 @@ class BatchForward:
             probs = (rollup.mask(logits) if rollup else logits).softmax(dim=1)
             top = self._top_of(probs, rollup.kept if rollup else None)
             answer = rollup.answer(probs) if rollup else None
-            if self.options.probabilities:
+            if self.options.probabilities and logits.shape[1] <= MAX_STORED_LABELS:
                 raw = logits.softmax(dim=1) if rollup and rollup.masked else probs
         names = self.names(model, top[2]) if top else []
         blocks.append(layout.add(model.spec.name, names, top, rows, n, rollup, answer))

@@ -20,9 +20,10 @@ from sqlalchemy.orm import Session, sessionmaker
 from db.imports import find_deployment
 from db.jobs import ChunkPlace, chunk_places, count_captures, create_job, mark_chunks_queued
 from db.reuse import box_source_problem, find_box_source
+from db.taxa import taxa_in_force
 from tasks.celery_app import PROCESS_CHUNK, make_app
 from tasks.errors import UserError
-from tasks.pipeline import pipeline_spec
+from tasks.pipeline import pipeline_spec, with_taxa
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
 
@@ -183,6 +184,9 @@ def enqueue(
             raise UserError(
                 f"unknown deployment {deployment_name!r}; `trapq deployments` lists them"
             )
+        taxa = taxa_in_force(session, deployment_id)  # another list: another pipeline
+        spec = with_taxa(spec, taxa.entries, taxa.threshold)
+        selection |= {"pipeline": spec.to_dict(), "fingerprint": spec.fingerprint()}
         boxes_from = _box_source(
             session, deployment_id, pipeline, reuse_detections_from, reuse_detections
         )

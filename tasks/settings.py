@@ -84,6 +84,18 @@ class Settings(BaseSettings):
     classifier_input_size: int = Field(
         0, ge=0, description="Crop side in pixels the classifier was trained at; 0: the registry's."
     )
+    classifier_taxonomy: str = Field(
+        "", description="Taxonomy CSV of the classifier's labels (rank, parents, GBIF key): "
+        "answers below the species threshold roll up it.",
+    )
+    species_threshold: float = Field(
+        0.6, gt=0.0, le=1.0, description="Below it a species answer rolls up the taxonomy to "
+        "the lowest rank reaching it; a project's own (`trapq projects`) wins.",
+    )
+    store_probabilities: bool = Field(
+        True, description="Store each classification's full softmax (float16, heads of up to "
+        "4,096 labels) so another taxa list or threshold can be re-applied without the GPU.",
+    )
     filter_classifier: str = Field(
         "", description="Optional first classifier (e.g. moth/non-moth)."
     )

@@ -18,6 +18,8 @@ from rich.table import Table
 
 from db.deployments import CAPTURE_METHODS, DeploymentMetadata, set_metadata
 from db.status import deployments
+from db.taxa import set_taxa_list
+from inference.taxonomy import TaxonomyError, read_taxa_list
 from tasks.cli_app import app, console, settings, short_fingerprint, timestamp
 from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
@@ -114,10 +116,21 @@ def set_(
     setup_by: Annotated[str | None, typer.Option(help="Who set the camera up.")] = None,
     habitat: Annotated[str | None, typer.Option(help="Short description of the habitat.")] = None,
     comments: Annotated[str | None, typer.Option(help="Notes on the deployment.")] = None,
+    taxa_list: Annotated[
+        Path | None,
+        typer.Option(help="The species that can occur here: a file of labels, taxon names or "
+                     "GBIF keys, one a line; its jobs answer only with these (README: Taxonomy)."),
+    ] = None,
+    no_taxa_list: Annotated[
+        bool, typer.Option("--no-taxa-list", help="Remove the taxa list: every label again.")
+    ] = False,
 ) -> None:
     """Record a deployment's metadata; only the options given change."""
     if (name is None) == (csv_file is None):
         raise UserError("give a deployment NAME with options, or --csv FILE, not both")
+    taxa = _taxa_entries(taxa_list, no_taxa_list)
+    if csv_file is not None and taxa is not None:
+        raise UserError("--taxa-list goes with one deployment NAME, not with --csv")
     if csv_file is not None:
         records = list(read_csv(csv_file))
     else:
@@ -144,7 +157,7 @@ def set_(
                 ),
             )
         ]
-        if not records[0][2].given():
+        if not records[0][2].given() and taxa is None:
             raise UserError(f"nothing to set for {name}: give options such as --lat and --lon")
     for where, _, metadata in records:
         problems = metadata.problems()
@@ -154,8 +167,25 @@ def set_(
     factory = ready_session_factory(s)
     with database_errors(s), factory.begin() as session:
         created = [set_metadata(session, n, m) for _, n, m in records]
+        if taxa is not None:
+            set_taxa_list(session, records[0][1], taxa or None)
     for (_, n, _), new in zip(records, created, strict=True):
         console.print(f"{n}: {'created' if new else 'updated'}", highlight=False)
+
+
+def _taxa_entries(path: Path | None, remove: bool) -> list[str] | None:
+    """The list's entries; [] to remove it; None when neither option is given. Which labels
+    it keeps is checked against the job's classifier at enqueue, before any job exists."""
+    if path is not None and remove:
+        raise UserError("give --taxa-list FILE or --no-taxa-list, not both")
+    if remove:
+        return []
+    if path is None:
+        return None
+    try:
+        return read_taxa_list(path)
+    except TaxonomyError as e:
+        raise UserError(str(e)) from None
 
 
 def read_csv(path: Path) -> Iterator[tuple[str, str, DeploymentMetadata]]:

@@ -29,7 +29,7 @@ from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
 from inference.pipeline_spec import PipelineSpec
-from tasks.pipeline import model_sources
+from tasks.pipeline import model_sources, settings_answers
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
 from tasks.worker.exits import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
@@ -93,6 +93,7 @@ def engine_config(s: Settings) -> EngineConfig:
             compile=s.compile,
             compile_backend=s.compile_backend,
             embeddings=s.store_embeddings,
+            probabilities=s.store_probabilities,
         ),
         batch_size=s.batch_size,
         batch_wait_ms=s.batch_wait_ms,
@@ -117,6 +118,7 @@ def load_models(s: Settings) -> Pipeline:
         box_threshold=s.box_threshold,
         top_k=s.top_k,
         filter_negative_label=s.filter_negative,
+        answers=settings_answers(s, classifier.labels),
         device=s.device,
         precision=s.precision,
     )
