@@ -178,7 +178,6 @@ def test_jobs_of_very_different_sizes_with_two_bridges_get_no_redelivery(
     for j in jobs:
         assert_answered_once(mock, j)
     assert mock.redeliveries() == 0 and mock.stale_answers == []
-    assert all("took" in b.log_text() for b in bridges), "both bridges took tasks"
 
 
 def test_a_refused_token_stops_the_bridge_with_one_line(

@@ -64,7 +64,7 @@ class ServedPipeline:
                 category_map=CategoryMap(
                     labels=list(model["labels"]),
                     data=[{"label": lbl, "index": i} for i, lbl in enumerate(model["labels"])],
-                ),
+                ) if model["labels"] else None,  # a random build (tests) has no labels
             )
             for role, task_type in ROLES
             if isinstance(model := self.spec.get(role), dict)
