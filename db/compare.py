@@ -21,7 +21,8 @@ from scipy.optimize import linear_sum_assignment
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Capture, Classification, Detection, Job, JobCapture
+from db.models import Capture, Classification, Detection, JobCapture
+from db.pipelines import StoredPipeline, job_pipeline, job_pipelines
 from db.states import ItemState
 
 IOU_MATCH = 0.5
@@ -149,12 +150,7 @@ def compare_jobs(
     top_changes: int = 10,
 ) -> Comparison:
     """Compare two jobs over the captures both have done (see the module's docstring)."""
-    pipelines = {
-        job_id: pipeline
-        for job_id, pipeline in session.execute(
-            select(Job.id, Job.pipeline).where(Job.id.in_([job_a, job_b]))
-        )
-    }
+    pipelines = job_pipelines(session, [job_a, job_b])
     for job in (job_a, job_b):
         if job not in pipelines:
             raise JobMissing(job)
@@ -281,9 +277,9 @@ def _plain(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def _model_name(pipeline: dict[str, Any] | None, role: str) -> str | None:
-    model = (pipeline or {}).get(role)
-    return model.get("name") if isinstance(model, dict) else None
+def _model_name(pipeline: StoredPipeline | None, role: str) -> str | None:
+    model = pipeline.model(role) if pipeline is not None else None
+    return model.name if model is not None else None
 
 
 def _done(session: Session, job_id: int) -> set[int]:
@@ -305,7 +301,7 @@ def _boxes(session: Session, job_id: int, capture_ids: Sequence[int]) -> dict[in
     """The job's detections on these captures with the top-1 label of each classifier role."""
     if not capture_ids:
         return {}
-    pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id))
+    pipeline = job_pipeline(session, job_id)
     role_of = {_model_name(pipeline, role): role for role in reversed(ROLES)}
     by_id: dict[int, Box] = {}
     out: dict[int, list[Box]] = defaultdict(list)

@@ -10,13 +10,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from db.counts import job_item_counts
 from db.models import Capture, Classification, Deployment, Detection, Job, JobCapture
+from db.pipelines import StoredPipeline, job_pipeline
 from db.states import ItemState
 
 STREAM_ROWS = 5000
@@ -27,8 +27,7 @@ SAMPLE_DETECTIONS = 10_000
 class JobContext:
     job_id: int
     state: str
-    pipeline: dict[str, Any]
-    fingerprint: str | None
+    pipeline: StoredPipeline
     created_at: datetime
     finished_at: datetime | None
     deployment: Deployment
@@ -86,11 +85,12 @@ def job_context(session: Session, job_id: int) -> JobContext | None:
     if row is None:
         return None
     job, deployment = row
+    pipeline = job_pipeline(session, job_id)
+    assert pipeline is not None  # its job row was just read
     return JobContext(
         job_id=job.id,
         state=job.state,
-        pipeline=job.pipeline or {},
-        fingerprint=job.fingerprint,
+        pipeline=pipeline,
         created_at=_aware(job.created_at) or job.created_at,
         finished_at=_aware(job.finished_at),
         deployment=deployment,
@@ -179,12 +179,9 @@ def classifiers_of(session: Session, job_id: int) -> list[str]:
     Taken from the job's pipeline (filter first, then the classifier), plus any other name
     found on the job's first detections, so a big job is not scanned whole to learn them.
     """
-    pipeline = session.scalar(select(Job.pipeline).where(Job.id == job_id)) or {}
-    names = [
-        part["name"]
-        for part in (pipeline.get("filter"), pipeline.get("classifier"))
-        if isinstance(part, dict) and part.get("name")
-    ]
+    pipeline = job_pipeline(session, job_id)
+    models = (pipeline.filter, pipeline.classifier) if pipeline is not None else ()
+    names = [model.name for model in models if model is not None]
     first = select(Detection.id).where(Detection.job_id == job_id).limit(SAMPLE_DETECTIONS)
     found = session.scalars(
         select(Classification.classifier)

@@ -27,6 +27,7 @@ from db.models import (
     Occurrence,
     TrackLink,
 )
+from db.pipelines import job_pipeline
 from db.states import ItemState
 
 PAGE = 5000  # captures read per query while cutting sessions
@@ -79,12 +80,12 @@ class JobToTrack:
 
 
 def job_to_track(s: Session, job_id: int) -> JobToTrack | None:
-    row = s.execute(select(Job.deployment_id, Job.pipeline).where(Job.id == job_id)).first()
-    if row is None:
+    deployment_id = s.scalar(select(Job.deployment_id).where(Job.id == job_id))
+    if deployment_id is None:
         return None
-    classifier = (row.pipeline or {}).get("classifier")
-    name = classifier.get("name") if isinstance(classifier, dict) else None
-    return JobToTrack(job_id, row.deployment_id, name)
+    pipeline = job_pipeline(s, job_id)
+    classifier = pipeline.classifier if pipeline is not None else None
+    return JobToTrack(job_id, deployment_id, classifier.name if classifier else None)
 
 
 def sessions_of(factory: sessionmaker[Session], job_id: int, gap: timedelta

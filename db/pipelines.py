@@ -88,13 +88,14 @@ class StoredPipeline:
 
     @property
     def label(self) -> str:
-        """NAME@VERSION, as commands and exports name it."""
-        return f"{self.name}@{self.version}" if self.name else f"(removed) {self.fingerprint[:12]}"
+        """NAME@VERSION, as commands and exports name it; "" for a job whose pipeline has no
+        name (removed, or the job was made without one)."""
+        return f"{self.name}@{self.version}" if self.name else ""
 
     def model_names(self) -> str:
-        """detector + filter + species classifier, as status and exports list them."""
+        """detector > filter > species classifier, in the order they run."""
         found = (self.detector, self.filter, self.classifier)
-        return " + ".join(m.name for m in found if m is not None)
+        return " > ".join(m.name for m in found if m is not None)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.models import Detection, Job, JobCapture
+from db.pipelines import detector_fingerprint, job_pipeline
 from db.states import ItemState, JobState
 
 
@@ -34,42 +35,41 @@ class StoredBox:
     label: str
 
 
-def detector_identity(pipeline: dict[str, Any]) -> dict[str, Any]:
-    """What decides a job's boxes: its detector (where its file lay aside) and box threshold."""
-    detector = dict(pipeline.get("detector") or {})
-    detector.pop("weights", None)
-    return {"detector": detector, "box_threshold": pipeline.get("box_threshold")}
-
-
 def box_source_problem(
     session: Session, deployment_id: int, pipeline: dict[str, Any], job_id: int
 ) -> str | None:
     """Why job `job_id` cannot lend its boxes to a new job of `pipeline`, or None if it can."""
     found = session.execute(
-        select(Job.deployment_id, Job.pipeline, Job.boxes_from_job_id).where(Job.id == job_id)
+        select(Job.deployment_id, Job.detector_fingerprint).where(Job.id == job_id)
     ).first()
     if found is None:
         return f"there is no job {job_id}"
-    dep, source_pipeline, _ = found
+    dep, theirs = found
     if dep != deployment_id:
         return f"job {job_id} is of another deployment"
-    mine, theirs = detector_identity(pipeline), detector_identity(source_pipeline)
-    if mine != theirs:
-        what = "detector" if mine["detector"] != theirs["detector"] else "box threshold"
-        return f"job {job_id} ran another {what} than the one configured now"
-    return None
+    if theirs == detector_fingerprint(pipeline):
+        return None
+    source = job_pipeline(session, job_id)
+    if source is not None and detector_fingerprint(
+        {**source.spec, "box_threshold": pipeline.get("box_threshold")}
+    ) == detector_fingerprint(pipeline):
+        return f"job {job_id} ran another box threshold than the one configured now"
+    return f"job {job_id} ran another detector than the one configured now"
 
 
 def find_box_source(session: Session, deployment_id: int, pipeline: dict[str, Any]) -> int | None:
-    """The newest `done` job of the deployment with the same detector and box threshold."""
-    wanted = detector_identity(pipeline)
-    rows = session.execute(
-        select(Job.id, Job.pipeline)
-        .where(Job.deployment_id == deployment_id, Job.state == JobState.DONE.value)
+    """The newest `done` job of the deployment with the same detector and box threshold
+    (by the indexed detector fingerprint)."""
+    return session.scalar(
+        select(Job.id)
+        .where(
+            Job.deployment_id == deployment_id,
+            Job.detector_fingerprint == detector_fingerprint(pipeline),
+            Job.state == JobState.DONE.value,
+        )
         .order_by(Job.id.desc())
+        .limit(1)
     )
-    # JSON has no equality operator in PostgreSQL; a deployment's jobs are few, compare here.
-    return next((job_id for job_id, p in rows if detector_identity(p) == wanted), None)
 
 
 def stored_boxes(

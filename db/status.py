@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.counts import chunk_states, job_item_counts
 from db.models import Capture, Chunk, Deployment, Job, JobCapture
+from db.pipelines import StoredPipeline, job_pipelines
 from db.states import CHUNK_ENDED, ItemState
 
 
@@ -30,6 +30,7 @@ class JobRow:
     created_at: datetime
     fingerprint: str | None = None  # the pipeline's (None: enqueued before revision 0002)
     models: str = ""  # "detector > [filter >] classifier", as registry names
+    pipeline: str = ""  # NAME@VERSION (db.pipelines)
     boxes_from_job_id: int | None = None  # re-classification: the job whose boxes it reuses
 
 
@@ -88,7 +89,8 @@ def recent_jobs(session: Session, limit: int = 20) -> list[JobRow]:
         .limit(limit)
     ).all()
     counts = job_item_counts(session, [job.id for job, _ in jobs])
-    return [_job_row(job, name, counts.get(job.id, {})) for job, name in jobs]
+    pipelines = job_pipelines(session, [job.id for job, _ in jobs])
+    return [_job_row(job, name, counts.get(job.id, {}), pipelines[job.id]) for job, name in jobs]
 
 
 def job_status(session: Session, job_id: int, now: datetime | None = None) -> JobStatus | None:
@@ -109,7 +111,7 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
     ).one()
     started = _aware(job.started_at or first_start)
     finished = _aware(job.finished_at)
-    row = _job_row(job, name, items)
+    row = _job_row(job, name, items, job_pipelines(session, [job_id])[job_id])
     throughput = None
     if started is not None:
         all_ended = sum(by_chunk_state.values()) == sum(
@@ -218,11 +220,10 @@ def pipelines_done(session: Session) -> dict[int, list[PipelineDone]]:
         .group_by(Job.deployment_id, Job.fingerprint)
     )
     counts = list(rows)
-    names: dict[str | None, str] = {}
-    for fingerprint, pipeline in session.execute(
-        select(Job.fingerprint, Job.pipeline).order_by(Job.id)
-    ):
-        names.setdefault(fingerprint, model_names(pipeline))
+    first_jobs = dict(session.execute(select(Job.fingerprint, func.min(Job.id)).group_by(
+        Job.fingerprint)).tuples().all())
+    pipelines = job_pipelines(session, list(first_jobs.values()))
+    names = {fp: pipelines[job_id].model_names() for fp, job_id in first_jobs.items()}
     out: dict[int, list[PipelineDone]] = {}
     for dep_id, fingerprint, n in counts:
         out.setdefault(dep_id, []).append(PipelineDone(fingerprint, names.get(fingerprint, ""), n))
@@ -231,18 +232,9 @@ def pipelines_done(session: Session) -> dict[int, list[PipelineDone]]:
     return out
 
 
-def model_names(pipeline: dict[str, Any] | None) -> str:
-    """The registry names of a job's models in the order they run: detector > filter >
-    classifier (a job from before pipelines were recorded names none)."""
-    names = []
-    for role in ("detector", "filter", "classifier"):
-        model = (pipeline or {}).get(role)
-        if isinstance(model, dict) and model.get("name"):
-            names.append(str(model["name"]))
-    return " > ".join(names)
-
-
-def _job_row(job: Job, deployment: str, items: dict[str, int]) -> JobRow:
+def _job_row(
+    job: Job, deployment: str, items: dict[str, int], pipeline: StoredPipeline
+) -> JobRow:
     return JobRow(
         id=job.id,
         deployment=deployment,
@@ -253,7 +245,8 @@ def _job_row(job: Job, deployment: str, items: dict[str, int]) -> JobRow:
         failed=items.get(ItemState.FAILED, 0),
         created_at=_as_utc(job.created_at),
         fingerprint=job.fingerprint,
-        models=model_names(job.pipeline),
+        models=pipeline.model_names(),
+        pipeline=pipeline.label,
         boxes_from_job_id=job.boxes_from_job_id,
     )
 

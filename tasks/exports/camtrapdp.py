@@ -89,8 +89,8 @@ def write_camtrapdp(
     end = dep.deployment_end or counts.last
     assert start is not None and end is not None  # captures all have times (checked below)
     models = JobModels.of(ctx.pipeline)
-    classified_by = models.names() + (f" (trapq pipeline {ctx.fingerprint})"
-                                       if ctx.fingerprint else "")
+    named = f"{models.pipeline}, " if models.pipeline else ""
+    classified_by = f"{models.names()} (trapq pipeline {named}{models.fingerprint})"
     out_dir.mkdir(parents=True, exist_ok=True)
     taxa: set[str] = set()
     levels: list[str] = []

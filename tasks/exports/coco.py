@@ -28,9 +28,10 @@ def write_coco(session: Session, ctx: JobContext, options: ExportOptions, out: T
     models = JobModels.of(ctx.pipeline)
     categories = LabelIds(models.classifier_labels + models.detector_labels, first_id=1)
     info = {
-        "description": f"trapq job {ctx.job_id} ({models.names()}) on {ctx.deployment.name}",
+        "description": f"trapq job {ctx.job_id} ({models.pipeline or 'pipeline'}: "
+        f"{models.names()}) on {ctx.deployment.name}",
         "date_created": utc_z(ctx.finished_at or ctx.created_at),
-        "version": ctx.fingerprint or "",
+        "version": models.fingerprint,
     }
     out.write('{"info": ' + json.dumps(info) + ', "images": [')
     n_images = n_annotations = 0

@@ -6,11 +6,11 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from db.export_rows import ClassificationRecord, DetectionRecord
+from db.pipelines import StoredPipeline
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class JobModels:
-    """The models of a job's pipeline (jobs.pipeline, PipelineSpec.to_dict()) as exports name
-    them. Jobs enqueued before the spec carried labels have none: ids then follow first sight."""
+    """The models of a job's pipeline (db.pipelines) as exports name them. Jobs enqueued
+    before the spec carried labels have none: ids then follow first sight."""
 
     detector: str
     detector_labels: tuple[str, ...]
@@ -38,21 +38,21 @@ class JobModels:
     filter: str | None
     box_threshold: float | None
 
-    @classmethod
-    def of(cls, pipeline: dict[str, Any]) -> JobModels:
-        def part(role: str) -> dict[str, Any]:
-            value = pipeline.get(role)
-            return value if isinstance(value, dict) else {}
+    pipeline: str  # NAME@VERSION, or "" for a job whose pipeline has no name
+    fingerprint: str
 
-        detector, classifier, flt = part("detector"), part("classifier"), part("filter")
-        threshold = pipeline.get("box_threshold")
+    @classmethod
+    def of(cls, pipeline: StoredPipeline) -> JobModels:
+        detector, classifier, flt = pipeline.detector, pipeline.classifier, pipeline.filter
         return cls(
-            detector=str(detector.get("name") or "detector"),
-            detector_labels=tuple(str(x) for x in detector.get("labels") or ()),
-            classifier=str(classifier["name"]) if classifier.get("name") else None,
-            classifier_labels=tuple(str(x) for x in classifier.get("labels") or ()),
-            filter=str(flt["name"]) if flt.get("name") else None,
-            box_threshold=float(threshold) if threshold is not None else None,
+            detector=detector.name if detector else "detector",
+            detector_labels=detector.labels if detector else (),
+            classifier=classifier.name if classifier else None,
+            classifier_labels=classifier.labels if classifier else (),
+            filter=flt.name if flt else None,
+            box_threshold=pipeline.box_threshold,
+            pipeline=pipeline.label,
+            fingerprint=pipeline.fingerprint,
         )
 
     def species(self, detection: DetectionRecord) -> ClassificationRecord | None:

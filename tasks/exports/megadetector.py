@@ -54,7 +54,8 @@ def _info(ctx: JobContext, models: JobModels) -> dict[str, Any]:
             info["classification_completion_time"] = finished
     if models.box_threshold is not None:
         info["detector_metadata"] = {"typical_detection_threshold": models.box_threshold}
-    info["trapq"] = {"job": ctx.job_id, "pipeline_fingerprint": ctx.fingerprint}
+    info["trapq"] = {"job": ctx.job_id, "pipeline": models.pipeline,
+                     "pipeline_fingerprint": models.fingerprint}
     return info
 
 
