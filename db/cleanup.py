@@ -16,12 +16,9 @@ from dataclasses import dataclass, replace
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from db.errors import NoSuchDeployment, NoSuchJob
 from db.models import Capture, Chunk, Classification, Deployment, Detection, Job, JobCapture
 from db.states import JOB_ENDED, ChunkState
-
-
-class NotFound(LookupError):
-    pass
 
 
 class StillRunning(ValueError):
@@ -42,7 +39,7 @@ class Deleted:
 def delete_job(s: Session, job_id: int) -> Deleted:
     """Delete one job with its work items, chunks, detections and classifications."""
     if s.scalar(select(Job.id).where(Job.id == job_id).with_for_update()) is None:
-        raise NotFound(job_id)
+        raise NoSuchJob(job_id)
     return _delete_jobs(s, [job_id])
 
 
@@ -50,7 +47,7 @@ def delete_deployment(s: Session, name: str) -> Deleted:
     """Delete a deployment, its captures and every one of its jobs the way delete_job does."""
     dep_id = s.scalar(select(Deployment.id).where(Deployment.name == name).with_for_update())
     if dep_id is None:
-        raise NotFound(name)
+        raise NoSuchDeployment(name)
     job_ids = list(
         s.scalars(
             select(Job.id).where(Job.deployment_id == dep_id).order_by(Job.id).with_for_update()
@@ -63,10 +60,10 @@ def delete_deployment(s: Session, name: str) -> Deleted:
     return replace(counts, captures=n_captures)
 
 
-def describe_job(session: Session, job_id: int) -> Deleted | None:
-    """What delete_job would remove, for the confirmation prompt; None if there is no job."""
+def describe_job(session: Session, job_id: int) -> Deleted:
+    """What delete_job would remove, for the confirmation prompt."""
     if session.scalar(select(Job.id).where(Job.id == job_id)) is None:
-        return None
+        raise NoSuchJob(job_id)
     return _counts(session, [job_id])
 
 

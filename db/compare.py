@@ -21,6 +21,7 @@ from scipy.optimize import linear_sum_assignment
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.errors import NoSuchJob
 from db.models import Capture, Classification, Detection, JobCapture
 from db.pipelines import StoredPipeline, job_pipeline, job_pipelines
 from db.states import ItemState
@@ -137,10 +138,6 @@ class Comparison:
         }
 
 
-class JobMissing(LookupError):
-    pass
-
-
 def compare_jobs(
     session: Session,
     job_a: int,
@@ -153,7 +150,7 @@ def compare_jobs(
     pipelines = job_pipelines(session, [job_a, job_b])
     for job in (job_a, job_b):
         if job not in pipelines:
-            raise JobMissing(job)
+            raise NoSuchJob(job)
     done_a, done_b = _done(session, job_a), _done(session, job_b)
     both = sorted(done_a & done_b)
     result = Comparison(job_a, job_b, len(done_a), len(done_b), len(both))

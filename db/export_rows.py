@@ -15,6 +15,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from db.counts import job_item_counts
+from db.errors import NoSuchJob
 from db.models import Capture, Classification, Deployment, Detection, Job, JobCapture
 from db.pipelines import StoredPipeline, job_pipeline
 from db.states import ItemState
@@ -77,13 +78,13 @@ class JobCounts:
     last: datetime | None
 
 
-def job_context(session: Session, job_id: int) -> JobContext | None:
+def job_context(session: Session, job_id: int) -> JobContext:
     row = session.execute(
         select(Job, Deployment).join(Deployment, Deployment.id == Job.deployment_id)
         .where(Job.id == job_id)
     ).first()
     if row is None:
-        return None
+        raise NoSuchJob(job_id)
     job, deployment = row
     pipeline = job_pipeline(session, job_id)
     assert pipeline is not None  # its job row was just read

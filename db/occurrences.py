@@ -17,6 +17,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import bindparam, delete, func, insert, select, text, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.errors import NoSuchJob
 from db.models import (
     Capture,
     Classification,
@@ -79,10 +80,10 @@ class JobToTrack:
     species_classifier: str | None
 
 
-def job_to_track(s: Session, job_id: int) -> JobToTrack | None:
+def job_to_track(s: Session, job_id: int) -> JobToTrack:
     deployment_id = s.scalar(select(Job.deployment_id).where(Job.id == job_id))
     if deployment_id is None:
-        return None
+        raise NoSuchJob(job_id)
     pipeline = job_pipeline(s, job_id)
     classifier = pipeline.classifier if pipeline is not None else None
     return JobToTrack(job_id, deployment_id, classifier.name if classifier else None)

@@ -8,16 +8,13 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from db.errors import NoSuchJob
 from db.models import Chunk, Job, JobCapture
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState, JobState
 
 chunks_t = Chunk.__table__
 jobs_t = Job.__table__
 items_t = JobCapture.__table__
-
-
-class JobNotFound(LookupError):
-    pass
 
 
 class JobCancelled(ValueError):
@@ -56,7 +53,7 @@ def plan_requeue(
     """
     job_state = s.scalar(select(Job.state).where(Job.id == job_id).with_for_update())
     if job_state is None:
-        raise JobNotFound(job_id)
+        raise NoSuchJob(job_id)
     if job_state == JobState.CANCELLED.value:
         raise JobCancelled(job_id)
     c = chunks_t.c
@@ -128,7 +125,7 @@ def cancel_job(s: Session, job_id: int) -> Cancelled:
     """
     job_state = s.scalar(select(Job.state).where(Job.id == job_id).with_for_update())
     if job_state is None:
-        raise JobNotFound(job_id)
+        raise NoSuchJob(job_id)
     c = chunks_t.c
     open_chunks = and_(c.job_id == job_id, c.state.not_in(CHUNK_ENDED))
     task_ids = [

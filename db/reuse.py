@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.errors import NoSuchJob
 from db.models import Detection, Job, JobCapture
 from db.pipelines import detector_fingerprint, job_pipeline
 from db.states import ItemState, JobState
@@ -38,12 +39,13 @@ class StoredBox:
 def box_source_problem(
     session: Session, deployment_id: int, pipeline: dict[str, Any], job_id: int
 ) -> str | None:
-    """Why job `job_id` cannot lend its boxes to a new job of `pipeline`, or None if it can."""
+    """Why job `job_id` cannot lend its boxes to a new job of `pipeline`, or None if it can;
+    NoSuchJob if there is no such job."""
     found = session.execute(
         select(Job.deployment_id, Job.detector_fingerprint).where(Job.id == job_id)
     ).first()
     if found is None:
-        return f"there is no job {job_id}"
+        raise NoSuchJob(job_id)
     dep, theirs = found
     if dep != deployment_id:
         return f"job {job_id} is of another deployment"

@@ -13,6 +13,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.counts import chunk_states, job_item_counts
+from db.errors import NoSuchJob
 from db.models import Capture, Chunk, Deployment, Job, JobCapture
 from db.pipelines import StoredPipeline, job_pipelines
 from db.states import CHUNK_ENDED, ItemState
@@ -93,14 +94,14 @@ def recent_jobs(session: Session, limit: int = 20) -> list[JobRow]:
     return [_job_row(job, name, counts.get(job.id, {}), pipelines[job.id]) for job, name in jobs]
 
 
-def job_status(session: Session, job_id: int, now: datetime | None = None) -> JobStatus | None:
+def job_status(session: Session, job_id: int, now: datetime | None = None) -> JobStatus:
     found = session.execute(
         select(Job, Deployment.name)
         .join(Deployment, Deployment.id == Job.deployment_id)
         .where(Job.id == job_id)
     ).first()
     if found is None:
-        return None
+        raise NoSuchJob(job_id)
     job, name = found
     items = job_item_counts(session, [job_id]).get(job_id, {})
     by_chunk_state = chunk_states(session, job_id)

@@ -1,15 +1,12 @@
 """Entry point of the `trapq` command: imports every command module, then runs the app.
 
-Errors a user can hit end as one line (`UserError`, or a bad TRAPQ_* setting), never as a
-traceback; the imports sit inside the guard because building the Celery app reads settings.
+Errors a user can hit end as one line (tasks.cli_app.USER_ERRORS), never as a traceback;
+the imports sit inside the guard because building the Celery app reads settings.
 """
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
-from tasks.cli_app import fail, settings_problem
-from tasks.errors import UserError
+from tasks.cli_app import USER_ERRORS, fail, user_message
 
 __all__ = ["main"]
 
@@ -20,7 +17,5 @@ def main() -> None:
         from tasks.cli_app import app
 
         app()
-    except UserError as exc:
-        fail(str(exc))
-    except ValidationError as exc:
-        fail(settings_problem(exc))
+    except USER_ERRORS as exc:
+        fail(user_message(exc))

@@ -17,6 +17,7 @@ from celery.utils import uuid
 from kombu.exceptions import KombuError
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.errors import NoSuchDeployment
 from db.imports import find_deployment
 from db.jobs import ChunkPlace, chunk_places, count_captures, create_job, mark_chunks_queued
 from db.reuse import box_source_problem, find_box_source
@@ -181,9 +182,7 @@ def enqueue(
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
         deployment_id = find_deployment(session, deployment_name)
         if deployment_id is None:
-            raise UserError(
-                f"unknown deployment {deployment_name!r}; `trapq deployments` lists them"
-            )
+            raise NoSuchDeployment(deployment_name)
         taxa = taxa_in_force(session, deployment_id)  # another list: another pipeline
         spec = with_taxa(spec, taxa.entries, taxa.threshold)
         selection |= {"pipeline": spec.to_dict(), "fingerprint": spec.fingerprint()}

@@ -64,8 +64,6 @@ def track_job(factory: sessionmaker[Session], job_id: int, settings: Settings) -
     params = track_params(settings)
     with factory() as s:
         job = job_to_track(s, job_id)
-    if job is None:
-        raise LookupError(f"no job {job_id}")
     nights: list[date] = []
     pending: list[NewOccurrence] = []
     n_det = n_occ = 0

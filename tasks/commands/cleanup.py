@@ -6,10 +6,8 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli_app import app, console
-from tasks.cli_app import settings as get_settings
+from tasks.cli_app import app, console, job_store
 from tasks.errors import UserError
-from tasks.store import database_errors, ready_session_factory
 
 
 @app.command()
@@ -21,14 +19,11 @@ def delete(
 
     Refused while any of its chunks runs (`trapq cancel JOB` first, or wait).
     """
-    from db.cleanup import NotFound, StillRunning, delete_job, describe_job
+    from db.cleanup import StillRunning, delete_job, describe_job
 
-    s = get_settings()
-    factory = ready_session_factory(s)
-    with database_errors(s), factory() as session:
+    store = job_store()
+    with store.read() as session:
         planned = describe_job(session, job)
-    if planned is None:
-        raise UserError(f"no job {job}; `trapq status` lists jobs")
     if not yes:
         typer.confirm(
             f"delete job {job}: {planned.work_items} work items, {planned.chunks} chunks, "
@@ -36,10 +31,8 @@ def delete(
             abort=True,
         )
     try:
-        with database_errors(s), factory.begin() as session:
+        with store.write() as session:
             done = delete_job(session, job)
-    except NotFound:
-        raise UserError(f"no job {job}; `trapq status` lists jobs") from None
     except StillRunning as e:
         raise UserError(f"job {job} not deleted: {e}; `trapq cancel` it or wait") from None
     console.print(
@@ -58,18 +51,15 @@ def delete_deployment(
 
     Refused while any chunk of its jobs runs.
     """
-    from db.cleanup import NotFound, StillRunning
+    from db.cleanup import StillRunning
     from db.cleanup import delete_deployment as delete_dep
 
-    s = get_settings()
-    factory = ready_session_factory(s)
+    store = job_store()
     if not yes:
         typer.confirm(f"delete deployment {name!r}, its captures and all its jobs?", abort=True)
     try:
-        with database_errors(s), factory.begin() as session:
+        with store.write() as session:
             done = delete_dep(session, name)
-    except NotFound:
-        raise UserError(f"unknown deployment {name!r}; `trapq deployments` lists them") from None
     except StillRunning as e:
         raise UserError(
             f"deployment {name!r} not deleted: {e}; `trapq cancel` it or wait"

@@ -11,10 +11,8 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.table import Table
 
-from tasks.cli_app import app, console
-from tasks.cli_app import settings as get_settings
+from tasks.cli_app import app, console, job_store
 from tasks.errors import UserError
-from tasks.store import database_errors, ready_session_factory
 
 if TYPE_CHECKING:
     from db.compare import Comparison, TruthBox
@@ -34,18 +32,13 @@ def compare(
     """Compare two jobs over the captures both have done: paired detections, classifier
     agreement, the labels that changed most, per-label counts, and with --truth the precision,
     recall and accuracy of each."""
-    from db.compare import JobMissing, compare_jobs
+    from db.compare import compare_jobs
 
     if fmt not in ("table", "json"):
         raise UserError(f"--format {fmt!r}: use table or json")
     verified = read_truth(truth) if truth is not None else []
-    s = get_settings()
-    factory = ready_session_factory(s)
-    try:
-        with database_errors(s), factory() as session:
-            result = compare_jobs(session, job_a, job_b, truth=verified, top_changes=top)
-    except JobMissing as e:
-        raise UserError(f"no job {e.args[0]}; `trapq status` lists jobs") from None
+    with job_store().read() as session:
+        result = compare_jobs(session, job_a, job_b, truth=verified, top_changes=top)
     if fmt == "json":
         console.print_json(json.dumps(result.to_dict()))
         return

@@ -20,9 +20,8 @@ from db.deployments import CAPTURE_METHODS, DeploymentMetadata, set_metadata
 from db.status import deployments
 from db.taxa import set_taxa_list
 from inference.taxonomy import TaxonomyError, read_taxa_list
-from tasks.cli_app import app, console, settings, short_fingerprint, timestamp
+from tasks.cli_app import app, console, job_store, short_fingerprint, timestamp
 from tasks.errors import UserError
-from tasks.store import database_errors, ready_session_factory
 
 deployments_app = typer.Typer(
     help="List deployments (no subcommand), or set their metadata.", invoke_without_command=True
@@ -35,9 +34,7 @@ def deployments_(ctx: typer.Context) -> None:
     """List deployments with their capture counts; `deployments set` records their metadata."""
     if ctx.invoked_subcommand is not None:
         return
-    s = settings()
-    factory = ready_session_factory(s)
-    with database_errors(s), factory() as session:
+    with job_store().read() as session:
         rows = deployments(session)
     if not rows:
         console.print("no deployments yet; `trapq import SOURCE --deployment NAME` creates one")
@@ -163,9 +160,7 @@ def set_(
         problems = metadata.problems()
         if problems:
             raise UserError(f"{where}: {'; '.join(problems)}")
-    s = settings()
-    factory = ready_session_factory(s)
-    with database_errors(s), factory.begin() as session:
+    with job_store().write() as session:
         created = [set_metadata(session, n, m) for _, n, m in records]
         if taxa is not None:
             set_taxa_list(session, records[0][1], taxa or None)

@@ -8,9 +8,8 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli_app import app, err_console, settings
+from tasks.cli_app import app, err_console, job_store
 from tasks.exports import FORMATS, ExportOptions, export
-from tasks.store import database_errors, ready_session_factory
 
 
 @app.command("export")
@@ -59,11 +58,10 @@ def export_(
         public_media=public_media,
         min_probability=min_probability,
     )
-    s = settings()
-    factory = ready_session_factory(s)
+    store = job_store()
     if output is None or not output.startswith("s3://"):
-        with database_errors(s):
-            written = export(factory, job, fmt, Path(output) if output else None, options)
+        with store.errors():
+            written = export(store.sessions, job, fmt, Path(output) if output else None, options)
         where = output if output is not None else "stdout"
         err_console.print(f"job {job}: {written} written to {where} ({fmt})", highlight=False)
         return
@@ -71,9 +69,9 @@ def export_(
 
     with tempfile.TemporaryDirectory(prefix="trapq-export-") as tmp:
         local = Path(tmp) / (PurePosixPath(output.rstrip("/")).name or "export")
-        with database_errors(s):
-            written = export(factory, job, fmt, local, options)
-        uris = upload(s, local, output)
+        with store.errors():
+            written = export(store.sessions, job, fmt, local, options)
+        uris = upload(store.settings, local, output)
     err_console.print(
         f"job {job}: {written} uploaded to {output} ({fmt}, {len(uris)} object(s))",
         highlight=False,

@@ -20,11 +20,19 @@ from rich.table import Table
 import migrations
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState
 from db.status import JobRow, JobStatus, job_status, recent_jobs
-from tasks.cli_app import app, console, err_console, settings, short_fingerprint, timestamp
+from tasks.cli_app import (
+    app,
+    console,
+    err_console,
+    job_store,
+    settings,
+    short_fingerprint,
+    timestamp,
+)
 from tasks.errors import UserError
 from tasks.importer import BadRow, import_source
 from tasks.producer import enqueue as enqueue_job
-from tasks.store import database_errors, ready_session_factory, redact
+from tasks.store import database_errors, redact
 
 db_app = typer.Typer(help="The job store's schema.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -156,20 +164,16 @@ def status(
     limit: Annotated[int, typer.Option(help="How many recent jobs to list.")] = 20,
 ) -> None:
     """Show recent jobs, or one job's captures and chunks by state, throughput and timings."""
-    s = settings()
-    factory = ready_session_factory(s)
+    store = job_store()
 
     def load(job_id: int) -> JobStatus:
-        with database_errors(s), factory() as session:
-            found = job_status(session, job_id)
-        if found is None:
-            raise UserError(f"no job {job_id}; `trapq status` lists recent jobs")
-        return found
+        with store.read() as session:
+            return job_status(session, job_id)
 
     if job is None:
         if watch:
             raise UserError("--watch needs a JOB")
-        with database_errors(s), factory() as session:
+        with store.read() as session:
             rows = recent_jobs(session, limit)
         print_jobs(rows)
         return

@@ -9,10 +9,8 @@ from typing import Annotated
 import typer
 from kombu.exceptions import KombuError
 
-from tasks.cli_app import app, console
-from tasks.cli_app import settings as get_settings
+from tasks.cli_app import app, console, job_store, settings
 from tasks.errors import UserError
-from tasks.store import database_errors, ready_session_factory
 
 
 @app.command()
@@ -31,7 +29,7 @@ def worker(
     """Start one Celery worker per GPU on the chunk queue; Ctrl-C stops them warmly."""
     from tasks.worker.supervisor import Supervisor, plan_workers
 
-    s = get_settings()
+    s = settings()
     chosen_pool = pool or s.pool
     if chosen_pool not in ("threads", "prefork", "solo"):
         raise UserError(f"--pool {chosen_pool!r}: use threads, prefork or solo")
@@ -63,13 +61,12 @@ def requeue(
 
     Requeued chunks start over with attempts and deliveries at zero.
     """
-    from db.repair import JobCancelled, JobNotFound, plan_requeue
+    from db.repair import JobCancelled, plan_requeue
     from tasks.producer import send_chunks
 
-    s = get_settings()
-    factory = ready_session_factory(s)
+    store = job_store()
     try:
-        with database_errors(s), factory.begin() as session:
+        with store.write() as session:
             plan = plan_requeue(
                 session,
                 job,
@@ -77,11 +74,9 @@ def requeue(
                 stuck_after=timedelta(minutes=stuck_after) if stuck_after is not None else None,
                 chunk_id=chunk,
             )
-    except JobNotFound:
-        raise UserError(f"no job {job}; `trapq status` lists jobs") from None
     except JobCancelled:
         raise UserError(f"job {job} is cancelled; enqueue its deployment again instead") from None
-    result = send_chunks(s, factory, plan.chunk_ids)
+    result = send_chunks(store.settings, store.sessions, plan.chunk_ids)
     console.print(
         f"job {job}: requeued {len(plan.failed)} failed, {len(plan.pending)} pending, "
         f"{len(plan.stuck)} stuck chunk(s); sent {result.sent}, not sent {result.failed}"
@@ -96,22 +91,18 @@ def requeue(
 @app.command()
 def cancel(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Cancel a job: revoke its outstanding chunk tasks and mark it cancelled."""
-    from db.repair import JobNotFound, cancel_job
+    from db.repair import cancel_job
     from tasks.producer import producer_app
 
-    s = get_settings()
-    factory = ready_session_factory(s)
-    try:
-        with database_errors(s), factory.begin() as session:
-            done = cancel_job(session, job)
-    except JobNotFound:
-        raise UserError(f"no job {job}; `trapq status` lists jobs") from None
+    store = job_store()
+    with store.write() as session:
+        done = cancel_job(session, job)
     if done.previous_state in ("done", "failed", "cancelled"):
         console.print(f"job {job} had already ended ({done.previous_state}); nothing cancelled")
         return
     if done.task_ids:
         try:
-            producer_app(s).control.revoke(done.task_ids)
+            producer_app(store.settings).control.revoke(done.task_ids)
         except (KombuError, OSError) as e:
             raise UserError(
                 f"job {job} is cancelled in the job store, but its tasks were not revoked ({e}); "

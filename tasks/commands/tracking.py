@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from db.errors import NoSuchJob
 from db.models import Job
 from db.occurrences import (
     LinkToReview,
@@ -20,22 +21,17 @@ from db.occurrences import (
     occurrence_counts,
     occurrence_rows,
 )
-from tasks.cli_app import app, console, settings
+from tasks.cli_app import app, console, job_store
 from tasks.errors import UserError
-from tasks.store import database_errors, ready_session_factory
 from tasks.tracking import track_job
 
 
 @app.command("track")
 def track(job: Annotated[int, typer.Argument(help="Job id.")]) -> None:
     """Link the job's detections into occurrences again (replaces the job's occurrences)."""
-    s = settings()
-    factory = ready_session_factory(s)
-    with database_errors(s):
-        with factory() as session:
-            if session.get(Job, job) is None:
-                raise UserError(f"no job {job}; `trapq status` lists the jobs")
-        summary = track_job(factory, job, s)
+    store = job_store()
+    with store.errors():
+        summary = track_job(store.sessions, job, store.settings)
     console.print(
         f"job {job}: {summary.detections} detections -> {summary.occurrences} occurrences "
         f"over {summary.nights} nights in {summary.seconds:.1f} s",
@@ -57,12 +53,10 @@ def occurrences(
     ] = 0,
 ) -> None:
     """Per night and species: occurrences (individuals) against the detections they gather."""
-    s = settings()
-    factory = ready_session_factory(s)
-    with database_errors(s), factory() as session:
+    with job_store().read() as session:
         row = session.get(Job, job)
         if row is None:
-            raise UserError(f"no job {job}; `trapq status` lists the jobs")
+            raise NoSuchJob(job)
         if row.tracked_at is None:
             raise UserError(f"job {job} is not tracked yet; run `trapq track {job}`")
         counts = occurrence_counts(session, job)

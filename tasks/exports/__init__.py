@@ -43,8 +43,6 @@ def export(
         raise UserError("--format camtrapdp writes a folder: give it with -o DIR")
     with factory() as session:
         ctx = job_context(session, job_id)
-        if ctx is None:
-            raise UserError(f"no job {job_id}; `trapq status` lists jobs")
         counts = job_counts(session, job_id)
         if fmt in NEEDS_SIZES and counts.done_without_size:
             raise UserError(
