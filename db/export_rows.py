@@ -40,6 +40,8 @@ class ClassificationRecord:
     label: str
     score: float
     topk: list[tuple[str, float]]  # highest first, the top-1 included
+    rank: str | None = None  # with a taxonomy: the rank of `label`, a label or a higher taxon
+    source: str | None = None  # prediction_source; None: written before issue #24
 
 
 @dataclass
@@ -124,7 +126,7 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
         select(
             jc.capture_id, c.uri, c.captured_at, c.width, c.height, jc.state, jc.error,
             jc.finished_at, d.id, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
-            k.classifier, k.label, k.score, k.topk,
+            k.classifier, k.label, k.score, k.topk, k.rank, k.prediction_source,
         )
         .select_from(jc)
         .join(c, c.id == jc.capture_id)
@@ -137,7 +139,7 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
     current: CaptureRecord | None = None
     detection: DetectionRecord | None = None
     for (cap_id, uri, at, width, height, state, error, finished, det_id, x1, y1, x2, y2, score,
-         label, classifier, k_label, k_score, topk) in session.execute(stmt):
+         label, classifier, k_label, k_score, topk, rank, source) in session.execute(stmt):
         if current is None or cap_id != current.capture_id:
             if current is not None:
                 yield current
@@ -152,10 +154,20 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
         if classifier is not None:
             ranked = [(str(lbl), float(sc)) for lbl, sc in topk] if topk else []
             detection.classes[classifier] = ClassificationRecord(
-                classifier, k_label, k_score, ranked or [(k_label, k_score)]
+                classifier, k_label, k_score, ranked or [(k_label, k_score)], rank, source
             )
     if current is not None:
         yield current
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A classifier's answer in the flat exports: label, score, rank and how it was reached."""
+
+    label: str
+    score: float
+    rank: str | None
+    source: str | None
 
 
 @dataclass
@@ -171,7 +183,7 @@ class DetectionRow:
     y2: float
     score: float
     label: str
-    classes: dict[str, tuple[str, float]]  # classifier -> (label, score)
+    classes: dict[str, Answer]  # by classifier
 
 
 def classifiers_of(session: Session, job_id: int) -> list[str]:
@@ -198,7 +210,7 @@ def detection_rows(session: Session, job_id: int) -> Iterator[DetectionRow]:
     stmt = (
         select(
             d.id, d.capture_id, c.uri, c.captured_at, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
-            k.classifier, k.label, k.score,
+            k.classifier, k.label, k.score, k.rank, k.prediction_source,
         )
         .join(c, c.id == d.capture_id)
         .outerjoin(k, k.detection_id == d.id)
@@ -208,16 +220,15 @@ def detection_rows(session: Session, job_id: int) -> Iterator[DetectionRow]:
     )
     current: DetectionRow | None = None
     current_id = None
-    for det_id, cap_id, uri, at, x1, y1, x2, y2, score, label, name, k_label, k_score in (
-        session.execute(stmt)
-    ):
+    for (det_id, cap_id, uri, at, x1, y1, x2, y2, score, label, name, k_label, k_score, rank,
+         source) in session.execute(stmt):
         if det_id != current_id:
             if current is not None:
                 yield current
             current_id = det_id
             current = DetectionRow(cap_id, uri, _aware(at), x1, y1, x2, y2, score, label, {})
         if name is not None and current is not None:
-            current.classes[name] = (k_label, k_score)
+            current.classes[name] = Answer(k_label, k_score, rank, source)
     if current is not None:
         yield current
 

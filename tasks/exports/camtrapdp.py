@@ -6,6 +6,9 @@ classifier gave nothing), and one `blank` per processed capture with no detectio
 and found nothing" differs from "not processed" (no observation; media.mediaComments says why).
 Event-level observations (individuals followed across captures) come from sources the caller
 passes in; each yields rows with observationLevel=event and the package lists both levels.
+With a taxonomy, scientificName is the scientific name of the answer at the rank it reached
+(`Pterophoridae` for the label `pterophorid`, `Erebidae` for a roll-up), and the package's
+`taxonomic` list gives each its rank, its higher taxa and its GBIF key as taxonID.
 
 media.csv and observations.csv are written in one streamed pass over the job's results;
 datapackage.json last, once the taxa seen are known.
@@ -69,6 +72,10 @@ OBSERVATION_FIELDS = (
 TABLES = {"deployments": DEPLOYMENT_FIELDS, "media": MEDIA_FIELDS,
           "observations": OBSERVATION_FIELDS}
 DECIMALS = 6
+
+# taxonomic[].taxonRank and the higher-taxon terms take these ranks only.
+TAXON_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species", "subspecies")
+GBIF_TAXON = "https://www.gbif.org/species/{}"
 
 # An event-level source: given the job, yields observation rows (OBSERVATION_FIELDS keys).
 EventSource = Callable[[Session, JobContext], Iterator[dict[str, Any]]]
@@ -140,7 +147,7 @@ def write_camtrapdp(
         "project": project | {"observationLevel": levels or ["media"]},
         "spatial": {"type": "Point", "coordinates": [dep.longitude, dep.latitude]},
         "temporal": {"start": start.date().isoformat(), "end": end.date().isoformat()},
-        "taxonomic": [{"scientificName": name} for name in sorted(taxa)],
+        "taxonomic": [_taxon_entry(name, models) for name in sorted(taxa)],
     }
     (out_dir / "datapackage.json").write_text(json.dumps(package, indent=2) + "\n")
     return f"{n_media} media, {n_obs} observations"
@@ -286,7 +293,7 @@ def _media_observations(
             confident = species.score >= options.min_probability
             row |= {
                 "observationType": "animal" if confident else "unknown",
-                "scientificName": species.label if confident else None,
+                "scientificName": models.scientific_name(species.label) if confident else None,
                 "classificationProbability": round(species.score, DECIMALS),
             }
         box = normalized_box(d, record.width, record.height)
@@ -294,6 +301,24 @@ def _media_observations(
             row |= dict(zip(("bboxX", "bboxY", "bboxWidth", "bboxHeight"),
                             (round(v, DECIMALS) for v in box), strict=True))
         yield row
+
+
+def _taxon_entry(name: str, models: JobModels) -> dict[str, Any]:
+    """A scientific name of the observations, with what the job's taxonomy says of it."""
+    entry: dict[str, Any] = {"scientificName": name}
+    taxonomy = models.taxonomy
+    found = [t for t in taxonomy.taxa if t.scientific_name == name] if taxonomy else []
+    if not found or taxonomy is None:
+        return entry
+    taxon = found[0]
+    if taxon.gbif_key is not None:
+        entry["taxonID"] = GBIF_TAXON.format(taxon.gbif_key)
+    if taxon.rank in TAXON_RANKS:
+        entry["taxonRank"] = taxon.rank
+    for higher in taxonomy.lineage(taxon.name)[1:]:
+        if higher.rank in TAXON_RANKS and higher.rank not in ("species", "subspecies"):
+            entry[higher.rank] = higher.scientific_name
+    return entry
 
 
 class _TableFile:

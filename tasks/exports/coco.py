@@ -26,7 +26,10 @@ DECIMALS = 2
 
 def write_coco(session: Session, ctx: JobContext, options: ExportOptions, out: TextIO) -> str:
     models = JobModels.of(ctx.pipeline)
-    categories = LabelIds(models.classifier_labels + models.detector_labels, first_id=1)
+    categories = LabelIds(
+        tuple(models.scientific_name(label) for label in models.classifier_labels)
+        + models.detector_labels, first_id=1,
+    )
     info = {
         "description": f"trapq job {ctx.job_id} ({models.pipeline or 'pipeline'}: "
         f"{models.names()}) on {ctx.deployment.name}",
@@ -55,7 +58,9 @@ def write_coco(session: Session, ctx: JobContext, options: ExportOptions, out: T
                 annotation = {
                     "id": d.id,
                     "image_id": record.capture_id,
-                    "category_id": categories.id_of(species.label if species else d.label),
+                    "category_id": categories.id_of(
+                        models.scientific_name(species.label) if species else d.label
+                    ),
                     "bbox": [round(v, DECIMALS) for v in (d.x1, d.y1, w, h)],
                     "area": round(w * h, DECIMALS),
                     "iscrowd": 0,
@@ -66,6 +71,16 @@ def write_coco(session: Session, ctx: JobContext, options: ExportOptions, out: T
         out.write('\n], "annotations": [')
         spool.seek(0)
         shutil.copyfileobj(spool, out)
-    table = [{"id": i, "name": label, "supercategory": "object"} for i, label in categories.items()]
+    table = [{"id": i, "name": label, "supercategory": _parent(models, label)}
+             for i, label in categories.items()]
     out.write('\n], "categories": ' + json.dumps(table) + "}\n")
     return f"{n_images} images, {n_annotations} annotations"
+
+
+def _parent(models: JobModels, name: str) -> str:
+    """A category's supercategory: its parent taxon's scientific name with a taxonomy."""
+    taxonomy = models.taxonomy
+    found = [t for t in taxonomy.taxa if t.scientific_name == name] if taxonomy else []
+    if found and taxonomy is not None and found[0].parent is not None:
+        return taxonomy.by_name()[found[0].parent].scientific_name
+    return "object"

@@ -6,11 +6,13 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from db.export_rows import ClassificationRecord, DetectionRecord
 from db.pipelines import StoredPipeline
+from inference.taxonomy import Taxon, Taxonomy
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class JobModels:
 
     pipeline: str  # NAME@VERSION, or "" for a job whose pipeline has no name
     fingerprint: str
+    taxonomy: Taxonomy | None = None  # the job's, where its answers were rolled up
 
     @classmethod
     def of(cls, pipeline: StoredPipeline) -> JobModels:
@@ -53,7 +56,16 @@ class JobModels:
             box_threshold=pipeline.box_threshold,
             pipeline=pipeline.label,
             fingerprint=pipeline.fingerprint,
+            taxonomy=_taxonomy(pipeline.spec),
         )
+
+    def taxon(self, label: str) -> Taxon | None:
+        """The taxonomy's row of an answer (a label, or the taxon it rolled up to)."""
+        return self.taxonomy.by_name().get(label) if self.taxonomy else None
+
+    def scientific_name(self, label: str) -> str:
+        taxon = self.taxon(label)
+        return taxon.scientific_name if taxon else label
 
     def species(self, detection: DetectionRecord) -> ClassificationRecord | None:
         """The species classifier's result for this box; None if it gave none (e.g. the
@@ -65,6 +77,12 @@ class JobModels:
 
     def names(self) -> str:
         return " + ".join(n for n in (self.detector, self.filter, self.classifier) if n)
+
+
+def _taxonomy(spec: dict[str, Any]) -> Taxonomy | None:
+    answers = spec.get("answers")
+    rows = answers.get("taxonomy") if isinstance(answers, dict) else None
+    return Taxonomy.from_list(rows) if rows else None
 
 
 class LabelIds:

@@ -25,7 +25,9 @@ def write_megadetector(
 ) -> str:
     models = JobModels.of(ctx.pipeline)
     detection_ids = LabelIds(models.detector_labels, first_id=1)  # "0" is informally "empty"
-    classification_ids = LabelIds(models.classifier_labels, first_id=0)
+    classification_ids = LabelIds(
+        tuple(models.scientific_name(label) for label in models.classifier_labels), first_id=0
+    )
     out.write('{"info": ' + json.dumps(_info(ctx, models)) + ', "images": [')
     n_images = n_failed = 0
     for record in capture_records(session, ctx.job_id):
@@ -83,9 +85,13 @@ def _image(
         }
         species = models.species(d)
         if species is not None:
+            # The answer first (with a taxonomy, at the rank it reached), then the top-k
             ranked = sorted(species.topk, key=lambda pair: pair[1], reverse=True)
+            if species.label not in (label for label, _ in ranked[:1]):
+                ranked = [(species.label, species.score), *ranked]
             detection["classifications"] = [
-                [str(classification_ids.id_of(label)), round(score, DECIMALS)]
+                [str(classification_ids.id_of(models.scientific_name(label))),
+                 round(score, DECIMALS)]
                 for label, score in ranked
             ]
         detections.append(detection)
