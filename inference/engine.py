@@ -85,9 +85,10 @@ class Run:
     share of the bound; results already on the device are dropped when they come back.
     """
 
-    def __init__(self, engine: Engine, items: Iterable[WorkItem]) -> None:
+    def __init__(self, engine: Engine, items: Iterable[WorkItem], forward: BatchForward) -> None:
         self._engine = engine
         self._items = items
+        self.forward = forward  # the pipeline its items go through
         self._results: queue.SimpleQueue[ItemResult | _Done | _Interrupted] = queue.SimpleQueue()
         self._window = threading.Semaphore(2 * engine.config.max_images_in_flight)
         self._lock = threading.Lock()
@@ -206,7 +207,12 @@ def tune_cuda() -> None:
 
 
 class Engine:
-    """Loaded once per process on one device; run() may be called from any number of threads."""
+    """Loaded once per process on one device; run() may be called from any number of threads.
+
+    `pipeline` is the one run() uses by default; runs of other pipelines on the same device
+    (prepare()) share its pools, its in-flight bound and its device thread, whose batches are
+    split by pipeline.
+    """
 
     def __init__(self, pipeline: Pipeline, config: EngineConfig | None = None) -> None:
         self.pipeline = pipeline
@@ -244,11 +250,8 @@ class Engine:
         if self.device.type == "cuda":
             tune_cuda()
         try:
-            self._forward = BatchForward(self.pipeline, self.config.forward)
-            if self.config.forward.compile or self.device.type == "cuda":
-                self._warm_up()
+            self._forward = self.prepare(self.pipeline)
         except Exception as e:
-            self._forward = None
             raise EngineStartError(self._start_failure(e)) from e
         self._fetch_pool = ThreadPoolExecutor(self.config.fetch.pool_size, "trapq-fetch")
         self._decode_pool = ThreadPoolExecutor(self.config.decode_threads, "trapq-decode")
@@ -268,36 +271,43 @@ class Engine:
             raise RuntimeError("Engine.start() first")
         return self._forward
 
-    def _warm_up(self) -> None:
+    def prepare(self, pipeline: Pipeline) -> BatchForward:
+        """A pipeline's batch forward on this engine's device, compiled and warmed up (once
+        per pipeline, never per run); raises what the models raise on a dummy batch."""
+        forward = BatchForward(pipeline, self.config.forward)
+        if self.config.forward.compile or self.device.type == "cuda":
+            self._warm_up(forward)
+        return forward
+
+    def _warm_up(self, forward: BatchForward) -> None:
         """A dummy batch of batch_size 16:9 frames through the detector and a full crop batch
         through the classifiers, so that torch.compile compiles (and cuDNN picks its
         algorithms) before the first capture, and a compiler that cannot work (Triton without
         a C compiler) fails here."""
-        assert self._forward is not None
         t0 = time.perf_counter()
         generator = torch.Generator().manual_seed(0)
         frames = [
             torch.randint(0, 256, (3, 1080, 1920), dtype=torch.uint8, generator=generator)
             for _ in range(self.config.batch_size)
         ]
-        h, w = self.pipeline.classifier.source.input_size
+        h, w = forward.pipeline.classifier.source.input_size
         crops = torch.rand((self.config.forward.crop_batch_size, 3, h, w), generator=generator)
         with torch.inference_mode():
             frames = [frame.to(self.device) for frame in frames]
             for n in sorted({1, len(frames)}):  # both shapes a compiled forward will see first
                 out_of_memory = False
                 try:
-                    self._forward(frames[:n])
+                    forward(frames[:n])
                 except torch.cuda.OutOfMemoryError:
                     if n == 1:
                         raise
                     out_of_memory = True  # serving splits such batches; the start goes on
                 if out_of_memory:
                     torch.cuda.empty_cache()
-            self._forward.classify(crops.mul_(255).to(self.device))
+            forward.classify(crops.mul_(255).to(self.device))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.warm_up_s = time.perf_counter() - t0
+        self.warm_up_s += time.perf_counter() - t0
 
     def _start_failure(self, error: Exception) -> str:
         detail = str(error).strip().splitlines()
@@ -315,12 +325,13 @@ class Engine:
             )
         return f"the models failed on a dummy batch of {self.config.batch_size} ({reason})"
 
-    def run(self, items: Iterable[WorkItem]) -> Run:
-        if self._thread is None:
+    def run(self, items: Iterable[WorkItem], forward: BatchForward | None = None) -> Run:
+        """Items through `forward` (a prepare()d pipeline), by default the engine's own."""
+        if self._thread is None or self._forward is None:
             raise RuntimeError("Engine.start() first")
         if self.fault is not None:
             raise DeviceFault(f"the device failed earlier in this process: {self.fault}")
-        return Run(self, items)
+        return Run(self, items, forward or self._forward)
 
     def close(self) -> None:
         """Call once the runs are read: the pools finish what they hold, then the device thread
@@ -540,7 +551,7 @@ class Engine:
                 self._settle(pending, image.kind, image.message)
             else:
                 ready.append((pending, image))
-        outcomes = self._detect_splitting(ready)
+        outcomes = self._by_pipeline(ready)
         # Frames go before their share of the bound does: else a finished batch's frames live
         # on (here, and in _loop's batch while it waits) beside the new ones that the released
         # shares let in, up to bound + batch_size decoded frames.
@@ -627,28 +638,43 @@ class Engine:
             p.image = p.stream = None  # the batch's list holds the frame from here
         return images
 
-    def _forward_batch(
+    def _by_pipeline(
         self, ready: list[tuple[_Pending, torch.Tensor]]
+    ) -> list[list[Detection] | LaunchedImage | str]:
+        """A batch may hold chunks of several pipelines: each pipeline's items go through
+        its own forward, results back in the batch's order."""
+        groups: dict[int, list[int]] = {}
+        for i, (pending, _) in enumerate(ready):
+            groups.setdefault(id(pending.run.forward), []).append(i)
+        out: list[list[Detection] | LaunchedImage | str] = [[] for _ in ready]
+        for members in groups.values():
+            forward = ready[members[0]][0].run.forward
+            found = self._detect_splitting([ready[i] for i in members], forward)
+            for i, outcome in zip(members, found, strict=True):
+                out[i] = outcome
+        return out
+
+    def _forward_batch(
+        self, ready: list[tuple[_Pending, torch.Tensor]], forward: BatchForward
     ) -> list[list[Detection] | LaunchedImage]:
         """Items that come with boxes (re-classification) skip the detector: only their crops
         go through the classifiers. A batch may hold both kinds (chunks of several jobs)."""
-        assert self._forward is not None
         out: list[list[Detection] | LaunchedImage] = [[] for _ in ready]
         given = [i for i, (p, _) in enumerate(ready) if p.item.boxes is not None]
         fresh = [i for i, (p, _) in enumerate(ready) if p.item.boxes is None]
         if given:
             boxes = [ready[i][0].item.boxes or () for i in given]
-            found = self._forward.launch_given([ready[i][1] for i in given], boxes)
+            found = forward.launch_given([ready[i][1] for i in given], boxes)
             for i, image in zip(given, found.per_image(), strict=True):
                 out[i] = image
         if fresh:
-            launched = self._forward.launch([ready[i][1] for i in fresh])
+            launched = forward.launch([ready[i][1] for i in fresh])
             for i, image in zip(fresh, launched.per_image(), strict=True):
                 out[i] = image
         return out
 
     def _detect_splitting(
-        self, ready: list[tuple[_Pending, torch.Tensor]]
+        self, ready: list[tuple[_Pending, torch.Tensor]], forward: BatchForward
     ) -> list[list[Detection] | LaunchedImage | str]:
         """On any model failure (CUDA out-of-memory above all) halve the batch and retry, so
         that only an item that fails alone is reported as the model's failure.
@@ -659,9 +685,8 @@ class Engine:
         fail "out of memory on this image alone"."""
         if not ready:
             return []
-        assert self._forward is not None
         try:
-            return self._forward_batch(ready)
+            return self._forward_batch(ready, forward)
         except Exception as e:
             out_of_memory = isinstance(e, torch.cuda.OutOfMemoryError)
             device_fault = is_device_fault(e)
@@ -676,4 +701,5 @@ class Engine:
             kind = "out of memory" if out_of_memory else "failed"
             return [f"model {kind} on this image alone ({first}): {ready[0][0].item.uri}"]
         mid = len(ready) // 2
-        return self._detect_splitting(ready[:mid]) + self._detect_splitting(ready[mid:])
+        return (self._detect_splitting(ready[:mid], forward)
+                + self._detect_splitting(ready[mid:], forward))

@@ -23,10 +23,10 @@ class ModelSource:
 
     `sha256` is the hash of the weight file's bytes, computed where the bytes are read (never
     copied from a setting); None means no weight file: a seeded random build (tests,
-    benchmarks) or a model without weights. `weights` says where the file was found on the
-    machine that read it (a local path, or the download cache for a URL); it is shown, not
-    compared, since the same bytes lie at different paths on different machines. `labels` are
-    the label names as read, so another label file is another model.
+    benchmarks) or a model without weights. `weights` is where the bytes come from (a local
+    path, an http(s) URL or an s3:// URI; inference.weight_store fetches them by sha256); it
+    is shown, not compared, since the same bytes lie at different places. `labels` are the
+    label names as read, so another label file is another model.
     """
 
     name: str  # registry name

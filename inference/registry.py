@@ -21,8 +21,9 @@ import torchvision
 from torch import nn
 
 from inference import weights as W
-from inference.pipeline_spec import ModelSource, PipelineSpec, sha256_of
+from inference.pipeline_spec import ModelSource, PipelineSpec
 from inference.taxonomy import AnswerPolicy
+from inference.weight_store import fetch, hash_location, is_local
 
 Role = Literal["detector", "classifier"]
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -330,13 +331,14 @@ def model_source(
     cache_dir: Path | None = None,
     input_size: tuple[int, int] | None = None,
 ) -> ModelSource:
-    """Find a model's weights and labels and hash the weights' bytes; builds nothing, so the
-    producer can name a job's pipeline as cheaply as a worker checks it.
+    """Find a model's weights and labels and hash the weights' bytes; builds nothing. What
+    `trapq pipelines add` records: the weights' location as given (a local path made
+    absolute, a URL, an s3:// URI), from which any worker fetches them by their sha256.
 
     `input_size` overrides the registry entry's (a resnet50 trained at 128 px runs at 128).
 
-    `weights` and `labels` default to the registry's; a URL is downloaded once into
-    `cache_dir`. `sha256`, when given, pins the weights: a file with other bytes is refused.
+    `weights` and `labels` default to the registry's; a URL or S3 object is downloaded once
+    into `cache_dir`. `sha256`, when given, pins the weights: other bytes are refused.
     """
     spec = _entry(name, role)
     label_file = labels or ("" if random_weights else spec.default_labels or "")
@@ -347,19 +349,27 @@ def model_source(
         return ModelSource(name, "", label_names, size, None)  # type: ignore[arg-type]
     if not location:
         raise W.WeightsError(f"'{name}' needs weights: give a file or URL")
-    path = W.resolve(location, cache_dir)
-    digest = sha256_of(path)
+    digest, path = hash_location(location, cache_dir, sha256 or None)
     if sha256 and digest != sha256.strip().lower():
         raise W.WeightsError(
-            f"sha256 mismatch for {path}: expected {sha256}, file has {digest}; "
+            f"sha256 mismatch for {location}: expected {sha256}, file has {digest}; "
             "the file is corrupt or not the one you meant"
         )
-    return ModelSource(name, str(path), label_names, size, digest)  # type: ignore[arg-type]
+    recorded = str(path.resolve()) if is_local(location) else location
+    return ModelSource(name, recorded, label_names, size, digest)  # type: ignore[arg-type]
 
 
-def load_model(source: ModelSource, role: Role, device: torch.device, **kwargs: Any) -> LoadedModel:
-    """Build the model of `source` on `device`. Its weights must still hash to source.sha256,
-    so the pipeline's spec names the bytes actually loaded."""
+def load_model(
+    source: ModelSource,
+    role: Role,
+    device: torch.device,
+    *,
+    cache_dir: Path | None = None,
+    **kwargs: Any,
+) -> LoadedModel:
+    """Build the model of `source` on `device`, its weights fetched from their location
+    (inference.weight_store; downloads kept in `cache_dir`). They must still hash to
+    source.sha256, so the pipeline's spec names the bytes actually loaded."""
     spec = _entry(source.name, role)
     builder = ARCHITECTURES[spec.architecture]
     build_kwargs = {**spec.builder_kwargs, **kwargs}
@@ -369,7 +379,7 @@ def load_model(source: ModelSource, role: Role, device: torch.device, **kwargs: 
             torch.manual_seed(0)
             module = builder(num_classes=spec.num_classes, **build_kwargs)
         return _ready(LoadedModel(module, spec, source, spec.num_classes), device)
-    ckpt = W.load_checkpoint(Path(source.weights), source.sha256)
+    ckpt = W.load_checkpoint(fetch(source.weights, source.sha256, cache_dir), source.sha256)
     if ckpt.scripted is not None:
         n = len(source.labels) or None
         return _ready(LoadedModel(ckpt.scripted, spec, source, n), device)
@@ -395,6 +405,13 @@ def _ready(model: LoadedModel, device: torch.device) -> LoadedModel:
     return model
 
 
+def threshold_kwargs(name: str, box_threshold: float) -> dict[str, Any]:
+    """Builder kwargs a detector takes from its pipeline: the score threshold, for registry
+    detectors that apply it themselves."""
+    kwarg = _entry(name, "detector").threshold_kwarg
+    return {kwarg: box_threshold} if kwarg else {}
+
+
 def load_pipeline(
     detector: ModelSource,
     classifier: ModelSource,
@@ -407,6 +424,7 @@ def load_pipeline(
     device: str = "auto",
     precision: str = "auto",
     detector_kwargs: Mapping[str, Any] | None = None,
+    cache_dir: Path | None = None,
 ) -> Pipeline:
     """The explicit I/O step: build the models of three sources and move them to the device.
 
@@ -414,15 +432,12 @@ def load_pipeline(
     the architecture builder (e.g. box_detections_per_img, or boxes for constant_boxes).
     """
     dev = resolve_device(device)
-    det_kwargs = dict(detector_kwargs or {})
-    threshold_kwarg = _entry(detector.name, "detector").threshold_kwarg
-    if threshold_kwarg:
-        det_kwargs.setdefault(threshold_kwarg, box_threshold)
+    det_kwargs = {**threshold_kwargs(detector.name, box_threshold), **(detector_kwargs or {})}
     return Pipeline(
         dev,
-        load_model(detector, "detector", dev, **det_kwargs),
-        load_model(classifier, "classifier", dev),
-        load_model(filter, "classifier", dev) if filter else None,
+        load_model(detector, "detector", dev, cache_dir=cache_dir, **det_kwargs),
+        load_model(classifier, "classifier", dev, cache_dir=cache_dir),
+        load_model(filter, "classifier", dev, cache_dir=cache_dir) if filter else None,
         box_threshold,
         resolve_precision(precision, dev),
         top_k,

@@ -7,16 +7,11 @@ can use: a state dict, or a ready TorchScript module.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit
 
-import requests
 import torch
 from torch import nn
 
@@ -36,43 +31,6 @@ class Checkpoint:
     sha256: str
     state_dict: dict[str, torch.Tensor] | None = None
     scripted: nn.Module | None = None
-
-
-def resolve(source: str, cache_dir: Path | None, timeout_s: float = 60.0) -> Path:
-    """A local path for a weight source: the file itself, or a URL downloaded once into
-    cache_dir (TRAPQ_WEIGHTS_CACHE_DIR; a URL without one is refused).
-
-    The download goes to a temporary file in the cache folder and is renamed into place, so a
-    crash mid-download never leaves a truncated file that later runs would trust.
-    """
-    scheme = urlsplit(source).scheme.lower()
-    if scheme not in ("http", "https"):
-        path = Path(source[len("file://") :] if scheme == "file" else source).expanduser()
-        if not path.is_file():
-            raise WeightsError(f"weights file not found: {path}")
-        return path
-    if cache_dir is None:
-        raise WeightsError(f"no cache folder to download {source} into")
-    folder = Path(cache_dir)
-    name = Path(urlsplit(source).path).name or "weights"
-    target = folder / f"{hashlib.sha256(source.encode()).hexdigest()[:16]}-{name}"
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".download-")
-    try:
-        with os.fdopen(fd, "wb") as out, requests.get(source, stream=True, timeout=timeout_s) as r:
-            if r.status_code >= 400:
-                raise WeightsError(f"HTTP {r.status_code} downloading weights from {source}")
-            for block in r.iter_content(1 << 20):
-                out.write(block)
-        os.replace(tmp, target)
-    except requests.RequestException as e:
-        raise WeightsError(f"cannot download weights from {source}: {type(e).__name__}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def load_checkpoint(path: Path, expected_sha256: str | None = None) -> Checkpoint:

@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 def load(name: str, role: Role, boxes: int | None = None, **source: Any) -> LoadedModel:
     """model_source then load_model, as load_pipeline does for each of its models."""
     kwargs = {} if boxes is None else {"boxes": boxes}
-    return load_model(model_source(name, role, **source), role, CPU, **kwargs)
+    cache_dir = source.get("cache_dir")
+    return load_model(model_source(name, role, **source), role, CPU, cache_dir=cache_dir, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -135,8 +136,8 @@ def test_url_weights_are_fetched_once_then_served_from_cache(
             )
             assert model.num_classes == 7
         assert server.hits["/file/w.pt"] == 1
-    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] != []
-    assert not [p for p in cache.iterdir() if p.name.startswith(".download-")]
+    assert (cache / "sha256" / digest[:2] / digest).is_file()  # kept by its content
+    assert not list((cache / "sha256").glob(".download-*"))
 
 
 def test_wrong_sha256_is_refused(tmp_path: Path, classifier_state: dict[str, torch.Tensor]) -> None:
