@@ -12,8 +12,8 @@ tasks.commands.versions'.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -145,8 +145,12 @@ def compare_jobs(
     *,
     truth: Sequence[TruthBox] = (),
     top_changes: int = 10,
+    relabel: Mapping[int, Mapping[str, str]] | None = None,
 ) -> Comparison:
-    """Compare two jobs over the captures both have done (see the module's docstring)."""
+    """Compare two jobs over the captures both have done (see the module's docstring).
+
+    `relabel`, per job, renames species labels and answers before anything is compared, and
+    the verified labels with them: e.g. each label to its genus, to compare at that rank."""
     pipelines = job_pipelines(session, [job_a, job_b])
     for job in (job_a, job_b):
         if job not in pipelines:
@@ -155,6 +159,9 @@ def compare_jobs(
     both = sorted(done_a & done_b)
     result = Comparison(job_a, job_b, len(done_a), len(done_b), len(both))
     boxes_a, boxes_b = _boxes(session, job_a, both), _boxes(session, job_b, both)
+    if relabel:
+        for job, boxes in ((job_a, boxes_a), (job_b, boxes_b)):
+            _rename(boxes, relabel.get(job, {}))
 
     changed: Counter[tuple[str, str]] = Counter()
     agree: dict[str, list[int]] = {role: [0, 0] for role in ROLES}
@@ -190,7 +197,9 @@ def compare_jobs(
     if truth:
         uris = _uris(session, both)
         for job, boxes in ((job_a, boxes_a), (job_b, boxes_b)):
-            result.truth.append(score_against_truth(job, boxes, uris, truth))
+            names = (relabel or {}).get(job, {})
+            verified = [replace(t, label=names.get(t.label, t.label)) for t in truth]
+            result.truth.append(score_against_truth(job, boxes, uris, verified))
     return result
 
 
@@ -264,6 +273,14 @@ def score_against_truth(
         matched += len(pairs)
         correct += sum(found[i].label == verified[j].label for i, j in pairs)
     return TruthScores(job_id, captures, truths, predictions, matched, correct)
+
+
+def _rename(boxes: dict[int, list[Box]], names: Mapping[str, str]) -> None:
+    for found in boxes.values():
+        for box in found:
+            label = box.labels.get("classifier")
+            if label is not None:
+                box.labels["classifier"] = names.get(label, label)
 
 
 def _xyxy(x: Box) -> tuple[float, float, float, float]:

@@ -91,6 +91,16 @@ class Taxonomy:
         """The labels that are `name` or lie under it, in the classifier's order."""
         return [label for label in labels if any(t.name == name for t in self.lineage(label))]
 
+    def names_at(self, rank: str) -> dict[str, str]:
+        """Each taxon's scientific name at `rank`: its own ancestor (or itself) of that rank;
+        a taxon above it, or on a branch without it, keeps its own name."""
+        out = {}
+        for taxon in self.taxa:
+            lineage = self.lineage(taxon.name)
+            at = next((t for t in lineage if t.rank == rank), taxon)
+            out[taxon.name] = at.scientific_name
+        return out
+
     def to_list(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in self.taxa]
 

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
+from inference.taxonomy import RANKS, Taxonomy
 from tasks.cli_app import app, console, job_store
 from tasks.errors import UserError
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
     from db.compare import Comparison, TruthBox
 
 
@@ -28,6 +32,11 @@ def compare(
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     top: Annotated[int, typer.Option(min=1, help="Label changes listed.")] = 10,
+    rank: Annotated[
+        str | None,
+        typer.Option(help="Compare at this rank of the jobs' taxonomy (e.g. genus): every "
+                     "species answer, and each verified label, as its taxon of that rank."),
+    ] = None,
 ) -> None:
     """Compare two jobs over the captures both have done: paired detections, classifier
     agreement, the labels that changed most, per-label counts, and with --truth the precision,
@@ -38,7 +47,9 @@ def compare(
         raise UserError(f"--format {fmt!r}: use table or json")
     verified = read_truth(truth) if truth is not None else []
     with job_store().read() as session:
-        result = compare_jobs(session, job_a, job_b, truth=verified, top_changes=top)
+        relabel = names_at_rank(session, (job_a, job_b), rank) if rank else None
+        result = compare_jobs(session, job_a, job_b, truth=verified, top_changes=top,
+                              relabel=relabel)
     if fmt == "json":
         console.print_json(json.dumps(result.to_dict()))
         return
@@ -46,6 +57,23 @@ def compare(
 
 
 TRUTH_COLUMNS = ("uri", "x1", "y1", "x2", "y2", "label")
+
+
+def names_at_rank(session: Session, jobs: Sequence[int], rank: str) -> dict[int, dict[str, str]]:
+    """Per job, its taxonomy's taxa by their scientific name at `rank`; a job without a
+    taxonomy cannot be compared at a rank, and says so."""
+    from db.pipelines import job_pipelines
+
+    if rank not in RANKS:
+        raise UserError(f"--rank {rank!r}: use one of {', '.join(RANKS)}")
+    out = {}
+    for job, stored in job_pipelines(session, list(jobs)).items():
+        answers = stored.spec.get("answers") or {}
+        if not answers.get("taxonomy"):
+            raise UserError(f"job {job} ran without a taxonomy, so --rank has nothing to roll "
+                            "up to; enqueue with TRAPQ_CLASSIFIER_TAXONOMY (README: Taxonomy)")
+        out[job] = Taxonomy.from_list(answers["taxonomy"]).names_at(rank)
+    return out
 
 
 def read_truth(path: Path) -> list[TruthBox]:
