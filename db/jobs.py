@@ -15,7 +15,6 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     and_,
-    bindparam,
     case,
     exists,
     func,
@@ -23,12 +22,12 @@ from sqlalchemy import (
     literal,
     literal_column,
     select,
-    update,
 )
 from sqlalchemy.orm import Session
 
 from db.models import Capture, Chunk, Job, JobCapture, Pipeline
 from db.pipelines import detector_fingerprint
+from db.projects import project_of_deployment
 from db.states import ChunkState, ItemState
 
 captures = Capture.__table__.c
@@ -112,6 +111,7 @@ def create_job(
         boxes_from_job_id=boxes_from_job_id,
         pipeline_id=pipeline_id,
         detector_fingerprint=detector_fingerprint(pipeline),
+        project_id=project_of_deployment(session, deployment_id),
     )
     session.add(job)
     session.flush()
@@ -130,28 +130,6 @@ def create_job(
         session.scalars(select(Chunk.id).where(Chunk.job_id == job.id).order_by(Chunk.seq))
     )
     return JobPlan(job_id=job.id, n_captures=n, chunk_ids=chunk_ids)
-
-
-def mark_chunks_queued(session: Session, sent: Sequence[tuple[int, str]], at: datetime) -> None:
-    """Record the task ids of sent chunks; only a chunk still `pending` becomes `queued`.
-
-    A worker may already have claimed a chunk whose message went out a moment ago, so a
-    state it wrote is never moved back.
-    """
-    if not sent:
-        return
-    c = chunks_t.c
-    still_pending = c.state == ChunkState.PENDING.value
-    stmt = (
-        update(chunks_t)
-        .where(c.id == bindparam("cid"))
-        .values(
-            task_id=bindparam("tid"),
-            queued_at=bindparam("at"),
-            state=case((still_pending, ChunkState.QUEUED.value), else_=c.state),
-        )
-    )
-    session.connection().execute(stmt, [{"cid": cid, "tid": tid, "at": at} for cid, tid in sent])
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,22 @@ class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
 
+class Project(Base):
+    """Who shares the GPU pool (db.projects): a weight, a cap on chunks out, and the
+    start-time fair queueing tags the dispatcher keeps (db.dispatch)."""
+
+    __tablename__ = "projects"
+    __table_args__ = (UniqueConstraint("name", name="uq_projects_name"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    weight: Mapped[float] = mapped_column(Float)
+    max_in_flight: Mapped[int | None] = mapped_column(Integer)  # None: no cap
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    vstart: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    vfinish: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+
+
 class Deployment(Base):
     __tablename__ = "deployments"
 
@@ -60,6 +76,11 @@ class Deployment(Base):
     comments: Mapped[str | None] = mapped_column(Text)
     # The species that can occur here (0010): labels, taxon names or GBIF keys, as given.
     taxa_list: Mapped[list[Any] | None] = mapped_column(JSON)
+    # None: the `default` project.
+    project_id: Mapped[int | None] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("projects.id", ondelete="SET NULL", name="fk_deployments_project"),
+    )
 
 
 class Capture(Base):
@@ -134,6 +155,14 @@ class Job(Base):
     )
     # db.pipelines.detector_fingerprint(pipeline): equal values find the same boxes (db.reuse).
     detector_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    # The project its deployment had when it was enqueued, and its fair-queueing tags among
+    # that project's jobs (db.dispatch).
+    project_id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer(), "sqlite"),
+        ForeignKey("projects.id", name="fk_jobs_project"),
+    )
+    vstart: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    vfinish: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
 
     deployment: Mapped[Deployment] = relationship()
 
@@ -143,6 +172,7 @@ class Chunk(Base):
     __table_args__ = (
         UniqueConstraint("job_id", "seq", name="uq_chunks_job_seq"),
         Index("ix_chunks_job_state", "job_id", "state"),
+        Index("ix_chunks_state", "state"),
     )
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
@@ -160,6 +190,9 @@ class Chunk(Base):
     # writes are refused.
     claim: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
     worker: Mapped[str | None] = mapped_column(String(200))
+    # released_at: its task id was recorded, before the message went out; queued_at: the
+    # broker took the message. Queued without queued_at: in doubt (db.dispatch).
+    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

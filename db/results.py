@@ -74,6 +74,7 @@ class Outcome(StrEnum):
     RUN = "run"  # claimed: process the pending items
     SKIP = "skip"  # already ended or cancelled (or unknown): acknowledge and do nothing
     EXHAUSTED = "exhausted"  # delivered too often without finishing: now failed
+    STALE = "stale"  # the chunk was sent again under another task id: that message runs it
 
 
 @dataclass(frozen=True)
@@ -165,8 +166,13 @@ def claim_chunk(
     worker: str,
     retries: int,
     max_deliveries: int,
+    task_id: str | None = None,
 ) -> Claim:
     """Mark the chunk running (one more attempt and delivery), or say why not to run it.
+
+    `task_id` is the message's: every sender records a chunk's task id before publishing
+    (db.dispatch), so a message under another id than the chunk's is an older one (its
+    chunk released again after its sender died, or requeued) and is skipped, uncounted.
 
     `retries` is the Celery retry count of the message. Every start counts as a delivery;
     the starts that no retry explains (deliveries - retries) are redeliveries of a run that
@@ -175,13 +181,16 @@ def claim_chunk(
     """
     limit_idle(s)
     row = s.execute(
-        select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items, Chunk.claim)
+        select(Chunk.job_id, Chunk.state, Chunk.deliveries, Chunk.n_items, Chunk.claim,
+               Chunk.task_id)
         .where(Chunk.id == chunk_id)
         .with_for_update()
     ).first()
     if row is None:
         return Claim(Outcome.SKIP, chunk_id)
-    job_id, state, deliveries, n_items, claimed = row
+    job_id, state, deliveries, n_items, claimed, current_task = row
+    if task_id is not None and current_task is not None and task_id != current_task:
+        return Claim(Outcome.STALE, chunk_id, job_id, state, n_items, deliveries=deliveries)
     if state in CHUNK_ENDED:
         return Claim(Outcome.SKIP, chunk_id, job_id, state, n_items, deliveries=deliveries)
     deliveries += 1

@@ -247,6 +247,7 @@ class _ChunkRun:
                 worker=self.task.request.hostname or "unknown",
                 retries=self.task.request.retries,
                 max_deliveries=s.max_deliveries,
+                task_id=self.task.request.id,
             )
         if claim.outcome is not Outcome.RUN:
             log.info("chunk %s not run: %s (state %s)", self.chunk_id, claim.outcome, claim.state)

@@ -1,9 +1,9 @@
 """`trapq demo`: one night of synthetic captures through the whole path, on a real worker.
 
-Generate -> import -> enqueue -> a real Celery worker subprocess -> job store -> summary,
-annotated images and a CSV export. On the embedded defaults (SQLite job store, Kombu's
-SQLAlchemy transport) nothing needs a server; with TRAPQ_DATABASE_URL/TRAPQ_BROKER_URL set it
-runs the same against PostgreSQL and Redis.
+Generate -> import -> enqueue -> dispatcher (a thread here) -> a real Celery worker subprocess
+-> job store -> summary, annotated images and a CSV export. On the embedded defaults (SQLite
+job store, Kombu's SQLAlchemy transport) nothing needs a server; with
+TRAPQ_DATABASE_URL/TRAPQ_BROKER_URL set it runs the same against PostgreSQL and Redis.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from db.states import ItemState
 from db.status import JobStatus, job_status
 from db.summary import DrawnBox, boxes_of, busiest_captures, kind_counts
 from synthetic.nights import NightBehaviour, generate_tracked_night
+from tasks.dispatcher import run_in_thread
 from tasks.errors import UserError
 from tasks.exports.table import write_csv
 from tasks.importer import import_source
@@ -184,12 +185,15 @@ def run_demo(
     log = out / "worker.log"
     started = time.monotonic()
     proc = start_worker(settings, log, concurrency=settings.concurrency)
+    dispatcher, dispatching = run_in_thread(settings)
     try:
         status = wait_for_job(settings, queued.job_id, proc, log, on_progress, timeout_s)
         seconds = time.monotonic() - started
         wait_for_tracking(settings, queued.job_id, TRACKING_WAIT_S)
     finally:
+        dispatcher.stop.set()
         stop_worker(proc)
+        dispatching.join(WORKER_STOP_S)
     factory = ready_session_factory(settings)
     report = DemoReport(
         job_id=queued.job_id,

@@ -1,8 +1,10 @@
-"""The producer: plan a job in the job store, then send one Celery message per chunk.
+"""The producer: plan a job in the job store; send one Celery message per released chunk.
 
-The job, its work items and its chunks are committed before any message goes out (a worker
-cannot see uncommitted rows). A chunk whose message could not be sent stays `pending`, which
-is what `trapq requeue` looks for; nothing else is needed to recover from a broker outage.
+`enqueue` commits the job, its work items and its chunks, all `pending`; the dispatcher
+(tasks.dispatcher) releases chunks through `send_assigned`, `trapq requeue` through
+`send_chunks`. A chunk whose message could not be sent is `pending` again, and the
+dispatcher tries it at its next round; nothing else is needed to recover from a broker
+outage.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from celery import Celery
-from celery.utils import uuid
 from kombu.exceptions import KombuError
 from sqlalchemy.orm import Session, sessionmaker
 
+from db.dispatch import Assigned, assign_task_ids, confirm_sent, dispatcher_running, unassign
 from db.errors import NoSuchDeployment
 from db.imports import find_deployment
-from db.jobs import ChunkPlace, chunk_places, count_captures, create_job, mark_chunks_queued
+from db.jobs import ChunkPlace, chunk_places, count_captures, create_job
 from db.reuse import box_source_problem, find_box_source
 from db.taxa import taxa_in_force
 from tasks.celery_app import PROCESS_CHUNK, make_app
@@ -45,10 +47,13 @@ class EnqueueResult:
     deployment: str
     n_captures: int
     n_chunks: int
+    boxes_from_job_id: int | None = None  # re-classification: whose boxes it reuses
+    # True: the chunks wait for the dispatcher. False: none was running, and enqueue sent
+    # every chunk itself (sent, failed, error), first come first served.
+    dispatched: bool = True
     sent: int = 0
     failed: int = 0
     error: str = ""
-    boxes_from_job_id: int | None = None  # re-classification: whose boxes it reuses
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -87,15 +92,30 @@ def chunk_task_name(place: ChunkPlace | None) -> str | None:
 def send_chunks(
     settings: Settings, session_factory: sessionmaker[Session], chunk_ids: Sequence[int]
 ) -> SendResult:
-    """Send one message per chunk (body: the chunk id) over one producer connection.
+    """Send one message per chunk (body: the chunk id), now, whatever its state.
+
+    Each chunk gets a fresh task id, recorded before its message goes out (a `pending` one
+    becomes `queued`), so the worker's claim can tell the newest message from older ones
+    (db.dispatch); see send_assigned for the rest. The dispatcher sends what it releases
+    the same way; `trapq requeue` sends through here at once.
+    """
+    with database_errors(settings), session_factory.begin() as session:
+        assigned = assign_task_ids(session, chunk_ids, datetime.now(UTC))
+    return send_assigned(settings, session_factory, assigned)
+
+
+def send_assigned(
+    settings: Settings, session_factory: sessionmaker[Session], assigned: Sequence[Assigned]
+) -> SendResult:
+    """Publish chunks whose task ids are recorded, over one producer connection.
 
     Messages go out in batches (Kombu's Producer.batch: one Redis pipeline per batch, other
-    transports publish at once); after each batch its chunks get their task ids and, if still
-    `pending`, the state `queued`, in one transaction. A batch that fails leaves its chunks
-    `pending` (a pipeline that broke half-way may have delivered some: the worker's chunk
-    claim makes such a second delivery harmless). After a few failed batches in a row the
-    broker is taken to be gone and the remaining chunks stay `pending` untried. Callers that
-    resend a chunk (requeue) set it back to `pending` first.
+    transports publish at once); after each batch its chunks are confirmed sent
+    (`queued_at`) in one transaction. A batch that fails gets its previous task ids back and
+    its chunks that were `pending` are `pending` again (a pipeline that broke half-way may
+    have delivered some: their task ids are no longer the chunks', so the worker's claim
+    skips them). After a few failed batches in a row the broker is taken to be gone and the
+    remaining chunks are put back untried.
 
     Each message carries a shadow name (`job 12 · chunk 3/40`, see chunk_task_name): Flower
     and the worker's log show it instead of the bare task name, so the jobs' tasks can be
@@ -103,35 +123,38 @@ def send_chunks(
     """
     app = producer_app(settings)
     with database_errors(settings), session_factory.begin() as session:
-        places = chunk_places(session, chunk_ids)
+        places = chunk_places(session, [a.chunk_id for a in assigned])
     n_sent = n_failed = in_a_row = 0
     error = ""
     with app.producer_or_acquire() as producer:
-        for start in range(0, len(chunk_ids), SEND_BATCH):
-            part = [(chunk_id, uuid()) for chunk_id in chunk_ids[start : start + SEND_BATCH]]
+        for start in range(0, len(assigned), SEND_BATCH):
+            part = assigned[start : start + SEND_BATCH]
             try:
                 with producer.batch(max_size=4 * SEND_BATCH):
-                    for chunk_id, task_id in part:
+                    for a in part:
                         app.send_task(
                             PROCESS_CHUNK,
-                            args=[chunk_id],
+                            args=[a.chunk_id],
                             queue=settings.queue,
-                            task_id=task_id,
+                            task_id=a.task_id,
                             producer=producer,
-                            shadow=chunk_task_name(places.get(chunk_id)),
+                            shadow=chunk_task_name(places.get(a.chunk_id)),
                         )
             except (KombuError, OSError) as e:
                 n_failed += len(part)
                 in_a_row += 1
                 error = str(e.__cause__ or e) or type(e).__name__
-                if in_a_row >= GIVE_UP_AFTER:
-                    n_failed += len(chunk_ids) - start - len(part)
+                untried = assigned[start + len(part) :] if in_a_row >= GIVE_UP_AFTER else []
+                n_failed += len(untried)
+                with database_errors(settings), session_factory.begin() as session:
+                    unassign(session, [*part, *untried])
+                if untried:
                     break
                 continue
             in_a_row = 0
             n_sent += len(part)
             with database_errors(settings), session_factory.begin() as session:
-                mark_chunks_queued(session, part, datetime.now(UTC))
+                confirm_sent(session, part, datetime.now(UTC))
     return SendResult(sent=n_sent, failed=n_failed, error=error)
 
 
@@ -148,7 +171,9 @@ def enqueue(
     reuse_detections_from: int | None = None,
     reuse_detections: bool = False,
 ) -> EnqueueResult:
-    """Plan a job over a deployment's captures and send its chunks.
+    """Plan a job over a deployment's captures; its chunks wait `pending` for the dispatcher
+    (tasks.dispatcher), which releases them in fair order as workers have room. With no
+    dispatcher running (PostgreSQL tells), it sends them all itself, as before dispatchers.
 
     Counting and planning share one snapshot (REPEATABLE READ on PostgreSQL), so an import
     running meanwhile cannot make the count and the chunks disagree. Nothing is created
@@ -174,9 +199,8 @@ def enqueue(
         "limit": limit,
         "only_unprocessed": only_unprocessed,
     }
-    app = None if dry_run else producer_app(settings)
-    if app is not None:
-        check_broker(app)
+    if not dry_run:  # the broker is checked now, not when the dispatcher finds it gone
+        check_broker(producer_app(settings))
     with database_errors(settings), factory.begin() as session:
         if session.get_bind().dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
@@ -198,16 +222,19 @@ def enqueue(
         plan = create_job(
             session, deployment_id, chunk_size=size, boxes_from_job_id=boxes_from, **selection
         )
-    result = send_chunks(settings, factory, plan.chunk_ids)
+    with database_errors(settings), factory() as session:
+        dispatched = dispatcher_running(session)
+    result = SendResult(0, 0) if dispatched else send_chunks(settings, factory, plan.chunk_ids)
     return EnqueueResult(
         job_id=plan.job_id,
         deployment=deployment_name,
         n_captures=plan.n_captures,
         n_chunks=len(plan.chunk_ids),
+        boxes_from_job_id=boxes_from,
+        dispatched=dispatched,
         sent=result.sent,
         failed=result.failed,
         error=result.error,
-        boxes_from_job_id=boxes_from,
     )
 
 

@@ -51,6 +51,20 @@ class Settings(BaseSettings):
         5, ge=1, description="Starts of one chunk (since requeue) before it is failed for good."
     )
 
+    # Dispatcher (tasks.dispatcher): a shallow window on the broker, the rest pending in SQL
+    dispatch_window_min: int = Field(
+        4, ge=1, description="Fewest chunk messages the dispatcher keeps out (2 x live slots)."
+    )
+    dispatch_poll_s: float = Field(
+        2.0, gt=0, description="Longest wait between dispatch rounds without a wake-up."
+    )
+    dispatch_in_doubt_s: float = Field(
+        30.0, gt=0, description="Age at which a chunk recorded but never confirmed sent is resent."
+    )
+    interactive_share: float = Field(
+        0.25, gt=0, le=1, description="Most of the live slots the fast lane (classify) may hold."
+    )
+
     # Worker
     concurrency: int = Field(2, ge=1, description="Chunk threads per worker process (per GPU).")
     pool: Literal["threads", "prefork", "solo"] = Field("threads", description="Celery pool.")

@@ -6,8 +6,10 @@ from tasks.commands import (  # noqa: F401
     compare,
     demo,
     deployments,
+    dispatch,
     exports,
     jobstore,
     operate,
+    projects,
     tracking,
 )

@@ -112,7 +112,7 @@ def enqueue(
                      "same detector and box threshold, if any."),
     ] = False,
 ) -> None:
-    """Create a job over a deployment's captures and send one message per chunk.
+    """Create a job over a deployment's captures; the dispatcher sends its chunks in fair order.
 
     Prints the job id on stdout (the summary goes to stderr), so JOB=$(trapq enqueue D) works.
     """
@@ -142,17 +142,22 @@ def enqueue(
         )
         return
     console.print(result.job_id, highlight=False)
+    how = (
+        "pending for the dispatcher" if result.dispatched
+        else f"{result.sent} sent at once (no dispatcher runs: first come, first served; "
+        "`trapq dispatch` shares the pool fairly)"
+    )
     err_console.print(
         f"job {result.job_id}: {result.n_captures} captures of {deployment} in "
-        f"{result.n_chunks} chunks, {result.sent} sent to queue {s.queue!r}{boxes}",
+        f"{result.n_chunks} chunks, {how} (queue {s.queue!r}){boxes}",
         highlight=False,
         soft_wrap=True,
     )
     if result.failed:
         raise UserError(
             f"job {result.job_id}: {result.failed} of {result.n_chunks} chunks could not be sent "
-            f"({result.error}); they stay pending: run `trapq requeue {result.job_id}` "
-            "once the broker answers"
+            f"({result.error}); they stay pending: `trapq dispatch` sends them once the broker "
+            "answers"
         )
 
 

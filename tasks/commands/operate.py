@@ -25,8 +25,12 @@ def worker(
         str | None, typer.Option(help="threads, prefork or solo; default TRAPQ_POOL.")
     ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level.")] = "INFO",
+    dispatch: Annotated[
+        bool, typer.Option(help="Also run a dispatcher (`trapq dispatch`) beside the workers.")
+    ] = True,
 ) -> None:
-    """Start one Celery worker per GPU on the chunk queue; Ctrl-C stops them warmly."""
+    """Start one Celery worker per GPU on the chunk queue, and a dispatcher; Ctrl-C stops
+    them warmly."""
     from tasks.worker.supervisor import Supervisor, plan_workers
 
     s = settings()
@@ -39,7 +43,8 @@ def worker(
         raise UserError(str(e)) from None
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s: %(levelname)s/trapq] %(message)s")
     supervisor = Supervisor.build(
-        s, specs, pool=chosen_pool, concurrency=concurrency or s.concurrency, loglevel=loglevel
+        s, specs, pool=chosen_pool, concurrency=concurrency or s.concurrency, loglevel=loglevel,
+        dispatcher=dispatch,
     )
     raise typer.Exit(supervisor.run())
 

@@ -171,13 +171,21 @@ class Supervisor:
     @classmethod
     def build(
         cls, settings: Settings, specs: list[WorkerSpec], *, pool: str, concurrency: int,
-        loglevel: str = "INFO",
+        loglevel: str = "INFO", dispatcher: bool = False,
     ) -> Supervisor:
-        return cls([
+        """One child per worker spec, and with `dispatcher` one running tasks.dispatcher
+        (any number of those may run at once, so every machine may start one)."""
+        children = [
             _Child(s, celery_argv(settings.queue, s.node, pool=pool, concurrency=concurrency,
                                   loglevel=loglevel), child_env(s))
             for s in specs
-        ], settings.worker_crash_pause_s)
+        ]
+        if dispatcher:
+            spec = WorkerSpec("dispatcher", None)
+            children.append(
+                _Child(spec, [sys.executable, "-m", "tasks.dispatcher"], child_env(spec))
+            )
+        return cls(children, settings.worker_crash_pause_s)
 
     def run(self) -> int:
         """Start every child and wait until all have stopped; returns the exit code."""

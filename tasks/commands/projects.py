@@ -1,0 +1,73 @@
+"""`trapq projects`: who shares the GPU pool, with which weight and cap (db.projects)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from db.projects import ProjectProblem, add_project, list_projects, remove_project
+from tasks.cli_app import app, console, settings
+from tasks.errors import UserError
+from tasks.store import database_errors, ready_session_factory
+
+projects_app = typer.Typer(
+    help="List projects (no subcommand), add or change one, or remove one.",
+    invoke_without_command=True,
+)
+app.add_typer(projects_app, name="projects")
+
+
+@projects_app.callback()
+def projects_(ctx: typer.Context) -> None:
+    """List projects: weight, cap on chunks out, deployments and jobs."""
+    if ctx.invoked_subcommand is not None:
+        return
+    s = settings()
+    with database_errors(s), ready_session_factory(s)() as session:
+        rows = list_projects(session)
+    if not rows:
+        console.print("no projects yet; `trapq projects add NAME --weight W` creates one")
+        return
+    table = Table(title="projects")
+    for name in ("project", "weight", "max in flight", "deployments", "jobs"):
+        table.add_column(name, justify="left" if name == "project" else "right")
+    for r in rows:
+        table.add_row(r.name, f"{r.weight:g}", str(r.max_in_flight or "-"),
+                      str(r.n_deployments), str(r.n_jobs))
+    console.print(table)
+
+
+@projects_app.command("add")
+def add(
+    name: Annotated[str, typer.Argument(help="Project name.")],
+    weight: Annotated[
+        float, typer.Option(help="Share of the GPU pool against the other projects' weights.")
+    ] = 1.0,
+    max_in_flight: Annotated[
+        int | None, typer.Option(help="Most chunks of this project out at once (none: no cap).")
+    ] = None,
+) -> None:
+    """Create a project, or change its weight and cap."""
+    s = settings()
+    try:
+        with database_errors(s), ready_session_factory(s).begin() as session:
+            created = add_project(session, name, weight, max_in_flight)
+    except ProjectProblem as e:
+        raise UserError(str(e)) from None
+    cap = f", at most {max_in_flight} chunks out" if max_in_flight else ""
+    console.print(f"{name}: {'created' if created else 'updated'}, weight {weight:g}{cap}",
+                  highlight=False)
+
+
+@projects_app.command("remove")
+def remove(name: Annotated[str, typer.Argument(help="Project name.")]) -> None:
+    """Remove a project without jobs; its deployments go back to `default`."""
+    s = settings()
+    try:
+        with database_errors(s), ready_session_factory(s).begin() as session:
+            remove_project(session, name)
+    except ProjectProblem as e:
+        raise UserError(str(e)) from None
+    console.print(f"{name}: removed", highlight=False)

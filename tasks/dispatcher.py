@@ -1,0 +1,193 @@
+"""The dispatcher: keeps a shallow window of chunk messages on the broker, the rest in SQL.
+
+`trapq enqueue` leaves a job's chunks `pending`. The dispatcher releases them in fair order
+(db.dispatch) whenever the broker holds fewer than the window: about twice the live worker
+slots (Celery's inspect: the workers consuming the chunk queue and their pool sizes), never
+fewer than TRAPQ_DISPATCH_WINDOW_MIN, so each slot has a chunk running and one waiting.
+Released chunks are ordinary chunk tasks sent by tasks.producer.
+
+It wakes when a chunk ends, a job is planned or a chunk goes back to pending: on PostgreSQL a
+trigger (migration 0009) sends NOTIFY on the `trapq_dispatch` channel, and the dispatcher
+LISTENs; otherwise (SQLite, a missed notification) it polls every TRAPQ_DISPATCH_POLL_S.
+Any number may run at once (`trapq dispatch`, `trapq worker`, `trapq demo`): a round locks
+every project row first, so they take turns, and each chunk is released once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from celery import Celery
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.dispatch import DISPATCHER_SESSION, recover_in_doubt, release
+from tasks.producer import producer_app, send_assigned
+from tasks.settings import Settings, get_settings
+from tasks.store import ready_session_factory
+
+log = logging.getLogger("trapq.dispatcher")
+
+CHANNEL = "trapq_dispatch"
+SLOTS_EVERY_S = 10.0  # how often live worker slots are asked for (a broadcast costs ~1 s)
+INSPECT_TIMEOUT_S = 1.0
+
+
+def live_slots(app: Celery, queue: str) -> int:
+    """Pool slots of the live workers that consume `queue` (or one of its lanes)."""
+    inspect = app.control.inspect(timeout=INSPECT_TIMEOUT_S)
+    queues = inspect.active_queues() or {}
+    stats = inspect.stats() or {}
+    total = 0
+    for node, consumed in queues.items():
+        names = {q.get("name", "") for q in consumed}
+        if any(n == queue or n.startswith(f"{queue}.") for n in names):
+            total += int(stats.get(node, {}).get("pool", {}).get("max-concurrency", 0))
+    return total
+
+
+def window_for(slots: int, floor: int) -> int:
+    return max(floor, 2 * slots)
+
+
+def interactive_cap(slots: int, share: float) -> int:
+    """Fast-lane chunks out at once: the share of the slots, at least one (else the lane
+    would never run while batch work fills the pool)."""
+    return max(1, int(slots * share))
+
+
+@dataclass
+class Dispatcher:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    slots: int = 0
+    rounds: int = 0
+    released: int = 0
+    recovered: int = 0
+    stop: threading.Event = field(default_factory=threading.Event)
+    on_round: Callable[[int], None] | None = None  # released in that round (tests, metrics)
+
+    @classmethod
+    def build(cls, settings: Settings) -> Dispatcher:
+        return cls(settings, ready_session_factory(settings))
+
+    @property
+    def window(self) -> int:
+        return window_for(self.slots, self.settings.dispatch_window_min)
+
+    def round(self) -> int:
+        """Put chunks in doubt back to pending, release what fits, publish it; returns how
+        many went out."""
+        s = self.settings
+        now = datetime.now(UTC)
+        with self.sessions.begin() as session:
+            recovered = recover_in_doubt(session, now, timedelta(seconds=s.dispatch_in_doubt_s))
+            chosen = release(
+                session, self.window, now, interactive_cap(self.slots, s.interactive_share)
+            )
+        if recovered:
+            log.warning("%d chunk(s) in doubt (their sender died) are pending again", recovered)
+        self.recovered += recovered
+        self.rounds += 1
+        if not chosen.assigned:
+            return 0
+        result = send_assigned(s, self.sessions, chosen.assigned)
+        self.released += result.sent
+        if result.failed:
+            log.warning("%d chunk(s) not sent (%s); they stay pending", result.failed,
+                        result.error)
+        log.info("released %d chunk(s) %s", result.sent, chosen.by_project)
+        if self.on_round is not None:
+            self.on_round(result.sent)
+        return result.sent
+
+    def run(self) -> None:
+        """Rounds until `stop` is set: at each wake-up, and at least every poll interval."""
+        app = producer_app(self.settings)
+        slots_thread = threading.Thread(
+            target=self._watch_slots, args=(app,), name="trapq-dispatch-slots", daemon=True
+        )
+        slots_thread.start()
+        wake = _Wakeup(self.sessions.kw["bind"], self.settings.dispatch_poll_s)
+        try:
+            while not self.stop.is_set():
+                try:
+                    while self.round() and not self.stop.is_set():
+                        pass
+                except Exception as e:  # the database or broker is away: try again later
+                    log.warning("dispatch round failed: %s", e)
+                    self.stop.wait(self.settings.dispatch_poll_s)
+                wake.wait(self.stop)
+        finally:
+            wake.close()
+            self.stop.set()
+
+    def _watch_slots(self, app: Celery) -> None:
+        while not self.stop.is_set():
+            try:
+                self.slots = live_slots(app, self.settings.queue)
+            except Exception as e:
+                log.warning("cannot count live worker slots: %s", e)
+            self.stop.wait(SLOTS_EVERY_S)
+
+
+class _Wakeup:
+    """Waits for a NOTIFY on the dispatch channel (PostgreSQL) or the poll interval."""
+
+    def __init__(self, engine: Engine, poll_s: float) -> None:
+        self.poll_s = poll_s
+        self.conn = None
+        if engine.dialect.name == "postgresql":
+            self.conn = engine.raw_connection()
+            self.conn.driver_connection.autocommit = True  # type: ignore[union-attr]
+            self.conn.driver_connection.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]
+
+    def wait(self, stop: threading.Event) -> None:
+        if self.conn is None:
+            stop.wait(self.poll_s)
+            return
+        try:
+            for _ in self.conn.driver_connection.notifies(  # type: ignore[union-attr]
+                timeout=self.poll_s, stop_after=1
+            ):
+                pass
+        except Exception as e:  # the connection broke: poll until it comes back
+            log.warning("dispatch wake-ups lost (%s); polling", e)
+            self.close()
+            stop.wait(self.poll_s)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+
+def run_in_thread(settings: Settings) -> tuple[Dispatcher, threading.Thread]:
+    """A dispatcher running beside something else (the demo); set `.stop` to end it."""
+    dispatcher = Dispatcher.build(settings)
+    thread = threading.Thread(target=dispatcher.run, name="trapq-dispatcher", daemon=True)
+    thread.start()
+    return dispatcher, thread
+
+
+def main_loop(settings: Settings) -> None:
+    """`trapq dispatch`: run until killed or Ctrl-C (a kill at any point loses nothing)."""
+    os.environ["PGAPPNAME"] = DISPATCHER_SESSION  # enqueue looks for it
+    logging.basicConfig(level=logging.INFO,
+                        format="[%(asctime)s: %(levelname)s/dispatch] %(message)s")
+    dispatcher = Dispatcher.build(settings)
+    log.info("dispatching (window at least %d, poll %.1fs)", settings.dispatch_window_min,
+             settings.dispatch_poll_s)
+    try:
+        dispatcher.run()
+    except KeyboardInterrupt:
+        dispatcher.stop.set()
+
+
+if __name__ == "__main__":  # `python -m tasks.dispatcher`, as `trapq worker` starts it
+    main_loop(get_settings())
