@@ -11,5 +11,6 @@ from tasks.commands import (  # noqa: F401
     jobstore,
     operate,
     projects,
+    reapply,
     tracking,
 )
