@@ -1,15 +1,29 @@
-"""The pipeline the TRAPQ_* model settings name, as ModelSources: one function for the producer
-(which stores the job's PipelineSpec) and the worker (which loads it), so both read the same
-files the same way.
+"""The pipelines a job can run, as the command line finds them: named ones (`trapq pipelines
+add`), and the one the TRAPQ_* model settings describe, recorded as `default` on first use.
 
-Building the sources hashes the weight files and reads the label files, and builds no model:
-the producer pays a file read (and torch's import), never a model load.
+Building a spec hashes the weight files (downloading a URL or S3 object once) and reads the
+label files, and builds no model; it needs the model registry and so torch. Only `pipelines
+add` and the first enqueue of new model settings pay that: every other enqueue finds its
+pipeline in the job store, by name or by the settings' key, and imports no torch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.pipelines import (
+    DEFAULT,
+    PipelineError,
+    StoredPipeline,
+    add_pipeline,
+    find_pipeline,
+    settings_pipeline,
+)
 from inference.pipeline_spec import ModelSource, PipelineSpec
 from inference.taxonomy import (
     AnswerPolicy,
@@ -20,6 +34,7 @@ from inference.taxonomy import (
 )
 from tasks.errors import UserError
 from tasks.settings import Settings
+from tasks.store import database_errors, ready_session_factory
 
 
 def model_sources(s: Settings) -> tuple[ModelSource, ModelSource, ModelSource | None]:
@@ -110,3 +125,58 @@ def with_taxa(
         taxonomy, taxa, chosen)
     return spec.with_answers(policy)
 
+
+def settings_key(s: Settings) -> str:
+    """A hash of the model settings as written: equal keys describe the same pipeline, so an
+    enqueue finds `default` without hashing the weights again."""
+    written = {
+        "detector": [s.detector, s.detector_weights, s.detector_labels, s.detector_sha256],
+        "classifier": [s.classifier, s.classifier_weights, s.classifier_labels,
+                       s.classifier_sha256, s.classifier_input_size],
+        "filter": [s.filter_classifier, s.filter_weights, s.filter_labels, s.filter_sha256,
+                   s.filter_input_size, s.filter_negative],
+        "box_threshold": s.box_threshold,
+        "top_k": s.top_k,
+        "random_weights": s.random_weights,
+        "answers": [s.classifier_taxonomy, s.species_threshold],
+    }
+    canonical = json.dumps(written, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def resolve_pipeline(
+    s: Settings, factory: sessionmaker[Session], ref: str | None
+) -> StoredPipeline:
+    """The pipeline a job is enqueued with: NAME or NAME@VERSION, or (None) the settings'
+    `default`. A name that is not recorded is a UserError naming the known ones."""
+    with database_errors(s), factory.begin() as session:
+        try:
+            found = find_pipeline(session, ref) if ref else settings_pipeline(
+                session, settings_key(s)
+            )
+        except PipelineError as e:
+            raise UserError(str(e)) from None
+    if found is not None:
+        return found
+    spec = pipeline_spec(s)
+    with database_errors(s), factory.begin() as session:
+        stored, _ = add_pipeline(
+            session, DEFAULT, spec.to_dict(), spec.fingerprint(),
+            description="the TRAPQ_* model settings", settings_key=settings_key(s),
+        )
+    return stored
+
+
+def add_named_pipeline(
+    s: Settings, name: str, overrides: dict[str, Any], description: str
+) -> tuple[StoredPipeline, bool]:
+    """`trapq pipelines add`: the settings with `overrides`, hashed and recorded under name."""
+    factory = ready_session_factory(s)
+    spec = pipeline_spec(s.model_copy(update=overrides))
+    try:
+        with database_errors(s), factory.begin() as session:
+            return add_pipeline(
+                session, name, spec.to_dict(), spec.fingerprint(), description=description
+            )
+    except PipelineError as e:
+        raise UserError(str(e)) from None

@@ -124,7 +124,15 @@ class Settings(BaseSettings):
     )
     top_k: int = Field(5, ge=1, le=100, description="Classifier top-k stored per detection.")
     weights_cache_dir: Path = Field(
-        Path.home() / ".cache" / "trapq" / "weights", description="Downloaded weights."
+        Path.home() / ".cache" / "trapq" / "weights",
+        description="Downloaded weights, kept by their sha256.",
+    )
+    model_cache_mb: float = Field(
+        4096, ge=0, description="Parameters and buffers of the pipelines a worker holds (0: no "
+        "bound); least recently used out first."
+    )
+    affinity: bool = Field(
+        True, description="Send a chunk to a worker that holds its pipeline (Redis broker)."
     )
 
     # Engine

@@ -10,6 +10,7 @@ from tasks.commands import (  # noqa: F401
     exports,
     jobstore,
     operate,
+    pipelines,
     projects,
     reapply,
     tracking,
