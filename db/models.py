@@ -51,6 +51,8 @@ class Project(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     vstart: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     vfinish: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
+    # Below it a species answer rolls up the taxonomy (0010); None: TRAPQ_SPECIES_THRESHOLD.
+    species_threshold: Mapped[float | None] = mapped_column(Float)
 
 
 class Deployment(Base):

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from db.imports import get_or_create_deployment
-from db.models import Deployment
+from db.models import Deployment, Project
+from db.projects import DEFAULT_PROJECT
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,20 @@ def set_taxa_list(session: Session, name: str, entries: list[str] | None) -> Non
     )
 
 
+def set_species_threshold(session: Session, project: str, threshold: float | None) -> None:
+    """Project NAME's threshold (it must exist); None: the pipeline's again."""
+    session.execute(
+        update(Project).where(Project.name == project).values(species_threshold=threshold)
+    )
+
+
 def taxa_in_force(session: Session, deployment_id: int) -> TaxaInForce:
-    entries = session.scalar(select(Deployment.taxa_list).where(Deployment.id == deployment_id))
-    return TaxaInForce([str(e) for e in entries] if entries else None, None)
+    """The deployment's list and its project's threshold (no project: `default`'s)."""
+    default = select(Project.id).where(Project.name == DEFAULT_PROJECT).scalar_subquery()
+    row = session.execute(
+        select(Deployment.taxa_list, Project.species_threshold)
+        .outerjoin(Project, Project.id == func.coalesce(Deployment.project_id, default))
+        .where(Deployment.id == deployment_id)
+    ).one()
+    entries, threshold = row
+    return TaxaInForce([str(e) for e in entries] if entries else None, threshold)

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select
 
 import tasks.producer as producer
 from db.models import Deployment, Job
+from db.projects import set_deployment_project
 from db.session import make_sessionmaker
 from db.taxa import set_taxa_list
 from inference.pipeline_spec import PipelineSpec
@@ -98,3 +99,20 @@ def test_deployments_set_takes_a_taxa_list_and_refuses_an_empty_one(
     with make_sessionmaker(clean_pg)() as session:
         stored = session.scalar(select(Deployment.taxa_list).where(Deployment.name == "trap-c"))
     assert stored == ["Noctuidae", "797"]
+
+
+def test_a_projects_species_threshold_is_the_jobs_and_a_bad_one_is_refused(
+    settings: Settings, service_env: dict[str, str], clean_pg: Engine
+) -> None:
+    add_captures(clean_pg, "trap-d", 2)
+    bad = trapq(service_env, "projects", "add", "wild", "--species-threshold", "1.5")
+    assert "species threshold 1.5 is outside (0, 1]" in one_line_error(bad)
+    done = trapq(service_env, "projects", "add", "wild", "--species-threshold", "0.8")
+    assert done.returncode == 0, done.stderr
+    with make_sessionmaker(clean_pg).begin() as session:
+        set_deployment_project(session, "trap-d", "wild")
+    job = producer.enqueue(settings, "trap-d")
+    with make_sessionmaker(clean_pg)() as session:
+        stored = session.scalar(select(Job.pipeline).where(Job.id == job.job_id))
+    answers = PipelineSpec.from_dict(stored).answers
+    assert answers is not None and answers.threshold == 0.8

@@ -5,7 +5,7 @@ was reached: classifier, rolled-up, masked, masked-and-rolled-up; NULL before th
 when it was always the classifier's) and `probabilities`, the classifier's full softmax as
 float16 (NULL where not stored), so another list or threshold can be re-applied without the
 device. deployments: `taxa_list`, the entries of its species list (labels, taxon names or
-GBIF keys) as given.
+GBIF keys) as given. projects: `species_threshold`, below which its answers roll up.
 
 Revision ID: 0010
 Revises: 0009
@@ -30,9 +30,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("probabilities", sa.LargeBinary(), nullable=True))
     with op.batch_alter_table("deployments") as batch:
         batch.add_column(sa.Column("taxa_list", sa.JSON(), nullable=True))
+    with op.batch_alter_table("projects") as batch:
+        batch.add_column(sa.Column("species_threshold", sa.Float(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("projects") as batch:
+        batch.drop_column("species_threshold")
     with op.batch_alter_table("deployments") as batch:
         batch.drop_column("taxa_list")
     with op.batch_alter_table("classifications") as batch:

@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from db.projects import ProjectProblem, add_project, list_projects, remove_project
+from db.taxa import set_species_threshold
+from inference.taxonomy import TaxonomyError, check_threshold
 from tasks.cli_app import app, console, settings
 from tasks.errors import UserError
 from tasks.store import database_errors, ready_session_factory
@@ -48,17 +50,26 @@ def add(
     max_in_flight: Annotated[
         int | None, typer.Option(help="Most chunks of this project out at once (none: no cap).")
     ] = None,
+    species_threshold: Annotated[
+        float | None,
+        typer.Option(help="Below it a species answer rolls up the taxonomy, in (0, 1] "
+                     "(none: TRAPQ_SPECIES_THRESHOLD); `trapq reapply JOB` for ended jobs."),
+    ] = None,
 ) -> None:
-    """Create a project, or change its weight and cap."""
+    """Create a project, or change its weight, cap and species threshold."""
     s = settings()
     try:
+        if species_threshold is not None:
+            check_threshold(species_threshold)
         with database_errors(s), ready_session_factory(s).begin() as session:
             created = add_project(session, name, weight, max_in_flight)
-    except ProjectProblem as e:
+            set_species_threshold(session, name, species_threshold)
+    except (ProjectProblem, TaxonomyError) as e:
         raise UserError(str(e)) from None
     cap = f", at most {max_in_flight} chunks out" if max_in_flight else ""
-    console.print(f"{name}: {'created' if created else 'updated'}, weight {weight:g}{cap}",
-                  highlight=False)
+    answers = f", species threshold {species_threshold:g}" if species_threshold else ""
+    console.print(f"{name}: {'created' if created else 'updated'}, weight {weight:g}{cap}"
+                  f"{answers}", highlight=False)
 
 
 @projects_app.command("remove")
