@@ -40,6 +40,8 @@ class MockTask:
     deadline: float = 0.0
     answers: list[dict[str, Any]] = field(default_factory=list)  # accepted (acknowledging)
     dead: bool = False  # delivered max_deliveries times, never answered
+    first_delivered: float | None = None  # time.monotonic()
+    answered: float | None = None
 
     @property
     def acked(self) -> bool:
@@ -113,6 +115,16 @@ class AntennaMock:
             self._expire(time.monotonic())
             return sum(t.dead for j in self.jobs.values() for t in j.tasks)
 
+    def result_posts(self) -> list[RecordedPost]:
+        with self._lock:
+            return [p for p in self.posts if p.path.endswith("/result/")]
+
+    def latencies(self) -> list[float]:
+        """Seconds from each answered task's first delivery to its accepted answer."""
+        with self._lock:
+            return [t.answered - t.first_delivered for j in self.jobs.values() for t in j.tasks
+                    if t.answered is not None and t.first_delivered is not None]
+
     def answer_counts(self) -> Counter[int]:
         """How many tasks got 0, 1, 2... accepted answers."""
         with self._lock:
@@ -159,7 +171,10 @@ class AntennaMock:
 
         @app.post("/api/v2/projects/{project_id}/pipelines/")
         async def register(project_id: int, request: Request) -> Response:
-            body = await self._validated(request, PipelineRegistrationRequest)
+            raw = await request.body()
+            body = self._parse(request, raw, PipelineRegistrationRequest)
+            with self._lock:
+                self.posts.append(RecordedPost(request.url.path, len(raw), None))
             if body is None:
                 return JSONResponse({"detail": "invalid"}, status_code=400)
             with self._lock:
@@ -254,6 +269,7 @@ class AntennaMock:
         handed = []
         for t in free[:n]:
             t.deliveries += 1
+            t.first_delivered = t.first_delivered or now
             t.subject = f"$JS.ACK.job{job.id}.{t.raw['id']}.{t.deliveries}"
             t.deadline = now + self.ack_wait_s
             handed.append({**t.raw, "reply_subject": t.subject})
@@ -277,6 +293,7 @@ class AntennaMock:
                 self._problem(f"task of image {image_id} answered with others' detections")
             self._check_keys(job, result)
         task.answers.append(result.model_dump(mode="json", exclude_unset=True))  # as sent
+        task.answered = task.answered or time.monotonic()
         task.subject = None
 
     def _check_keys(self, job: MockJob, result: Any) -> None:

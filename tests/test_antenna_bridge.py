@@ -187,3 +187,37 @@ def test_a_refused_token_stops_the_bridge_with_one_line(
     result = trapq(env, "antenna")
     line = one_line_error(result)
     assert "401" in line and "TRAPQ_ANTENNA_TOKEN" in line and "not-the-token" not in line
+
+
+@pytest.mark.slow
+def test_antenna_unavailable_the_bridge_holds_no_more_tasks_and_loses_no_answer(
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    images: str,
+) -> None:
+    job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(12)])
+    env = bridge_env(worker_env(service_env), mock, TRAPQ_ANTENNA_FIRST_BATCH="4",
+                     TRAPQ_ANTENNA_BACKOFF_MAX_S="1")
+    worker_factory(env).start()
+    bridge = start_bridge(worker_factory, env)
+
+    def delivered() -> int:
+        return sum(t.deliveries for t in mock.jobs[job].tasks)
+
+    wait_for(lambda: delivered() > 0, 90, "a first batch", on_timeout=bridge.tail)
+    mock.unavailable_all = True
+    held = delivered()
+
+    def states() -> dict[str, int]:
+        with clean_pg.connect() as conn:
+            return dict(conn.execute(
+                select(AntennaTask.state, func.count()).group_by(AntennaTask.state)
+            ).all())
+
+    wait_for(lambda: set(states()) <= {"ready", "answered"} and sum(states().values()) == held,
+             90, "the held tasks' answers computed", on_timeout=bridge.tail)
+    wait_for(lambda: "Antenna unavailable" in bridge.log_text(), 30, "a backoff")
+    assert delivered() == held, "no task taken while Antenna is unavailable"
+    mock.unavailable_all = False
+    wait_for(lambda: mock.finished(job), 120, "every task answered", on_timeout=bridge.tail)
+    assert_answered_once(mock, job)
+    assert mock.redeliveries() == 0

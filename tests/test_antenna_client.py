@@ -103,7 +103,8 @@ def test_answers_are_split_under_the_post_limit(mock: AntennaMock) -> None:
     report = client.post_results(job, [answer(t.reply_subject or "", t.image_id, 20)
                                        for t in tasks])
     assert len(report.posted) == 12
-    assert len(mock.posts) > 1 and max(p.size for p in mock.posts) <= limit
+    posts = mock.result_posts()
+    assert len(posts) > 1 and max(p.size for p in posts) <= limit
     assert mock.finished(job) and mock.problems == []
 
 
@@ -119,7 +120,7 @@ def test_a_413_splits_the_body_and_an_answer_too_large_alone_becomes_an_error(
     report = client.post_results(job, [answer(t.reply_subject or "", t.image_id, n)
                                        for t, n in zip(tasks, sizes, strict=True)])
     assert len(report.posted) == 6 and len(report.too_large) == 1
-    statuses = [p.body is None for p in mock.posts]
+    statuses = [p.body is None for p in mock.result_posts()]
     assert statuses[0] is True, "the first, whole body was refused"
     answers = mock.answers(job)
     assert all(len(a) == 1 for a in answers.values()) and mock.problems == []

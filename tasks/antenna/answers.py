@@ -45,6 +45,7 @@ class ServedPipeline:
     version: int
     fingerprint: str
     spec: dict[str, Any]  # inference.pipeline_spec.PipelineSpec.to_dict()
+    id: int | None = None  # the pipelines row, which the bridge's jobs pin
 
     @property
     def slug(self) -> str:

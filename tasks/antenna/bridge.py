@@ -237,7 +237,7 @@ class Bridge:
             return []
         plan = create_job(
             session, deployment, pipeline=served.spec, fingerprint=served.fingerprint,
-            chunk_size=self.antenna.chunk_size,
+            pipeline_id=served.id, chunk_size=self.antenna.chunk_size,
             capture_ids=sorted({t.capture_id for t in todo if t.capture_id is not None}),
         )
         for t in todo:
