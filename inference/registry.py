@@ -23,7 +23,7 @@ from torch import nn
 from inference import weights as W
 from inference.pipeline_spec import ModelSource, PipelineSpec
 from inference.taxonomy import AnswerPolicy
-from inference.weight_store import fetch, hash_location, is_local
+from inference.weight_store import fetch, hash_location, is_local, without_query
 
 Role = Literal["detector", "classifier"]
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
@@ -355,7 +355,9 @@ def model_source(
             f"sha256 mismatch for {location}: expected {sha256}, file has {digest}; "
             "the file is corrupt or not the one you meant"
         )
-    recorded = str(path.resolve()) if is_local(location) else location
+    # A query string may be a signature (a presigned URL): never recorded. Workers then find
+    # the bytes in their weights cache, or at a location that needs no secret (s3://).
+    recorded = str(path.resolve()) if is_local(location) else without_query(location)
     return ModelSource(name, recorded, label_names, size, digest)  # type: ignore[arg-type]
 
 

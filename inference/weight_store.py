@@ -28,6 +28,11 @@ def is_local(location: str) -> bool:
     return urlsplit(location).scheme.lower() not in ("http", "https", "s3")
 
 
+def without_query(location: str) -> str:
+    """A URL without its query string and fragment (where presigned URLs keep their secret)."""
+    return urlsplit(location)._replace(query="", fragment="").geturl()
+
+
 def local_path(location: str) -> Path:
     """A path or file:// URI as a path (nothing is checked)."""
     if urlsplit(location).scheme.lower() == "file":

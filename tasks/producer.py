@@ -24,9 +24,11 @@ from db.imports import find_deployment
 from db.jobs import ChunkPlace, chunk_places, count_captures, create_job
 from db.reuse import box_source_problem, find_box_source
 from db.taxa import taxa_in_force
+from inference.pipeline_spec import PipelineSpec
+from tasks import routing
 from tasks.celery_app import PROCESS_CHUNK, make_app
 from tasks.errors import UserError
-from tasks.pipeline import pipeline_spec, with_taxa
+from tasks.pipeline import resolve_pipeline, with_taxa
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
 
@@ -54,6 +56,7 @@ class EnqueueResult:
     sent: int = 0
     failed: int = 0
     error: str = ""
+    pipeline: str = ""  # NAME@VERSION of the pipeline it runs
 
 
 def producer_app(settings: Settings) -> Celery:
@@ -86,7 +89,10 @@ def check_broker(app: Celery) -> None:
 def chunk_task_name(place: ChunkPlace | None) -> str | None:
     """The name Flower shows for a chunk's task; None (the task's own name) for a chunk
     that no longer exists (the worker will skip it)."""
-    return None if place is None else f"job {place.job_id} · chunk {place.number}/{place.of}"
+    if place is None:
+        return None
+    where = f"job {place.job_id} · chunk {place.number}/{place.of}"
+    return f"{place.pipeline} · {where}" if place.pipeline else where
 
 
 def send_chunks(
@@ -117,13 +123,17 @@ def send_assigned(
     skips them). After a few failed batches in a row the broker is taken to be gone and the
     remaining chunks are put back untried.
 
-    Each message carries a shadow name (`job 12 · chunk 3/40`, see chunk_task_name): Flower
-    and the worker's log show it instead of the bare task name, so the jobs' tasks can be
-    told apart. Celery's retries keep it.
+    Each message carries a shadow name (`quebec@2 · job 12 · chunk 3/40`, see
+    chunk_task_name): Flower and the worker's log show it instead of the bare task name, so
+    the jobs' tasks can be told apart. Celery's retries keep it.
+
+    A chunk goes to its pipeline's queue when a live worker consumes it (that worker holds
+    the pipeline, tasks.routing), else to the common queue settings.queue.
     """
     app = producer_app(settings)
     with database_errors(settings), session_factory.begin() as session:
         places = chunk_places(session, [a.chunk_id for a in assigned])
+    queues = _affine_queues(settings, app, places)
     n_sent = n_failed = in_a_row = 0
     error = ""
     with app.producer_or_acquire() as producer:
@@ -135,7 +145,7 @@ def send_assigned(
                         app.send_task(
                             PROCESS_CHUNK,
                             args=[a.chunk_id],
-                            queue=settings.queue,
+                            queue=queues.get(a.chunk_id, settings.queue),
                             task_id=a.task_id,
                             producer=producer,
                             shadow=chunk_task_name(places.get(a.chunk_id)),
@@ -158,6 +168,18 @@ def send_assigned(
     return SendResult(sent=n_sent, failed=n_failed, error=error)
 
 
+def _affine_queues(
+    settings: Settings, app: Celery, places: dict[int, ChunkPlace]
+) -> dict[int, str]:
+    """The pipeline queue of each chunk whose pipeline a live worker holds."""
+    if not settings.affinity or not routing.routes(settings.broker_url) or not places:
+        return {}
+    consumed = routing.consumed_queues(app)
+    wanted = {cid: routing.pipeline_queue(settings.queue, p.fingerprint)
+              for cid, p in places.items() if p.fingerprint}
+    return {cid: queue for cid, queue in wanted.items() if queue in consumed}
+
+
 def enqueue(
     settings: Settings,
     deployment_name: str,
@@ -170,6 +192,7 @@ def enqueue(
     dry_run: bool = False,
     reuse_detections_from: int | None = None,
     reuse_detections: bool = False,
+    pipeline: str | None = None,
 ) -> EnqueueResult:
     """Plan a job over a deployment's captures; its chunks wait `pending` for the dispatcher
     (tasks.dispatcher), which releases them in fair order as workers have room. With no
@@ -182,6 +205,9 @@ def enqueue(
     `reuse_detections_from` makes a re-classification job that reuses that job's boxes
     (it must have run the same detector and box threshold); `reuse_detections` picks the
     newest done job that did, and runs a full job when there is none.
+
+    `pipeline` names the pipeline (NAME or NAME@VERSION, tasks.pipeline.resolve_pipeline);
+    None takes the TRAPQ_* model settings' `default`. A recorded pipeline needs no torch.
     """
     size = chunk_size or settings.chunk_size
     if size < 1:
@@ -189,11 +215,11 @@ def enqueue(
     if limit is not None and limit < 1:
         raise UserError("--limit must be at least 1")
     factory = ready_session_factory(settings)
-    spec = pipeline_spec(settings)
-    pipeline = spec.to_dict()
+    stored = resolve_pipeline(settings, factory, pipeline)
+    spec = PipelineSpec.from_dict(stored.spec)
     selection = {
-        "pipeline": pipeline,
-        "fingerprint": spec.fingerprint(),
+        "pipeline": stored.spec,
+        "fingerprint": stored.fingerprint,
         "since": since,
         "until": until,
         "limit": limit,
@@ -211,16 +237,17 @@ def enqueue(
         spec = with_taxa(spec, taxa.entries, taxa.threshold)
         selection |= {"pipeline": spec.to_dict(), "fingerprint": spec.fingerprint()}
         boxes_from = _box_source(
-            session, deployment_id, pipeline, reuse_detections_from, reuse_detections
+            session, deployment_id, stored.spec, reuse_detections_from, reuse_detections
         )
         n = count_captures(session, deployment_id, **selection)
         if n == 0:
             raise UserError(f"no captures of {deployment_name!r} match; nothing to enqueue")
         if dry_run:
             return EnqueueResult(None, deployment_name, n, -(-n // size),
-                                 boxes_from_job_id=boxes_from)
+                                 boxes_from_job_id=boxes_from, pipeline=stored.label)
         plan = create_job(
-            session, deployment_id, chunk_size=size, boxes_from_job_id=boxes_from, **selection
+            session, deployment_id, chunk_size=size, boxes_from_job_id=boxes_from,
+            pipeline_id=stored.id, **selection
         )
     with database_errors(settings), factory() as session:
         dispatched = dispatcher_running(session)
@@ -231,6 +258,7 @@ def enqueue(
         n_captures=plan.n_captures,
         n_chunks=len(plan.chunk_ids),
         boxes_from_job_id=boxes_from,
+        pipeline=stored.label,
         dispatched=dispatched,
         sent=result.sent,
         failed=result.failed,

@@ -137,10 +137,10 @@ def test_enqueue_puts_every_capture_in_exactly_one_chunk_and_one_message_per_chu
     assert [n for _, n, _ in per_capture] == [1] * 150
     # chunks hold neighbouring frames: the first 64 minutes are chunk 0, and so on
     assert [seq for _, _, seq in per_capture] == [i // 64 for i in range(150)]
-    # Flower shows each task by its shadow name: job and chunk, numbered from 1.
+    # Flower shows each task by its shadow name: pipeline, job and chunk, numbered from 1.
     job = result.job_id
     assert messages(queue, queue_name) == [
-        {"task": PROCESS_CHUNK, "shadow": f"job {job} · chunk {n}/3", "id": task_id,
+        {"task": PROCESS_CHUNK, "shadow": f"default@1 · job {job} · chunk {n}/3", "id": task_id,
          "args": [chunk_id], "kwargs": {}}
         for n, (chunk_id, _, _, task_id, _) in enumerate(chunks, start=1)
     ]

@@ -111,6 +111,11 @@ def enqueue(
         typer.Option(help="Re-classify with the boxes of the newest done job that ran the "
                      "same detector and box threshold, if any."),
     ] = False,
+    pipeline: Annotated[
+        str | None,
+        typer.Option(help="NAME or NAME@VERSION (`trapq pipelines`); default: the TRAPQ_* "
+                     "model settings, recorded as `default`."),
+    ] = None,
 ) -> None:
     """Create a job over a deployment's captures; the dispatcher sends its chunks in fair order.
 
@@ -128,6 +133,7 @@ def enqueue(
         dry_run=dry_run,
         reuse_detections_from=reuse_detections_from,
         reuse_detections=reuse_detections,
+        pipeline=pipeline,
     )
     boxes = (
         f", boxes of job {result.boxes_from_job_id}"
@@ -137,7 +143,7 @@ def enqueue(
     if result.job_id is None:
         console.print(
             f"dry run: {result.n_captures} captures of {deployment} in {result.n_chunks} "
-            f"chunks{boxes}",
+            f"chunks, pipeline {result.pipeline}{boxes}",
             highlight=False,
         )
         return
@@ -149,7 +155,8 @@ def enqueue(
     )
     err_console.print(
         f"job {result.job_id}: {result.n_captures} captures of {deployment} in "
-        f"{result.n_chunks} chunks, {how} (queue {s.queue!r}){boxes}",
+        f"{result.n_chunks} chunks of pipeline {result.pipeline}, {how} "
+        f"(queue {s.queue!r}){boxes}",
         highlight=False,
         soft_wrap=True,
     )
@@ -251,16 +258,20 @@ def print_pipelines(rows: list[JobRow]) -> None:
     its own so the job table still fits 80 columns; re-classification jobs name their source."""
     jobs: dict[str | None, list[str]] = {}
     models: dict[str | None, str] = {}
+    names: dict[str | None, str] = {}
     for r in rows:
         reuse = f" (boxes of {r.boxes_from_job_id})" if r.boxes_from_job_id is not None else ""
         jobs.setdefault(r.fingerprint, []).append(f"{r.id}{reuse}")
         models.setdefault(r.fingerprint, r.models)
+        names.setdefault(r.fingerprint, r.pipeline)
     table = Table(title="pipelines of these jobs")
     table.add_column("pipeline", no_wrap=True)
+    table.add_column("fingerprint", no_wrap=True)
     table.add_column("models")
     table.add_column("jobs")
     for fingerprint, ids in jobs.items():
-        table.add_row(short_fingerprint(fingerprint), models[fingerprint] or "-", ", ".join(ids))
+        table.add_row(names[fingerprint] or "-", short_fingerprint(fingerprint),
+                      models[fingerprint] or "-", ", ".join(ids))
     console.print(table)
 
 
@@ -275,7 +286,8 @@ def print_job(st: JobStatus) -> None:
     )
     reuse = f" · boxes of job {j.boxes_from_job_id}" if j.boxes_from_job_id is not None else ""
     console.print(
-        f"pipeline {short_fingerprint(j.fingerprint)} · {j.models or 'models not recorded'}{reuse}",
+        f"pipeline {j.pipeline or '-'} ({short_fingerprint(j.fingerprint)}) · "
+        f"{j.models or 'models not recorded'}{reuse}",
         highlight=False,
         soft_wrap=True,
     )
