@@ -18,18 +18,19 @@ from sqlalchemy import and_, func, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.imports import insert_captures
+from db.imports import get_or_create_deployment, insert_captures
 from db.models import (
     AntennaImage,
     AntennaTask,
     Capture,
-    Chunk,
     Classification,
+    Deployment,
     Detection,
     Job,
     JobCapture,
 )
-from db.states import AntennaTaskState, ChunkState, ItemState
+from db.projects import get_or_create_project, set_deployment_project
+from db.states import AntennaTaskState, ItemState
 
 HELD = (AntennaTaskState.WAITING, AntennaTaskState.READY, AntennaTaskState.POSTING)
 
@@ -226,16 +227,17 @@ def ended_tasks(session: Session, antenna: str, slugs: Sequence[str],
     ]
 
 
-def unsent_chunks(session: Session, antenna: str) -> list[int]:
-    """Pending chunks of jobs that waiting tasks wait on: a bridge stopped between creating
-    a job and sending its chunks."""
-    t = AntennaTask
-    waited = select(t.job_id).where(t.antenna == antenna,
-                                     t.state == AntennaTaskState.WAITING.value).distinct()
-    return list(session.scalars(
-        select(Chunk.id).where(Chunk.job_id.in_(waited),
-                               Chunk.state == ChunkState.PENDING.value).order_by(Chunk.id)
-    ))
+def project_deployment(session: Session, name: str) -> int:
+    """The deployment `name`, put in a project of the same name when it has none (so each
+    Antenna project gets its fair share); a project an operator chose is kept."""
+    deployment_id = get_or_create_deployment(session, name)
+    project_id = session.scalar(
+        select(Deployment.project_id).where(Deployment.id == deployment_id)
+    )
+    if project_id is None:
+        get_or_create_project(session, name)
+        set_deployment_project(session, name, name)
+    return deployment_id
 
 
 def boxes_of(

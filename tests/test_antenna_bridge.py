@@ -6,12 +6,14 @@ several bridges without a single redelivery (ami-data-companion #143)."""
 from __future__ import annotations
 
 import signal
+import sys
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db.models import AntennaTask, Chunk, Job
+from db.models import AntennaTask, Chunk, Job, Project
 from tests.antenna_mock import AntennaMock
 from tests.local_http import QuietHandler, serving
 from tests.trapq_cli import TRAPQ, one_line_error, trapq
@@ -65,6 +67,14 @@ def start_bridge(worker_factory, env: dict[str, str]):  # noqa: F811
     return worker_factory(env, argv=[str(TRAPQ), "antenna"]).start(ready="registered ")
 
 
+def start_pool(worker_factory, env: dict[str, str]):  # noqa: F811
+    """A worker, and the dispatcher that releases the bridge's pending chunks to it."""
+    worker = worker_factory(env).start()
+    worker_factory(env, argv=[sys.executable, "-m", "tasks.dispatcher"]).start(
+        ready="dispatching")
+    return worker
+
+
 def assert_answered_once(mock: AntennaMock, job_id: int) -> dict[str, dict]:
     answers = mock.answers(job_id)
     assert all(len(a) == 1 for a in answers.values()), {k: len(v) for k, v in answers.items()}
@@ -83,7 +93,7 @@ def test_mixed_good_and_bad_images_are_answered_completely_and_once(
         {"id": "local", "image_id": "local", "image_url": "file:///etc/passwd"},
     ])
     env = bridge_env(worker_env(service_env), mock)
-    worker = worker_factory(env).start()
+    worker = start_pool(worker_factory, env)
     bridge = start_bridge(worker_factory, env)
     wait_for(lambda: mock.finished(job), 120, "every task answered",
              on_timeout=lambda: bridge.tail() + worker.tail())
@@ -107,6 +117,8 @@ def test_mixed_good_and_bad_images_are_answered_completely_and_once(
     assert [p.slug for p in registered] == [SLUG]
     with clean_pg.connect() as conn:
         jobs_before = conn.scalar(select(func.count()).select_from(Job))
+        projects = set(conn.scalars(select(Project.name).join(Job, Job.project_id == Project.id)))
+    assert projects == {f"antenna {urlsplit(mock.url).netloc} project 1"}, "its fair share"
 
     # The same images in a new Antenna job: answered from SQL, no new trapq job.
     again = mock.add_job(1, SLUG, good)
@@ -129,7 +141,7 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
     mock.ack_wait_s = 40  # above the worker's 12 s visibility timeout plus a chunk
     job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(24)])
     env = bridge_env(kill_trial_env(service_env), mock, TRAPQ_ANTENNA_FIRST_BATCH="8")
-    worker = worker_factory(env).start()
+    worker = start_pool(worker_factory, env)
     bridge = start_bridge(worker_factory, env)
 
     def answered() -> int:
@@ -171,7 +183,7 @@ def test_jobs_of_very_different_sizes_with_two_bridges_get_no_redelivery(
         for n in sizes
     ]
     env = bridge_env(worker_env(service_env), mock)
-    worker_factory(env).start()
+    start_pool(worker_factory, env)
     bridges = [start_bridge(worker_factory, env) for _ in range(2)]
     wait_for(lambda: all(mock.finished(j) for j in jobs), 400, "every job answered",
              on_timeout=lambda: "\n".join(b.tail(20) for b in bridges))
@@ -197,7 +209,7 @@ def test_antenna_unavailable_the_bridge_holds_no_more_tasks_and_loses_no_answer(
     job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(12)])
     env = bridge_env(worker_env(service_env), mock, TRAPQ_ANTENNA_FIRST_BATCH="4",
                      TRAPQ_ANTENNA_BACKOFF_MAX_S="1")
-    worker_factory(env).start()
+    start_pool(worker_factory, env)
     bridge = start_bridge(worker_factory, env)
 
     def delivered() -> int:

@@ -5,9 +5,10 @@ several can run at once.
 One round: answers of ended work items are built from SQL and stored (ready); ready answers
 are claimed and posted, split under the POST limit; then, if the pool has room, tasks are
 taken from every unfinished Antenna job in turn. Taken tasks become captures of a deployment
-per Antenna project (by image id) and one trapq job per batch on the pipeline the Antenna job
-asks for, so fair share, Flower, requeue and exactly-once writes apply; an image this
-pipeline already processed is answered from SQL without a job.
+per Antenna project (in a trapq project of the same name, unless an operator moved it) and
+one trapq job per batch on the pipeline the Antenna job asks for, released by the dispatcher,
+so fair share, Flower, requeue and exactly-once writes apply; an image this pipeline already
+processed is answered from SQL without a job.
 
 Room: the pool should answer every task it holds within `answer_within` of Antenna's ack
 wait. Its rate is measured from the answers made ready in that horizon; the bridge holds at
@@ -26,6 +27,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.antenna import (
+    Claimed,
     Delivery,
     Load,
     boxes_of,
@@ -36,12 +38,11 @@ from db.antenna import (
     lock_intake,
     mark_answered,
     processed_items,
+    project_deployment,
     record_deliveries,
     release,
     store_answers,
-    unsent_chunks,
 )
-from db.imports import get_or_create_deployment
 from db.jobs import create_job
 from db.models import AntennaTask
 from tasks.antenna.answers import ServedPipeline, answer
@@ -53,18 +54,15 @@ from tasks.antenna.client import (
 )
 from tasks.antenna.schemas import PipelineResultsError, TaskResult
 from tasks.antenna.settings import AntennaSettings
-from tasks.producer import send_chunks
-from tasks.settings import Settings
 
 log = logging.getLogger("trapq.antenna")
 ROUND_LIMIT = 500  # answers built or claimed per round
 
 
 class Bridge:
-    def __init__(self, settings: Settings, antenna: AntennaSettings, client: AntennaClient,
+    def __init__(self, antenna: AntennaSettings, client: AntennaClient,
                  factory: sessionmaker[Session], served: Sequence[ServedPipeline],
                  name: str) -> None:
-        self.settings = settings
         self.antenna = antenna
         self.client = client
         self.factory = factory
@@ -83,14 +81,6 @@ class Bridge:
             log.info("registered %s with Antenna project %s (%d new)",
                      ", ".join(self.by_slug), project, len(done.pipelines_created))
 
-    def resume(self) -> None:
-        """Send the chunks a stopped bridge created but never sent."""
-        with self.factory.begin() as session:
-            chunk_ids = unsent_chunks(session, self.host)
-        if chunk_ids:
-            send_chunks(self.settings, self.factory, chunk_ids)
-            log.info("sent %d chunks a stopped bridge left unsent", len(chunk_ids))
-
     def run(self, stop: threading.Event) -> None:
         """Rounds until `stop`; Antenna unavailable: back off, holding no more tasks."""
         backoff = 0.0
@@ -108,10 +98,9 @@ class Bridge:
 
     def step(self) -> bool:
         """One round; True when anything was answered or taken. The first registers the
-        pipelines and sends what a stopped bridge left unsent."""
+        pipelines."""
         if not self._registered:
             self.register()
-            self.resume()
             self._registered = True
         answered = self.answer_ended()
         posted = self.post_ready()
@@ -135,7 +124,7 @@ class Bridge:
         redelivers a task it did not get, and the redelivery makes it ready once more)."""
         with self.factory.begin() as session:
             claimed = claim_ready(session, self.host, self.name, datetime.now(UTC), ROUND_LIMIT)
-        by_job: dict[int, list] = defaultdict(list)
+        by_job: dict[int, list[Claimed]] = defaultdict(list)
         for c in claimed:
             by_job[c.antenna_job_id].append(c)
         failure = ""
@@ -184,9 +173,7 @@ class Bridge:
                 if not tasks and not bad:
                     continue
                 served = self.by_slug[job.pipeline_slug or slugs[0]]
-                chunk_ids = self._record(session, project, job.id, served, tasks, bad)
-            if chunk_ids:
-                send_chunks(self.settings, self.factory, chunk_ids)
+                self._record(session, project, job.id, served, tasks, bad)
             taken += len(tasks) + len(bad)
             log.info("took %d tasks of Antenna job %s (%d malformed)", len(tasks) + len(bad),
                      job.id, len(bad))
@@ -201,9 +188,9 @@ class Bridge:
         return min(room, self.antenna.max_batch)
 
     def _record(self, session: Session, project: int, job_id: int, served: ServedPipeline,
-                tasks: Sequence, bad: Sequence[MalformedTask]) -> list[int]:
-        """Record the tasks; their new images go to one trapq job, whose chunk ids return
-        (sent once the transaction commits, so that workers see the rows)."""
+                tasks: Sequence, bad: Sequence[MalformedTask]) -> None:
+        """Record the tasks; their new images go to one trapq job, whose chunks wait
+        `pending` for the dispatcher, as `trapq enqueue`'s do."""
         now = datetime.now(UTC)
         deliveries = [Delivery(t.id, t.image_id, t.image_url, t.reply_subject or "")
                       for t in tasks]
@@ -219,8 +206,8 @@ class Bridge:
             pipeline_slug=served.slug, deliveries=deliveries, now=now, ack_wait=self.ack_wait,
         )
         if not recorded.new:
-            return []
-        deployment = get_or_create_deployment(session, f"antenna {self.host} project {project}")
+            return
+        deployment = project_deployment(session, f"antenna {self.host} project {project}")
         urls = {d.task_id: d.image_url for d in deliveries}
         captures = image_captures(session, deployment, [
             (t.image_id or "", urls[t.task_id] or "") for t in recorded.new
@@ -234,7 +221,7 @@ class Bridge:
             else:
                 todo.append(t)
         if not todo:
-            return []
+            return
         plan = create_job(
             session, deployment, pipeline=served.spec, fingerprint=served.fingerprint,
             pipeline_id=served.id, chunk_size=self.antenna.chunk_size,
@@ -242,4 +229,3 @@ class Bridge:
         )
         for t in todo:
             t.job_id = plan.job_id
-        return plan.chunk_ids

@@ -1,20 +1,26 @@
-"""Which trapq pipelines the bridge offers Antenna, each as one Antenna pipeline."""
+"""Which trapq pipelines the bridge and the push API offer Antenna, each as one Antenna
+pipeline: named pipelines from the job store (db.pipelines), `default` being the one the
+TRAPQ_* model settings describe, as for `trapq enqueue` without --pipeline."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from sqlalchemy.orm import Session, sessionmaker
+
+from db.pipelines import DEFAULT
 from tasks.antenna.answers import ServedPipeline
-from tasks.errors import UserError
-from tasks.pipeline import pipeline_spec
+from tasks.pipeline import resolve_pipeline
 from tasks.settings import Settings
 
 
-def served_pipelines(settings: Settings, refs: Sequence[str]) -> list[ServedPipeline]:
-    """The pipeline the TRAPQ_* model settings describe, named `default`, version 1."""
-    unknown = [r for r in refs if r.partition("@")[0] != "default"]
-    if unknown:
-        raise UserError(f"TRAPQ_ANTENNA_PIPELINES: unknown pipeline {unknown[0]!r}; "
-                        "this job store knows only `default` (the TRAPQ_* model settings)")
-    spec = pipeline_spec(settings)
-    return [ServedPipeline("default", 1, spec.fingerprint(), spec.to_dict())]
+def served_pipelines(settings: Settings, factory: sessionmaker[Session],
+                     refs: Sequence[str]) -> list[ServedPipeline]:
+    """NAME (its latest version), NAME@VERSION, or `default`; an unknown one is a UserError
+    naming the known ones."""
+    served = []
+    for ref in refs:
+        stored = resolve_pipeline(settings, factory, None if ref == DEFAULT else ref)
+        served.append(ServedPipeline(stored.name or ref, stored.version or 1,
+                                     stored.fingerprint, stored.spec, stored.id))
+    return served

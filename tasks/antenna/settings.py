@@ -61,3 +61,21 @@ class AntennaSettings(BaseSettings):
     @property
     def max_post_bytes(self) -> int:
         return int(self.max_post_mb * 2**20)
+
+
+class ServeSettings(BaseSettings):
+    """`trapq serve`, Antenna's push API (TRAPQ_SERVE_*)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="TRAPQ_SERVE_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
+
+    name: str = Field("trapq", description="Service name /info reports.")
+    token: SecretStr = Field(SecretStr(""), description="Bearer token required, if set.")
+    max_images: int = Field(16, ge=1, description="Most source images in one request.")
+    max_request_kb: int = Field(256, ge=1, description="Largest request body, in KiB.")
+    timeout_s: float = Field(120.0, gt=0, description="Longest wait for one request's images.")
+
+    @property
+    def max_request_bytes(self) -> int:
+        return self.max_request_kb * 1024

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import threading
@@ -41,15 +42,15 @@ def antenna(
     if not a.projects:
         raise UserError("set TRAPQ_ANTENNA_PROJECTS to the Antenna project ids to serve, "
                         "e.g. [12, 18]")
-    logging.basicConfig(level=logging.INFO,
-                        format="[%(asctime)s: %(levelname)s/trapq antenna] %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     client = AntennaClient(a.url, a.secret(), timeout_s=a.timeout_s,
                            max_post_bytes=a.max_post_bytes)
     factory = ready_session_factory(s)
     with database_errors(s):
-        bridge = Bridge(s, a, client, factory, served_pipelines(s, a.pipelines),
-                        name=f"{socket.gethostname()}:{threading.get_native_id()}")
+        bridge = Bridge(a, client, factory, served_pipelines(s, factory, a.pipelines),
+                        name=f"{socket.gethostname()}:{os.getpid()}")
+        logging.basicConfig(level=logging.INFO,
+                            format="[%(asctime)s: %(levelname)s/trapq antenna] %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         if register_only:
             try:
                 bridge.register()
