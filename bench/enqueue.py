@@ -1,8 +1,11 @@
 """Import 1,000,000 synthetic captures into PostgreSQL and enqueue them on Redis (chunk size 64).
 
 Uses a fresh temporary database and queue, both removed afterwards. Prints the import rate,
-the seconds to enqueue (job creation in SQL + one message per chunk) and the process RSS,
-sampled during the enqueue, to show that memory stays flat.
+the seconds to enqueue (job creation in SQL + one message per chunk) and the RSS of the
+enqueue, run in a process of its own as `trapq enqueue` is: its RSS as it starts (imports
+done), its peak while enqueueing (sampled), the difference, and whether torch was imported.
+The pipeline (the settings' `default`) is recorded first, as `trapq pipelines add` or a
+first enqueue would, so the enqueue itself only reads it.
 
     .venv/bin/python -m bench.enqueue [--rows N] [--chunk-size N]
 
@@ -19,8 +22,10 @@ if not __package__:  # `python bench/enqueue.py` runs as `python -m bench.enqueu
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import argparse
+import json
 import os
 import resource
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -34,6 +39,7 @@ from sqlalchemy.engine import make_url
 import tasks.producer as producer
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
 from db.session import make_engine, make_sessionmaker
+from tasks.pipeline import resolve_pipeline
 from tasks.settings import Settings
 from tests.services import PG_ADMIN_URL, REDIS_URL, temporary_database, temporary_queue
 
@@ -92,7 +98,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--enqueue-only", nargs=2, metavar=("DATABASE_URL", "QUEUE"),
+                    help=argparse.SUPPRESS)  # the child process that enqueues
     args = ap.parse_args()
+    if args.enqueue_only:
+        enqueue_in_this_process(*args.enqueue_only, args.chunk_size)
+        return
 
     admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     r = redis.Redis.from_url(REDIS_URL)
@@ -126,26 +137,17 @@ def run(args: argparse.Namespace, admin: Engine, r: redis.Redis, url: str, queue
         session.execute(text("ANALYZE captures"))
         session.commit()
 
-    send_started: list[float] = []
-    send_chunks = producer.send_chunks
-
-    def timed_send(*a, **kw):  # type: ignore[no-untyped-def]
-        send_started.append(time.perf_counter())
-        return send_chunks(*a, **kw)
-
-    producer.send_chunks = timed_send  # type: ignore[assignment]
-    sampler = RssSampler()
-    rss_before = sampler.peak
-    sampler.start()
-    cpu_before = cpu_seconds(), postgres_cpu_seconds(admin, name)
-    t0 = time.perf_counter()
-    result = producer.enqueue(settings, "bench", chunk_size=args.chunk_size)
-    enqueue_s = time.perf_counter() - t0
-    own_cpu = cpu_seconds() - cpu_before[0]
-    pg_cpu = postgres_cpu_seconds(admin, name) - cpu_before[1]
-    sampler.stop.set()
-    sampler.join()
-    plan_s = send_started[0] - t0
+    resolve_pipeline(settings, factory, None)  # recorded here, read by the enqueue
+    cpu_before = postgres_cpu_seconds(admin, name)
+    child = subprocess.run(
+        [sys.executable, "-m", "bench.enqueue", "--chunk-size", str(args.chunk_size),
+         "--enqueue-only", url, queue],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
+    )
+    pg_cpu = postgres_cpu_seconds(admin, name) - cpu_before
+    m = json.loads(child.stdout.strip().splitlines()[-1])
+    result = producer.EnqueueResult(**m["result"])
+    enqueue_s, plan_s, own_cpu = m["enqueue_s"], m["plan_s"], m["cpu_s"]
     send_s = enqueue_s - plan_s
     on_queue = r.llen(queue)
     print(
@@ -155,18 +157,53 @@ def run(args: argparse.Namespace, admin: Engine, r: redis.Redis, url: str, queue
         f"{on_queue} messages on Redis, {result.failed} failed"
     )
     print(
-        f"cpu: {own_cpu:.1f} s in this process, {pg_cpu:.1f} s in its PostgreSQL backends; "
+        f"cpu: {own_cpu:.1f} s in the enqueue process, {pg_cpu:.1f} s in its PostgreSQL backends; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
         "(other work on the machine stretches the wall time, not these)"
     )
+    over_start = m["peak_rss"] - m["start_rss"]
     print(
-        f"rss: {mib(rss_before)} before enqueue, {mib(sampler.peak)} peak during it "
-        f"(+{mib(sampler.peak - rss_before)}); "
-        f"process peak {mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)}"
+        f"rss of the enqueue process: {mib(m['start_rss'])} as it starts (imports done), "
+        f"{mib(m['peak_rss'])} peak while enqueueing: +{mib(over_start)} over its start "
+        f"(goal <= 150 MiB); torch imported: {m['torch']}"
     )
     if on_queue != result.n_chunks or result.failed:
         raise SystemExit("bench: messages on the queue do not match the chunks")
-    print(f"RESULT enqueue_1m_s={enqueue_s:.1f} import_rows_per_s={import_rate:.0f}")
+    print(f"RESULT enqueue_1m_s={enqueue_s:.1f} import_rows_per_s={import_rate:.0f} "
+          f"enqueue_rss_over_start_mib={over_start / 2**20:.0f} torch={m['torch']} "
+          f"load1={os.getloadavg()[0]:.1f}")
+
+
+def enqueue_in_this_process(url: str, queue: str, chunk_size: int) -> None:
+    """The child: enqueue the deployment `bench`, print one JSON line of what it measured."""
+    settings = Settings(
+        database_url=url, broker_url=REDIS_URL, result_backend=REDIS_URL, queue=queue
+    )
+    send_started: list[float] = []
+    send_chunks = producer.send_chunks
+
+    def timed_send(*a, **kw):  # type: ignore[no-untyped-def]
+        send_started.append(time.perf_counter())
+        return send_chunks(*a, **kw)
+
+    producer.send_chunks = timed_send  # type: ignore[assignment]
+    sampler = RssSampler()
+    start_rss = sampler.peak
+    sampler.start()
+    cpu_before = cpu_seconds()
+    t0 = time.perf_counter()
+    result = producer.enqueue(settings, "bench", chunk_size=chunk_size)
+    enqueue_s = time.perf_counter() - t0
+    sampler.stop.set()
+    sampler.join()
+    # Sampled, not ru_maxrss: after fork and exec that still counts the parent's image.
+    peak = sampler.peak
+    print(json.dumps({
+        "result": result.__dict__, "enqueue_s": enqueue_s,
+        "plan_s": (send_started[0] if send_started else time.perf_counter()) - t0,
+        "cpu_s": cpu_seconds() - cpu_before, "start_rss": start_rss, "peak_rss": peak,
+        "torch": "torch" in sys.modules,
+    }))
 
 
 if __name__ == "__main__":
