@@ -1,13 +1,13 @@
 """Antenna's pull mode through trapq, side by side with the same captures enqueued directly.
 
-One real worker (subprocess, threads pool) on Redis and PostgreSQL runs the zero-cost
-`constant_boxes` detector (20 boxes per image) and a 29,176-label classifier head (a
-TorchScript head of constant logits, the size of a global moth species list), so what is
+One real worker (subprocess, threads pool) and a dispatcher on Redis and PostgreSQL run the
+zero-cost `constant_boxes` detector (20 boxes per image) and a 29,176-label classifier head
+(a TorchScript head of constant logits, the size of a global moth species list), so what is
 measured is trapq's own path, not a model. In one run:
 
-  (a) direct: N images as captures of a deployment, one job, its chunks sent as `trapq
-      enqueue` sends them; captures/s from the send to the job's end;
-  (b) Antenna: the same N images (other URLs, so nothing is answered from SQL) as one
+  (a) direct: N images as captures of a deployment, one job planned as `trapq enqueue`
+      plans it, released by the dispatcher; captures/s from planning to the job's end;
+  (b) Antenna: N other images of the same size (nothing is answered from SQL) as one
       Antenna job in the mock Antenna (tests.antenna_mock, real HTTP), served by `trapq
       antenna`; captures/s from the first task handed out to the last answer accepted, and
       each task's latency from its delivery to its answer, against the ack wait;
@@ -37,22 +37,16 @@ import time
 import torch
 
 from db.session import make_engine
-from tests.antenna_mock import AntennaMock
-from tests.local_http import QuietHandler, serving
+from tests.antenna_mock import AntennaMock, Images
+from tests.local_http import serving
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 from tests.trapq_cli import TRAPQ
-from tests.worker_jobs import job_state, jpeg_bytes, make_job, send
+from tests.worker_jobs import job_state, make_job
 from tests.worker_process import WorkerProcess, wait_for
 
 LABELS = 29_176
 TOP_K = 5
 SLUG = "trapq-default-v1"
-
-
-class Images(QuietHandler):
-    def do_GET(self) -> None:  # noqa: N802
-        self.send_body(200, jpeg_bytes(seed=int(self.path.rsplit("/", 1)[-1].split(".")[0])),
-                       "image/jpeg")
 
 
 class ConstantHead(torch.nn.Module):
@@ -97,12 +91,14 @@ def main() -> None:
         )
         engine = make_engine(db_url)
         worker = WorkerProcess(env, Path(tmp) / "worker.log").start()
+        dispatcher = WorkerProcess(env, Path(tmp) / "dispatcher.log",
+                                   argv=[sys.executable, "-m", "tasks.dispatcher"])
+        dispatcher.start(ready="dispatching")
         try:
             # (a) direct
-            job = make_job(engine, [f"{images}/direct/{i}.jpg" for i in range(n)],
-                           chunk_size=args.chunk_size, deployment="bench-direct")
             t0 = time.monotonic()
-            send(env, engine, job.chunk_ids)
+            job = make_job(engine, [f"{images}/img/{i}.jpg" for i in range(n)],
+                           chunk_size=args.chunk_size, deployment="bench-direct")
             wait_for(lambda: job_state(engine, job.job_id) == "done", 1800, "direct job",
                      on_timeout=worker.tail)
             direct = n / (time.monotonic() - t0)
@@ -111,7 +107,7 @@ def main() -> None:
 
             # (b) Antenna
             mock = AntennaMock(ack_wait_s=args.ack_wait).start()
-            antenna_job = mock.add_job(1, SLUG, [(str(i), f"{images}/antenna/{i}.jpg")
+            antenna_job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{n + i}.jpg")
                                                  for i in range(n)])
             bridge_env = dict(env, TRAPQ_ANTENNA_URL=mock.url, TRAPQ_ANTENNA_TOKEN=mock.token,
                               TRAPQ_ANTENNA_PROJECTS="[1]",
@@ -152,6 +148,7 @@ def main() -> None:
                   f"POSTs; registration {register / 2**20:.2f} MiB ({LABELS} labels once); "
                   f"scores per classification <= {most_scores}  (load1 {load1():.2f})")
         finally:
+            dispatcher.stop()
             worker.stop()
             engine.dispose()
 

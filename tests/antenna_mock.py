@@ -28,6 +28,8 @@ from tasks.antenna.schemas import (
     ResultsRequest,
     TasksRequest,
 )
+from tests.local_http import QuietHandler
+from tests.worker_jobs import jpeg_bytes
 
 JOB_QUERY = {"project_id", "pipeline__slug__in", "ids_only", "incomplete_only", "dispatch_mode"}
 
@@ -308,3 +310,17 @@ class AntennaMock:
         }
         if used - known:
             self._problem(f"algorithm keys {sorted(used - known)} were never registered")
+
+
+class Images(QuietHandler):
+    """The image host tasks point at: /img/N.jpg a JPEG (seeded by N), /text/N.jpg not an
+    image, anything else 404."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        name = self.path.rsplit("/", 1)[-1].removesuffix(".jpg")
+        if self.path.startswith("/img/") and name.isdigit():
+            self.send_body(200, jpeg_bytes(seed=int(name)), "image/jpeg")
+        elif self.path.startswith("/text/"):
+            self.send_body(200, b"<html>not an image</html>", "text/html")
+        else:
+            self.send_body(404, b"no such image")

@@ -14,26 +14,13 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from db.models import AntennaTask, Chunk, Job, Project
-from tests.antenna_mock import AntennaMock
-from tests.local_http import QuietHandler, serving
+from tests.antenna_mock import AntennaMock, Images
+from tests.local_http import serving
 from tests.trapq_cli import TRAPQ, one_line_error, trapq
-from tests.worker_jobs import BOXES_PER_IMAGE, jpeg_bytes, kill_trial_env, worker_env
+from tests.worker_jobs import BOXES_PER_IMAGE, kill_trial_env, worker_env
 from tests.worker_process import wait_for, worker_factory  # noqa: F401
 
 SLUG = "trapq-default-v1"
-
-
-class Images(QuietHandler):
-    """/img/N.jpg a JPEG, /text/N.jpg not an image, anything else 404."""
-
-    def do_GET(self) -> None:  # noqa: N802
-        name = self.path.rsplit("/", 1)[-1].removesuffix(".jpg")
-        if self.path.startswith("/img/") and name.isdigit():
-            self.send_body(200, jpeg_bytes(seed=int(name)), "image/jpeg")
-        elif self.path.startswith("/text/"):
-            self.send_body(200, b"<html>not an image</html>", "text/html")
-        else:
-            self.send_body(404, b"no such image")
 
 
 @pytest.fixture
