@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 
 from db.deployments import CAPTURE_METHODS, DeploymentMetadata, set_metadata
+from db.projects import ProjectProblem, set_deployment_project
 from db.status import deployments
 from db.taxa import set_taxa_list
 from inference.taxonomy import TaxonomyError, read_taxa_list
@@ -121,6 +122,11 @@ def set_(
     no_taxa_list: Annotated[
         bool, typer.Option("--no-taxa-list", help="Remove the taxa list: every label again.")
     ] = False,
+    project: Annotated[
+        str | None,
+        typer.Option(help="The project it belongs to (`trapq projects`); its later jobs run "
+                     "there."),
+    ] = None,
 ) -> None:
     """Record a deployment's metadata; only the options given change."""
     if (name is None) == (csv_file is None):
@@ -154,13 +160,20 @@ def set_(
                 ),
             )
         ]
-        if not records[0][2].given() and taxa is None:
+        if not records[0][2].given() and taxa is None and project is None:
             raise UserError(f"nothing to set for {name}: give options such as --lat and --lon")
     for where, _, metadata in records:
         problems = metadata.problems()
         if problems:
             raise UserError(f"{where}: {'; '.join(problems)}")
+    if csv_file is not None and project is not None:
+        raise UserError("--project goes with one deployment NAME, not with --csv")
     with job_store().write() as session:
+        if project is not None:
+            try:
+                set_deployment_project(session, records[0][1], project)
+            except ProjectProblem as e:
+                raise UserError(str(e)) from None
         created = [set_metadata(session, n, m) for _, n, m in records]
         if taxa is not None:
             set_taxa_list(session, records[0][1], taxa or None)
