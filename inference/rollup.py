@@ -73,7 +73,7 @@ class Rollup:
 
 class _Tree:
     """The taxonomy as index tensors: labels in depth-first order, each taxon's span of
-    them, and the taxa of each rank (padded with a column that scores -1)."""
+    them, and each taxon's rank as a level (0: the lowest rank present)."""
 
     def __init__(self, taxonomy: Taxonomy, labels: Sequence[str], device: torch.device) -> None:
         label_set = set(labels)
@@ -97,25 +97,29 @@ class _Tree:
 
         for root in children.get(None, []):
             walk(root)
-        self.order = torch.tensor(order, device=device)
+        # labels already in depth-first order (a label file sorted by taxonomy) skip the copy
+        self.order = None if order == sorted(order) else torch.tensor(order, device=device)
         self.starts = torch.tensor([spans[n][0] for n in self.names], device=device)
         self.ends = torch.tensor([spans[n][1] for n in self.names], device=device)
-        levels = [[i for i, r in enumerate(self.ranks) if r == rank] for rank in taxonomy.ranks()]
-        width = max(len(level) for level in levels)
-        pad = len(self.names)
-        table = [level + [pad] * (width - len(level)) for level in levels]
-        self.levels = torch.tensor(table, device=device)  # (K, M)
+        ranks = taxonomy.ranks()
+        self.levels = len(ranks)
+        self.level = torch.tensor([ranks.index(r) for r in self.ranks], device=device)  # (N,)
+        self.index = torch.arange(len(self.names), device=device)
 
     def best_per_rank(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, K) the best summed score of each rank, and (B, K) which taxon has it."""
-        b = probs.shape[0]
-        ordered = probs.index_select(1, self.order).double()
-        cumulative = torch.cat([ordered.new_zeros((b, 1)), ordered.cumsum(dim=1)], dim=1)
-        sums = (cumulative.index_select(1, self.ends)
-                - cumulative.index_select(1, self.starts)).float()
-        padded = torch.cat([sums, sums.new_full((b, 1), -1.0)], dim=1)
-        k, m = self.levels.shape
-        grid = padded.index_select(1, self.levels.flatten()).view(b, k, m)
-        where = grid.argmax(dim=2)  # the first of equal maxima
-        best = grid.gather(2, where[:, :, None])[:, :, 0]
-        return best, self.levels.gather(1, where.t()).t()
+        """(B, K) the best summed score of each rank, and (B, K) which taxon has it: the
+        maximum of each rank by a scatter, then the first taxon holding it by another, so
+        memory stays (taxa, B) however unequal the ranks' sizes. Taxa run down the rows:
+        picking whole rows is a copy of contiguous memory, several times faster on a CPU."""
+        b, n = probs.shape[0], len(self.names)
+        columns = probs.double().t().contiguous()  # (L, B)
+        if self.order is not None:
+            columns = columns.index_select(0, self.order)
+        cumulative = torch.cat([columns.new_zeros((1, b)), columns.cumsum(dim=0)], dim=0)
+        sums = (cumulative.index_select(0, self.ends)
+                - cumulative.index_select(0, self.starts)).float()  # (N, B)
+        level = self.level[:, None].expand(n, b)
+        best = sums.new_full((self.levels, b), -1.0).scatter_reduce(0, level, sums, "amax")
+        holder = torch.where(sums == best.gather(0, level), self.index[:, None].expand(n, b), n)
+        first = holder.new_full((self.levels, b), n).scatter_reduce(0, level, holder, "amin")
+        return best.t(), first.t()
