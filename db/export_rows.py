@@ -56,6 +56,7 @@ class DetectionRecord:
     score: float
     label: str
     classes: dict[str, ClassificationRecord] = field(default_factory=dict)
+    occurrence_id: int | None = None  # the individual it is a sighting of, once tracked
 
 
 @dataclass
@@ -125,7 +126,7 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
     stmt = (
         select(
             jc.capture_id, c.uri, c.captured_at, c.width, c.height, jc.state, jc.error,
-            jc.finished_at, d.id, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
+            jc.finished_at, d.id, d.x1, d.y1, d.x2, d.y2, d.score, d.label, d.occurrence_id,
             k.classifier, k.label, k.score, k.topk, k.rank, k.prediction_source,
         )
         .select_from(jc)
@@ -139,7 +140,8 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
     current: CaptureRecord | None = None
     detection: DetectionRecord | None = None
     for (cap_id, uri, at, width, height, state, error, finished, det_id, x1, y1, x2, y2, score,
-         label, classifier, k_label, k_score, topk, rank, source) in session.execute(stmt):
+         label, occurrence, classifier, k_label, k_score, topk, rank, source) in session.execute(
+            stmt):
         if current is None or cap_id != current.capture_id:
             if current is not None:
                 yield current
@@ -149,7 +151,8 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
         if det_id is None:
             continue
         if detection is None or detection.id != det_id:
-            detection = DetectionRecord(det_id, x1, y1, x2, y2, score, label)
+            detection = DetectionRecord(det_id, x1, y1, x2, y2, score, label,
+                                        occurrence_id=occurrence)
             current.detections.append(detection)
         if classifier is not None:
             ranked = [(str(lbl), float(sc)) for lbl, sc in topk] if topk else []

@@ -41,10 +41,6 @@ class Reapplier:
         self.rollup = Rollup(policy, labels, CPU)
         self.k = min(top_k, self.rollup.kept, len(labels))
 
-    def fits(self, stored: bytes | None) -> bool:
-        """A vector of this classifier (one float16 a label)."""
-        return stored is not None and len(stored) == 2 * len(self.labels)
-
     def __call__(self, stored: Sequence[bytes]) -> list[Answer]:
         raw = np.frombuffer(b"".join(stored), dtype=np.float16).reshape(len(stored), -1)
         probs = torch.from_numpy(raw.astype(np.float32))

@@ -4,18 +4,19 @@ the rank it reached, by its scientific name, and still validates against the for
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from pathlib import Path
 
 import jsonschema
 import pytest
 from frictionless import Package
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 
 from db.deployments import DeploymentMetadata, set_metadata
 from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
-from db.models import Capture
+from db.models import Capture, Occurrence
+from db.models import Detection as DetectionRow
 from db.results import write_results
 from db.session import make_sessionmaker
 from inference.registry import CHECKPOINTS
@@ -42,7 +43,8 @@ PIPELINE = {
 @pytest.fixture
 def job(tmp_path: Path, clean_pg: Engine) -> int:
     """One capture with a sure pterophorid (its own label, a family) and an arctiid and a
-    ctenuchid too alike to tell (rolled up to their family, Erebidae)."""
+    ctenuchid too alike to tell (rolled up to their family, Erebidae), tracked: the second
+    box is the sighting of one occurrence."""
     factory = make_sessionmaker(clean_pg)
     with factory.begin() as s:
         dep = get_or_create_deployment(s, "night-9")
@@ -64,6 +66,16 @@ def job(tmp_path: Path, clean_pg: Engine) -> int:
             Detection(100, 100, 300, 300, 0.9, "insect", [sure]),
             Detection(500, 500, 700, 700, 0.8, "insect", [rolled]),
         ])])
+    at = datetime(2024, 7, 1, 23, tzinfo=UTC)
+    with factory.begin() as s:
+        occurrence = Occurrence(job_id=job_id, deployment_id=dep, night=date(2024, 7, 1),
+                                first_capture_id=capture_id, last_capture_id=capture_id,
+                                first_at=at, last_at=at, n_detections=1, label="Erebidae",
+                                score=0.81)
+        s.add(occurrence)
+        s.flush()
+        s.execute(update(DetectionRow).where(DetectionRow.x1 == 500)
+                  .values(occurrence_id=occurrence.id))
     return job_id
 
 
@@ -83,10 +95,14 @@ def test_exports_name_answers_at_their_rank_and_validate(
             (CAMTRAP / f"{resource['name']}-table-schema.json").read_text())
     report = Package(descriptor, basepath=str(package)).validate()
     assert report.valid, report.flatten(["rowNumber", "fieldName", "type", "note"])
+    assert descriptor["project"]["observationLevel"] == ["media", "event"]
     observations = read_csv(package / "observations.csv")
-    assert [(o["scientificName"], o["classificationProbability"], o["classificationMethod"])
-            for o in observations] == [("Pterophoridae", "0.95", "machine"),
-                                       ("Erebidae", "0.81", "machine")]
+    assert [(o["observationLevel"], o["scientificName"], o["classificationProbability"],
+             o["classificationMethod"], o["eventID"]) for o in observations] == [
+        ("media", "Pterophoridae", "0.95", "machine", ""),
+        ("media", "Erebidae", "0.81", "machine", observations[2]["eventID"]),
+        ("event", "Erebidae", "0.81", "machine", observations[2]["observationID"]),
+    ]
 
     rows = read_csv(_export(service_env, job, "csv", tmp_path / "d.csv"))
     assert [(r["demo_classifier_label"], r["demo_classifier_rank"],

@@ -4,8 +4,9 @@ One media row per capture of the job. Observations are media-level: one per dete
 (`animal`, or `unknown` below --min-probability, or `unclassified` where the species
 classifier gave nothing), and one `blank` per processed capture with no detection, so "looked
 and found nothing" differs from "not processed" (no observation; media.mediaComments says why).
-Event-level observations (individuals followed across captures) come from sources the caller
-passes in; each yields rows with observationLevel=event and the package lists both levels.
+Once the job is tracked, each occurrence (one individual followed across captures) is an
+event: its detections' media observations carry its eventID, and it has an event-level
+observation of its own (its voted answer, first and last time); the package lists both levels.
 With a taxonomy, scientificName is the scientific name of the answer at the rank it reached
 (`Pterophoridae` for the label `pterophorid`, `Erebidae` for a roll-up), and the package's
 `taxonomic` list gives each its rank, its higher taxa and its GBIF key as taxonID.
@@ -20,8 +21,8 @@ import csv
 import json
 import mimetypes
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from sqlalchemy.orm import Session
 
 from db.export_rows import CaptureRecord, JobContext, JobCounts, capture_records
 from db.models import Deployment
+from db.occurrences import occurrence_rows
 from db.states import ItemState
 from tasks.errors import UserError
 from tasks.exports.common import (
@@ -77,8 +79,6 @@ DECIMALS = 6
 TAXON_RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species", "subspecies")
 GBIF_TAXON = "https://www.gbif.org/species/{}"
 
-# An event-level source: given the job, yields observation rows (OBSERVATION_FIELDS keys).
-EventSource = Callable[[Session, JobContext], Iterator[dict[str, Any]]]
 
 
 def write_camtrapdp(
@@ -87,7 +87,6 @@ def write_camtrapdp(
     counts: JobCounts,
     options: ExportOptions,
     out_dir: Path,
-    event_sources: Sequence[EventSource] = (),
 ) -> str:
     dep = ctx.deployment
     project = _project(ctx, options)
@@ -115,14 +114,12 @@ def write_camtrapdp(
                     taxa.add(row["scientificName"])
                 if "media" not in levels:
                     levels.append("media")
-        for source in event_sources:
-            for row in source(session, ctx):
-                observations.writerow(row)
-                n_obs += 1
-                if row.get("scientificName"):
-                    taxa.add(row["scientificName"])
-                if "event" not in levels:
-                    levels.append("event")
+        for row in _occurrence_observations(session, ctx, models, classified_by):
+            observations.writerow(row)
+            n_obs += 1
+            taxa.add(row["scientificName"])
+            if "event" not in levels:
+                levels.append("event")
     package = {
         "resources": [
             {
@@ -287,6 +284,8 @@ def _media_observations(
     for d in record.detections:
         species = models.species(d)
         row = common | {"observationID": f"{record.capture_id}-{d.id}", "count": 1}
+        if d.occurrence_id is not None:
+            row["eventID"] = _event_id(d.occurrence_id)
         if species is None:
             row |= {"observationType": "unclassified", "scientificName": None}
         else:
@@ -301,6 +300,33 @@ def _media_observations(
             row |= dict(zip(("bboxX", "bboxY", "bboxWidth", "bboxHeight"),
                             (round(v, DECIMALS) for v in box), strict=True))
         yield row
+
+
+def _event_id(occurrence_id: int) -> str:
+    return f"occurrence-{occurrence_id}"
+
+
+def _occurrence_observations(
+    session: Session, ctx: JobContext, models: JobModels, classified_by: str
+) -> Iterator[dict[str, Any]]:
+    """One event-level observation per occurrence of the job (none before it is tracked)."""
+    for occ in occurrence_rows(session, ctx.job_id):
+        first, last = (t if t.tzinfo else t.replace(tzinfo=UTC)
+                       for t in (occ["first_at"], occ["last_at"]))
+        yield {
+            "observationID": _event_id(occ["occurrence_id"]),
+            "deploymentID": ctx.deployment.name,
+            "eventID": _event_id(occ["occurrence_id"]),
+            "eventStart": utc_z(first),
+            "eventEnd": utc_z(last),
+            "observationLevel": "event",
+            "observationType": "animal",
+            "scientificName": models.scientific_name(occ["label"]),
+            "count": 1,
+            "classificationMethod": "machine",
+            "classifiedBy": classified_by,
+            "classificationProbability": round(occ["score"], DECIMALS),
+        }
 
 
 def _taxon_entry(name: str, models: JobModels) -> dict[str, Any]:
