@@ -101,7 +101,11 @@ def settings_answers(s: Settings, labels: tuple[str, ...]) -> AnswerPolicy | Non
         taxonomy = load_taxonomy(Path(s.classifier_taxonomy), labels)
     except TaxonomyError as e:
         raise UserError(f"TRAPQ_CLASSIFIER_TAXONOMY: {e}") from None
-    return AnswerPolicy(taxonomy, None, s.species_threshold)
+    try:
+        threshold = check_threshold(s.species_threshold)
+    except TaxonomyError as e:
+        raise UserError(f"TRAPQ_SPECIES_THRESHOLD: {e}") from None
+    return AnswerPolicy(taxonomy, None, threshold)
 
 
 def with_taxa(

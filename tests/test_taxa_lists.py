@@ -11,6 +11,7 @@ from sqlalchemy import Engine, func, select
 
 import tasks.producer as producer
 from db.models import Deployment, Job
+from db.pipelines import find_pipeline
 from db.projects import set_deployment_project
 from db.session import make_sessionmaker
 from db.taxa import set_taxa_list
@@ -116,3 +117,19 @@ def test_a_projects_species_threshold_is_the_jobs_and_a_bad_one_is_refused(
         stored = session.scalar(select(Job.pipeline).where(Job.id == job.job_id))
     answers = PipelineSpec.from_dict(stored).answers
     assert answers is not None and answers.threshold == 0.8
+
+
+def test_pipelines_add_takes_a_taxonomy_and_threshold_into_the_recorded_spec(
+    service_env: dict[str, str], clean_pg: Engine
+) -> None:
+    bad = trapq(service_env, "pipelines", "add", "regional", "--taxonomy", str(TAXONOMY),
+                "--species-threshold", "0")
+    assert "TRAPQ_SPECIES_THRESHOLD: species threshold 0.0 is outside (0, 1]" in (
+        one_line_error(bad))
+    done = trapq(service_env, "pipelines", "add", "regional", "--taxonomy", str(TAXONOMY),
+                 "--species-threshold", "0.75")
+    assert done.returncode == 0, done.stderr
+    with make_sessionmaker(clean_pg)() as session:
+        stored = find_pipeline(session, "regional")
+    answers = PipelineSpec.from_dict(stored.spec).answers
+    assert answers is not None and answers.threshold == 0.75 and answers.taxonomy is not None

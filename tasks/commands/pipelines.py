@@ -69,6 +69,14 @@ def add(
     ] = None,
     box_threshold: Annotated[float | None, typer.Option(help="Detector score threshold.")] = None,
     top_k: Annotated[int | None, typer.Option(help="Classifications kept per box.")] = None,
+    taxonomy: Annotated[
+        str | None,
+        typer.Option(help="Taxonomy CSV of the classifier's labels (README: answers at the "
+                     "rank the evidence supports)."),
+    ] = None,
+    species_threshold: Annotated[
+        float | None, typer.Option(help="Below it an answer rolls up the taxonomy; (0, 1].")
+    ] = None,
     random_weights: Annotated[
         bool | None, typer.Option(help="Seeded random weights (tests, benchmarks).")
     ] = None,
@@ -93,6 +101,8 @@ def add(
         "filter_negative": filter_negative,
         "box_threshold": box_threshold,
         "top_k": top_k,
+        "classifier_taxonomy": taxonomy,
+        "species_threshold": species_threshold,
         "random_weights": random_weights,
     }
     stored, created = add_named_pipeline(
