@@ -51,6 +51,7 @@ class Assigned:
     task_id: str
     previous: str | None = None
     was_pending: bool = True
+    lane: bool = False  # the fast lane's (the `interactive` project): sent on its own queue
 
 
 @dataclass
@@ -210,18 +211,17 @@ def release(s: Session, window: int, at: datetime, interactive_cap: int) -> Rele
         del projects[lane.id]
     _pick(projects, window - out, chosen)
     by_project: dict[str, int] = {}
-    chunk_ids: list[int] = []
+    assigned: list[Assigned] = []
     for p in chosen:
         s.execute(update(Project).where(Project.id == p.id).values(vstart=p.vstart,
                                                                     vfinish=p.vfinish))
         for job in p.jobs:
             if job.take:
                 ids = _oldest_pending(s, job.id, job.take)
-                chunk_ids += ids
+                assigned += [Assigned(cid, uuid(), lane=p is lane) for cid in ids]
                 by_project[p.name] = by_project.get(p.name, 0) + len(ids)
                 s.execute(update(Job).where(Job.id == job.id).values(vstart=job.vstart,
                                                                      vfinish=job.vfinish))
-    assigned = [Assigned(cid, uuid()) for cid in chunk_ids]
     _record(s, assigned, at)
     return Release(assigned, out, by_project)
 

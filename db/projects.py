@@ -142,5 +142,5 @@ def in_flight_by_project(s: Session) -> dict[int, int]:
             .join(Chunk, Chunk.job_id == Job.id)
             .where(Chunk.state.in_(IN_FLIGHT))
             .group_by(Job.project_id)
-        )
+        ).all()
     )

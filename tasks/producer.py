@@ -134,6 +134,7 @@ def send_assigned(
     with database_errors(settings), session_factory.begin() as session:
         places = chunk_places(session, [a.chunk_id for a in assigned])
     queues = _affine_queues(settings, app, places)
+    lane = routing.lane_queue(settings.queue)
     n_sent = n_failed = in_a_row = 0
     error = ""
     with app.producer_or_acquire() as producer:
@@ -145,7 +146,7 @@ def send_assigned(
                         app.send_task(
                             PROCESS_CHUNK,
                             args=[a.chunk_id],
-                            queue=queues.get(a.chunk_id, settings.queue),
+                            queue=lane if a.lane else queues.get(a.chunk_id, settings.queue),
                             task_id=a.task_id,
                             producer=producer,
                             shadow=chunk_task_name(places.get(a.chunk_id)),

@@ -41,6 +41,12 @@ def pipeline_queue(base: str, fingerprint: str) -> str:
     return f"{PREFIX}{base}.{fingerprint[:16]}"
 
 
+def lane_queue(base: str) -> str:
+    """The fast lane's queue (tasks.fast_lane) beside the common queue `base`: every worker
+    consumes it, and `!` sorts before `+` and letters, so a worker polls it first."""
+    return f"!{base}.interactive"
+
+
 def routes(broker_url: str) -> bool:
     return broker_url.startswith(("redis://", "rediss://"))
 

@@ -2,6 +2,7 @@
 
 from tasks.commands import (  # noqa: F401
     antenna,
+    classify,
     cleanup,
     compare,
     demo,

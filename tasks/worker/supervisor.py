@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
+from tasks.routing import lane_queue
 from tasks.settings import Settings
 from tasks.worker.exits import (
     DEATH_SIGNAL,
@@ -106,10 +107,11 @@ def plan_workers(gpus: str, environ: Mapping[str, str] = os.environ) -> list[Wor
 def celery_argv(
     queue: str, node: str, *, pool: str, concurrency: int, loglevel: str = "INFO"
 ) -> list[str]:
-    """The worker command line: the chunk queue, task events on for Flower."""
+    """The worker command line: the fast lane's queue and the chunk queue, task events on
+    for Flower."""
     return [
         sys.executable, "-m", "celery", "-A", "tasks", "worker",
-        "--queues", queue,
+        "--queues", f"{lane_queue(queue)},{queue}",
         "--hostname", node,
         "--pool", pool,
         "--concurrency", str(concurrency),

@@ -1,0 +1,205 @@
+"""The fast lane: a few images classified ahead of the batch backlog.
+
+`classify_images` is the one entry point, for `trapq classify` and for Python callers (the
+HTTP service of `trapq serve`):
+
+    from tasks.fast_lane import classify_images
+    result = classify_images(settings, ["/data/a.jpg", "https://host/b.jpg"], wait=True)
+    for image in result.images:
+        image.error or image.detections  # per image: its own error, or its boxes
+
+The images become captures of the scratch deployment `interactive` in the project
+`interactive` and one small job over exactly them. The dispatcher releases that project's
+chunks before any batch work, apart from the batch window, on the lane queue that every
+worker consumes first (`<queue>.interactive`), with at most TRAPQ_INTERACTIVE_SHARE of the
+live slots (at least one) out at once, so batch work keeps the rest of the pool. A local
+file that is missing or not an image gets its own error here and is left out; a URL is
+fetched by the worker, which records its error the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from PIL import Image, UnidentifiedImageError
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.imports import get_or_create_deployment, insert_captures
+from db.jobs import create_job
+from db.models import Capture, Classification, Detection, Job, JobCapture
+from db.projects import INTERACTIVE_PROJECT, get_or_create_project, set_deployment_project
+from db.states import JOB_ENDED, ItemState
+from tasks.errors import UserError
+from tasks.pipeline import resolve_pipeline
+from tasks.settings import Settings
+from tasks.store import database_errors, ready_session_factory
+
+SCRATCH_DEPLOYMENT = "interactive"
+LANE_CHUNK_SIZE = 4  # images per fast-lane chunk: several slots share a larger request
+POLL_S = 0.1
+
+
+@dataclass(frozen=True)
+class Label:
+    classifier: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Box:
+    """A detection in original-image pixels with its classifications."""
+
+    x1: float
+    y1: float
+    x2: float
+    y2: float
+    score: float
+    label: str
+    classifications: list[Label] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    image: str  # as given
+    state: str  # done, failed, pending (not finished within the wait), or refused
+    error: str | None = None
+    detections: list[Box] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FastLaneResult:
+    job_id: int | None  # None when every image was refused
+    images: list[ImageResult]
+    seconds: float
+
+
+def local_problem(image: str) -> str | None:
+    """Why a local image cannot be classified (missing, unreadable, not an image), or None;
+    URLs are the worker's to fetch."""
+    scheme = urlparse(image).scheme
+    if scheme in ("http", "https", "s3"):
+        return None
+    path = Path(urlparse(image).path if scheme == "file" else image)
+    if not path.is_file():
+        return "no such file"
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return f"not an image ({e})"
+    return None
+
+
+def _uri(image: str) -> str:
+    scheme = urlparse(image).scheme
+    if scheme in ("http", "https", "s3", "file"):
+        return image
+    return Path(image).resolve().as_uri()
+
+
+def classify_images(
+    settings: Settings,
+    images: Sequence[str],
+    *,
+    pipeline: str | None = None,
+    wait: bool = True,
+    timeout_s: float = 300.0,
+) -> FastLaneResult:
+    """Classify `images` (paths or URLs) in the fast lane with `pipeline` (NAME or
+    NAME@VERSION; None: the TRAPQ_* settings' `default`). With `wait`, return once each has
+    ended (or `timeout_s` passed, leaving the rest `pending`), with its detections; without,
+    at once, every image `pending` (its job id says where to look)."""
+    if not images:
+        raise UserError("give at least one image to classify")
+    started = time.monotonic()
+    refused = {image: problem for image in images if (problem := local_problem(image))}
+    accepted = [image for image in images if image not in refused]
+    if not accepted:
+        return FastLaneResult(None, [ImageResult(i, "refused", refused[i]) for i in images],
+                              time.monotonic() - started)
+    factory = ready_session_factory(settings)
+    stored = resolve_pipeline(settings, factory, pipeline)
+    uris = {image: _uri(image) for image in accepted}
+    with database_errors(settings), factory.begin() as session:
+        deployment_id, capture_ids = _record(session, list(uris.values()))
+        plan = create_job(
+            session,
+            deployment_id,
+            pipeline=stored.spec,
+            fingerprint=stored.fingerprint,
+            pipeline_id=stored.id,
+            chunk_size=LANE_CHUNK_SIZE,
+            capture_ids=capture_ids,
+        )
+    by_uri: dict[str, tuple[str, str | None, list[Box]]] = {}
+    if wait:
+        deadline = started + timeout_s
+        while time.monotonic() < deadline:
+            with database_errors(settings), factory() as session:
+                state = session.scalar(select(Job.state).where(Job.id == plan.job_id))
+            if state in JOB_ENDED:
+                break
+            time.sleep(POLL_S)
+        with database_errors(settings), factory() as session:
+            by_uri = _results(session, plan.job_id)
+    results = []
+    for image in images:
+        if image in refused:
+            results.append(ImageResult(image, "refused", refused[image]))
+            continue
+        state, error, boxes = by_uri.get(uris[image], (ItemState.PENDING.value, None, []))
+        results.append(ImageResult(image, state, error, boxes))
+    return FastLaneResult(plan.job_id, results, time.monotonic() - started)
+
+
+def _record(session: Session, uris: list[str]) -> tuple[int, list[int]]:
+    get_or_create_project(session, INTERACTIVE_PROJECT)
+    deployment_id = get_or_create_deployment(session, SCRATCH_DEPLOYMENT)
+    set_deployment_project(session, SCRATCH_DEPLOYMENT, INTERACTIVE_PROJECT)
+    insert_captures(
+        session, deployment_id,
+        [{"uri": u, "captured_at": None, "width": None, "height": None} for u in uris],
+    )
+    found = dict(
+        session.execute(
+            select(Capture.uri, Capture.id).where(
+                Capture.deployment_id == deployment_id, Capture.uri.in_(uris)
+            )
+        ).all()
+    )
+    return deployment_id, [found[u] for u in dict.fromkeys(uris)]
+
+
+def _results(session: Session, job_id: int) -> dict[str, tuple[str, str | None, list[Box]]]:
+    """Per capture URI: its work item's state and error, and its boxes with their labels."""
+    items = session.execute(
+        select(Capture.id, Capture.uri, JobCapture.state, JobCapture.error)
+        .join(Capture, Capture.id == JobCapture.capture_id)
+        .where(JobCapture.job_id == job_id)
+    ).all()
+    boxes: dict[int, list[Box]] = {}
+    labels: dict[int, list[Label]] = {}
+    for det_id, classifier, label, score in session.execute(
+        select(Classification.detection_id, Classification.classifier, Classification.label,
+               Classification.score)
+        .join(Detection, Detection.id == Classification.detection_id)
+        .where(Detection.job_id == job_id)
+        .order_by(Classification.id)
+    ):
+        labels.setdefault(det_id, []).append(Label(classifier, label, score))
+    for d in session.scalars(
+        select(Detection).where(Detection.job_id == job_id).order_by(Detection.id)
+    ):
+        boxes.setdefault(d.capture_id, []).append(
+            Box(d.x1, d.y1, d.x2, d.y2, d.score, d.label, labels.get(d.id, []))
+        )
+    return {
+        uri: (state, error, boxes.get(capture_id, []))
+        for capture_id, uri, state, error in items
+    }
