@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench-engine bench-enqueue bench-worker bench-soak bench-faults gpu-check
+.PHONY: demo test test-fast lint bench-engine bench-enqueue bench-worker bench-soak bench-faults gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/pytest
+
+# The tests that start no worker, CLI subprocess or server (tests/tiers.py): about a minute.
+test-fast: $(STAMP)
+	$(VENV)/bin/pytest -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

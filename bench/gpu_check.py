@@ -507,7 +507,8 @@ def check_sticky(ctx: Context) -> None:
         print("sticky on a CPU: the child raises the error CUDA reports instead of a real "
               "device-side assert", flush=True)
     repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
+    # The child's files go in this run's folder: it ends with os._exit, cleaning nothing up.
+    env = {**os.environ, "PYTHONPATH": str(repo), "TMPDIR": str(ctx.folder)}
     t0 = time.monotonic()
     try:
         done = subprocess.run(

@@ -16,6 +16,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ALLOWED_DB_SCHEMES = ("sqlite", "postgresql", "postgresql+psycopg")
 ALLOWED_BROKER_SCHEMES = ("redis", "rediss", "sqla+sqlite", "sqla+postgresql", "amqp", "pyamqp")
+# A worker under load misses shorter deadlines and redelivers chunks that are merely slow;
+# tests lower the floor (TRAPQ_TEST_TIMEOUTS) so a fault costs them seconds, not tens of them.
+TIMEOUT_FLOOR_S = 10
+TIMEOUTS_WITH_A_FLOOR = (
+    "chunk_soft_time_limit_s", "chunk_time_limit_s", "visibility_timeout_s", "redelivery_sweep_s"
+)
 
 
 class Settings(BaseSettings):
@@ -36,10 +42,21 @@ class Settings(BaseSettings):
     # Queueing
     queue: str = Field("gpu", description="Celery queue the chunk tasks go to.")
     chunk_size: int = Field(64, ge=1, le=100_000, description="Captures per chunk (one message).")
-    chunk_soft_time_limit_s: int = Field(1800, ge=10, description="Soft deadline of one chunk.")
-    chunk_time_limit_s: int = Field(2100, ge=10, description="Hard deadline of one chunk.")
+    chunk_soft_time_limit_s: int = Field(
+        1800, ge=1, description="Soft deadline of one chunk (at least 10 s)."
+    )
+    chunk_time_limit_s: int = Field(
+        2100, ge=1, description="Hard deadline of one chunk (at least 10 s)."
+    )
     visibility_timeout_s: int = Field(
-        7200, ge=10, description="Redis redelivery of unacked chunks; above the hard limit."
+        7200, ge=1, description="Redis redelivery of unacked chunks; above the hard limit."
+    )
+    redelivery_sweep_s: int = Field(
+        10, ge=1, description="Seconds between a worker's sweeps for unacked chunks past the "
+        "visibility timeout (at least 10 s)."
+    )
+    test_timeouts: bool = Field(
+        False, description="Tests only: lets the four settings above go below their 10 s floor."
     )
     max_retries: int = Field(5, ge=0, description="Retries of a chunk for transient errors.")
     retry_backoff_s: int = Field(5, ge=1, description="First retry countdown; doubles each time.")
@@ -229,6 +246,13 @@ class Settings(BaseSettings):
             self.broker_url = f"sqla+sqlite:///{data / 'broker.db'}"
         if not self.result_backend:
             self.result_backend = f"db+sqlite:///{data / 'results.db'}"
+        short = [f"TRAPQ_{name.upper()}" for name in TIMEOUTS_WITH_A_FLOOR
+                 if getattr(self, name) < TIMEOUT_FLOOR_S]
+        if short and not self.test_timeouts:
+            raise ValueError(
+                f"{short[0]} must be at least {TIMEOUT_FLOOR_S} s: shorter deadlines and "
+                "redeliveries hit chunks that are merely slow (TRAPQ_TEST_TIMEOUTS is for tests)"
+            )
         if self.visibility_timeout_s <= self.chunk_time_limit_s:
             raise ValueError(
                 "TRAPQ_VISIBILITY_TIMEOUT_S must exceed TRAPQ_CHUNK_TIME_LIMIT_S, "

@@ -2,6 +2,28 @@
 
 Each session gets its own database and its own queue names, so two test runs on one machine
 (or a developer's and CI's) never see each other's rows or messages.
+
+How to write a test here (read before adding one; the suite must stay fast):
+- Tiers. `make test-fast` (`pytest -m "not slow"`, <= 1 minute) runs every test that starts
+  no process; `make test` runs everything. Markers come from what a test uses
+  (tests/tiers.py): `worker_factory` and `shared_worker` mark `worker`; a test that starts
+  another process of ours (the installed trapq, a script, redis-server) says
+  `@pytest.mark.subprocess`. A test that starts one without the marker fails, naming it.
+- Workers. Fixtures `worker_factory` (tests/worker_process.py) and `shared_worker`
+  (tests/shared_workers.py) are plugins of this file: never import them. Use
+  `shared_worker(**TRAPQ_overrides)` when the test only needs a running worker (one per
+  environment for the whole session; send with its `.env`); `worker_factory(env)` only where
+  the test kills, stops, signals or reconfigures its worker. Test workers start without
+  Celery's mingle and gossip (`peers=True` where a test needs them).
+- The CLI. `tests.trapq_cli.trapq(env, *args)` runs `trapq` in-process (milliseconds);
+  `installed_trapq` runs the installed entry point, only for tests proving the entry point,
+  its exit codes or one-line errors (mark them `subprocess`).
+- Waiting. Never sleep to synchronise: `wait_for(predicate, bound, what)` on a row's state or
+  an event (fault_scenarios.HangingHost holds a fetch until the test releases it). Fault
+  tests take short deadlines from `worker_jobs.FAULT_TIMEOUTS` (TRAPQ_TEST_TIMEOUTS lets them
+  go below the settings' 10 s floors): a killed worker's chunk is back in about 8 s.
+- Leftovers. Databases, queues and processes of a run carry its pid (tests/leftovers.py):
+  a killed run's are removed when the next run starts, this run's when it ends.
 """
 
 from __future__ import annotations
@@ -15,7 +37,21 @@ from sqlalchemy import Engine, text
 
 from db.models import Base
 from db.session import make_engine
-from tests import services
+from tests import leftovers, services
+
+pytest_plugins = ["tests.tiers", "tests.worker_process", "tests.shared_workers"]
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Remove what killed runs left behind, then tag this run's processes."""
+    leftovers.kill_stale_processes()
+    leftovers.drop_stale_databases(services.PG_ADMIN_URL)
+    leftovers.delete_stale_queues(services.REDIS_URL)
+    leftovers.claim_processes()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    leftovers.kill_own_processes()
 
 
 @pytest.fixture(scope="session")

@@ -1,13 +1,16 @@
 """How tests and benchmarks reach the real services: one place for the URLs, databases and queues.
 
 A fresh database and queue name per test session or benchmark run keep two runs on one machine
-(a developer's and CI's) from seeing each other's rows or messages.
+(a developer's and CI's) from seeing each other's rows or messages. Their names carry the
+creating process's pid (`p<pid>`), so a later run can tell the leftovers of a killed one
+(tests/leftovers.py) from those of a run still going.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +25,13 @@ PG_ADMIN_URL = os.environ.get(
     "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
 REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def _admin(sql: str) -> None:
@@ -47,7 +57,7 @@ def drop_database(name: str) -> None:
 @contextlib.contextmanager
 def temporary_database(prefix: str, migrate: bool = True) -> Iterator[str]:
     """A fresh database (migrated to head unless migrate=False), always dropped afterwards."""
-    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_p{os.getpid()}_{uuid.uuid4().hex[:10]}"
     url = create_database(name)
     try:
         if migrate:
@@ -57,20 +67,31 @@ def temporary_database(prefix: str, migrate: bool = True) -> Iterator[str]:
         drop_database(name)
 
 
-@contextlib.contextmanager
-def temporary_queue(prefix: str) -> Iterator[str]:
-    """A fresh queue name; its Redis list, Kombu's bindings of its exchange (named as the
-    queue), its unacknowledged messages and its workers' visibility leases (tasks.visibility)
-    are deleted afterwards."""
-    name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+def queue_name(prefix: str) -> str:
+    """A fresh queue name of this process."""
+    return f"{prefix}-p{os.getpid()}-{uuid.uuid4().hex[:10]}"
+
+
+def delete_queue(name: str) -> None:
+    """The queue's Redis list, Kombu's bindings of its exchange (named as the queue), its
+    unacknowledged messages and its workers' visibility leases (tasks.visibility)."""
+    client = redis.Redis.from_url(REDIS_URL)
     try:
-        yield name
-    finally:
-        client = redis.Redis.from_url(REDIS_URL)
         client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}",
                       f"{name}.unacked", f"{name}.unacked_index", f"{name}.unacked_mutex",
                       *client.scan_iter(match=f"trapq:{name}:visibility:*"))
+    finally:
         client.close()
+
+
+@contextlib.contextmanager
+def temporary_queue(prefix: str) -> Iterator[str]:
+    """A fresh queue name, deleted afterwards (delete_queue)."""
+    name = queue_name(prefix)
+    try:
+        yield name
+    finally:
+        delete_queue(name)
 
 
 def service_env(

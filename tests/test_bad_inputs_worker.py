@@ -5,17 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine
 
 from tests import fault_scenarios as fs
-from tests.worker_process import worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
 
 
 def test_each_bad_input_ends_as_its_own_failed_item_and_the_valid_ones_around_it_are_done(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     outcome = fs.bad_inputs(fs.Lab(clean_pg, service_env, tmp_path, worker_factory))
     report = "\n".join(outcome.lines())

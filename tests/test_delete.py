@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
 
 from db.models import Base, Classification, Detection
-from tests.trapq_cli import TRAPQ, one_line_error, trapq
+from tests.trapq_cli import one_line_error, trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     item_states,
@@ -18,7 +17,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 
 def rows_of_job(engine: Engine, job_id: int, detection_ids: list[int]) -> dict[str, int]:
@@ -61,7 +60,7 @@ def classification_count(engine: Engine, job_id: int) -> int:
 
 
 def run_two_jobs(
-    tmp_path: Path, service_env: dict[str, str], engine: Engine, worker_factory  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], engine: Engine, worker_factory
 ) -> tuple[dict[str, str], int, int]:
     """Two jobs over the same 8 captures, both processed by a real worker."""
     env = worker_env(service_env)
@@ -77,7 +76,7 @@ def run_two_jobs(
 
 
 def test_delete_removes_every_row_of_the_job_and_nothing_of_its_neighbour(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
 ) -> None:
     env, job, other = run_two_jobs(tmp_path, service_env, clean_pg, worker_factory)
     doomed = detection_ids(clean_pg, job)
@@ -101,10 +100,7 @@ def test_delete_asks_first_and_a_no_keeps_everything(
     tmp_path: Path, service_env: dict[str, str], clean_pg: Engine
 ) -> None:
     job = make_job(clean_pg, ["/nowhere/a.jpg", "/nowhere/b.jpg"], chunk_size=1).job_id
-    answered = subprocess.run(
-        [str(TRAPQ), "delete", str(job)], env=service_env, input="n\n",
-        capture_output=True, text=True, timeout=60,
-    )
+    answered = trapq(service_env, "delete", str(job), input="n\n")
     assert answered.returncode == 1
     assert "delete job" in answered.stdout and "2 work items, 2 chunks" in answered.stdout
     assert item_states(clean_pg, job) == {"pending": 2}
@@ -128,7 +124,7 @@ def test_delete_refuses_a_job_with_a_running_chunk(
 
 
 def test_delete_deployment_deletes_its_captures_and_every_job_the_same_way(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
 ) -> None:
     env, job, other = run_two_jobs(tmp_path, service_env, clean_pg, worker_factory)
     doomed = {j: detection_ids(clean_pg, j) for j in (job, other)}

@@ -22,7 +22,7 @@ from tests.worker_jobs import (
     item_states,
     job_state,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 FRESH_SEED = 777_001  # not among the training seeds
 
@@ -46,7 +46,7 @@ def boxes_from_db(engine: Engine, job_id: int) -> dict[str, tuple[list[list[floa
 
 
 def test_demo_models_find_and_name_insects_end_to_end(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
 ) -> None:
     night = tmp_path / "night"
     truths = generate_night(night, n=8, seed=FRESH_SEED)

@@ -4,6 +4,7 @@ captures (scenarios in tests/fault_scenarios.py, also run by bench/faults.py).""
 
 from __future__ import annotations
 
+import os
 import signal
 from pathlib import Path
 
@@ -12,14 +13,11 @@ from sqlalchemy import Engine
 
 from tests import fault_scenarios as fs
 from tests import netns
-from tests.worker_process import worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def lab(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> fs.Lab:
     return fs.Lab(clean_pg, service_env, tmp_path, worker_factory)
 
@@ -32,13 +30,13 @@ def _assert_exactly_once(outcome: fs.Outcome) -> None:
     assert a.mismatched == 0, outcome.line()
 
 
-def test_worker_sigkilled_mid_chunk_ten_times_over_one_job_loses_and_doubles_nothing(
+def test_worker_sigkilled_mid_chunk_three_times_over_one_job_loses_and_doubles_nothing(
     lab: fs.Lab,
 ) -> None:
-    outcome = fs.sigkill_restart(lab, trials=10)
-    assert outcome.trials_ok == 10, outcome.line()
+    outcome = fs.sigkill_restart(lab, trials=3)  # bench.faults runs ten
+    assert outcome.trials_ok == 3, outcome.line()
     # Every kill cut a delivery short, which had to be delivered again.
-    assert outcome.counts["deliveries"] >= outcome.counts["chunks"] + 10, outcome.line()
+    assert outcome.counts["deliveries"] >= outcome.counts["chunks"] + 3, outcome.line()
     _assert_exactly_once(outcome)
 
 
@@ -86,6 +84,8 @@ def test_worker_cut_off_by_a_network_partition_mid_chunk_has_its_late_writes_ref
     lab: fs.Lab,
 ) -> None:
     reason = netns.unavailable()
+    if reason and os.environ.get("CI"):
+        pytest.fail(f"CI runs as root with network namespaces, and here: {reason}")
     if reason:
         print(f"skipped: {reason}")
         pytest.skip(reason)

@@ -1,12 +1,18 @@
 """`python -m bench.gpu_check --device cpu` runs end to end: every check a CPU can run passes,
-each CUDA-only one says why it was skipped, and it imports nothing a bare torch image lacks."""
+each CUDA-only one says why it was skipped, it leaves no temporary folder behind, and it
+imports nothing a bare torch image lacks."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.subprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 NOT_ON_A_BARE_TORCH_IMAGE = (
@@ -29,15 +35,17 @@ def test_gpu_check_imports_only_what_a_bare_torch_image_has() -> None:
     assert out.strip().splitlines()[-1] == "[]"
 
 
-def test_gpu_check_runs_end_to_end_on_the_cpu_and_skips_only_cuda_checks() -> None:
+def test_gpu_check_runs_end_to_end_on_the_cpu_skips_only_cuda_checks_and_leaves_no_files(
+    tmp_path: Path,
+) -> None:
     argv = [
         sys.executable, "-m", "bench.gpu_check", "--device", "cpu", "--n", "4",
         "--size", "320x180", "--detectors", "ssdlite320_mobilenet_v3_large,constant_boxes",
         "--throughput-detector", "fasterrcnn_mobilenet_v3_large_320_fpn",
         "--throughput-classifier", "demo_classifier",
     ]
-    done = subprocess.run(argv, env=_env(), cwd=ROOT, text=True, capture_output=True,
-                          timeout=300)
+    done = subprocess.run(argv, env={**_env(), "TMPDIR": str(tmp_path)}, cwd=ROOT, text=True,
+                          capture_output=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-4000:]
     results = {
@@ -56,5 +64,8 @@ def test_gpu_check_runs_end_to_end_on_the_cpu_and_skips_only_cuda_checks() -> No
     for check in ("oom", "compile"):
         assert f"skipped {check}: CUDA only" in done.stdout
     assert "skipped decode/nvJPEG parts: no CUDA device" in done.stdout
+    inputs = re.search(r"^inputs: .* in (\S+), ", done.stdout, re.M)
+    assert inputs and not Path(inputs.group(1)).exists(), "the inputs' folder is left behind"
+    assert list(tmp_path.iterdir()) == [], "a temporary folder is left behind"
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("RESULT gpu_check device=cpu passed=4 failed=0 skipped=2")

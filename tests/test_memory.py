@@ -46,7 +46,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import WorkerProcess, wait_for, worker_factory  # noqa: F401
+from tests.worker_process import WorkerProcess, wait_for
 
 torch.set_num_threads(1)
 
@@ -160,7 +160,7 @@ def slow_images() -> Iterator[str]:
 
 @pytest.fixture
 def supervised(
-    worker_factory: Callable[..., WorkerProcess],  # noqa: F811
+    worker_factory: Callable[..., WorkerProcess],
 ) -> Iterator[Callable[..., WorkerProcess]]:
     """`trapq worker --gpus cpu` as a subprocess; its Celery workers run in sessions of their
     own, so they are stopped through it and, failing that, killed one by one."""
@@ -224,7 +224,6 @@ def _assert_every_capture_done_once(engine: Engine, job_id: int, n: int) -> None
     assert len(detections_per_capture(engine, job_id)) == n
 
 
-@pytest.mark.slow
 def test_threads_worker_past_its_memory_limit_restarts_and_finishes_the_chunk_in_hand(
     tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, supervised,
     slow_images: str,
@@ -256,7 +255,6 @@ def test_threads_worker_past_its_memory_limit_restarts_and_finishes_the_chunk_in
     assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
 
 
-@pytest.mark.slow
 def test_prefork_child_past_its_memory_limit_is_replaced_and_no_chunk_is_lost(
     tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, supervised,
 ) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,8 +30,9 @@ from sqlalchemy import Engine, select
 from db.models import Chunk, Job
 from db.states import ChunkState
 from tasks.celery_app import PROCESS_CHUNK
+from tests.services import free_port
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.subprocess  # honcho, the Procfile's worker and Flower
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -79,12 +79,6 @@ class Honcho:
             except psutil.NoSuchProcess:
                 pass
         self.proc.wait(timeout=10)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(probe: Callable[[], T | None], timeout_s: float, what: str, honcho: Honcho) -> T:

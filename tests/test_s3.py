@@ -5,7 +5,6 @@ environment exactly as it would be for MinIO)."""
 from __future__ import annotations
 
 import json
-import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,18 +24,13 @@ from db.results import write_results
 from db.session import make_sessionmaker
 from inference.fetch import Fetcher, FetchPolicy
 from inference.types import Detection, ErrorKind, ItemFailure, ItemResult
+from tests.services import free_port
 from tests.trapq_cli import one_line_error, trapq
 from tests.worker_jobs import detections_per_capture, job_state, jpeg_bytes, send, worker_env
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 KEYS = {"AWS_ACCESS_KEY_ID": "trapq-test", "AWS_SECRET_ACCESS_KEY": "trapq-secret",
         "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -137,10 +131,9 @@ def test_fetcher_reads_objects_within_its_byte_limit(
         assert info.value.kind == kind and uri in info.value.message
 
 
-@pytest.mark.slow
 def test_a_worker_processes_s3_captures_and_a_missing_key_fails_alone(
     tmp_path: Path, s3: Any, s3_env: dict[str, str], clean_pg: Engine,
-    worker_factory,  # noqa: F811
+    worker_factory,
 ) -> None:
     s3.create_bucket(Bucket="night")
     for i in range(4):

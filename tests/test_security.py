@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from tasks.celery_app import PROCESS_CHUNK
 from tests.badinputs import ImageServer
 from tests.fault_scenarios import redis_server, wait_job_end
-from tests.trapq_cli import one_line_error, trapq
+from tests.trapq_cli import installed_trapq, one_line_error, trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     chunk_rows,
@@ -36,9 +36,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
+from tests.worker_process import wait_for
 
 
 def _publish_raw(url: str, queue: str, body: bytes, content_type: str) -> None:
@@ -61,7 +59,7 @@ def _msgpack_call(chunk_id: int) -> bytes:
 
 
 def test_yaml_and_msgpack_task_bodies_are_refused_and_no_chunk_runs(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     redis_url: str, queue_name: str,
 ) -> None:
     job = make_job(clean_pg, [str(p) for p in write_jpegs(tmp_path / "images", 2)], chunk_size=2)
@@ -91,6 +89,7 @@ def test_yaml_and_msgpack_task_bodies_are_refused_and_no_chunk_runs(
     assert set(detections_per_capture(clean_pg, job.job_id).values()) == {BOXES_PER_IMAGE}
 
 
+@pytest.mark.subprocess  # the installed entry point: exit code 1, one line, no password
 @pytest.mark.parametrize(
     ("variable", "value", "command"),
     [
@@ -105,7 +104,7 @@ def test_a_url_setting_with_a_wrong_scheme_is_a_one_line_cli_error(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
     env.update({"TRAPQ_DATA_DIR": str(tmp_path), variable: value})
-    out = trapq(env, command, timeout=60)
+    out = installed_trapq(env, command, timeout=60)
     assert variable in one_line_error(out)
     assert "Secret" not in out.stderr + out.stdout
 
@@ -121,7 +120,7 @@ def confined(tmp_path: Path) -> Iterator[tuple[Path, Path]]:
 
 
 def test_fetching_is_confined_to_allowed_schemes_roots_and_hosts_in_the_worker(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     confined: tuple[Path, Path],
 ) -> None:
     allowed, outside = confined
@@ -230,7 +229,7 @@ def _everything_in_redis(url: str) -> list[bytes]:
 
 
 def test_no_password_in_logs_cli_output_job_rows_or_task_messages(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     pg_secret, redis_secret = f"pg-{uuid.uuid4().hex}", f"rd-{uuid.uuid4().hex}"
     # PostgreSQL here trusts loopback, so it accepts the password it is given; Redis checks it.
@@ -287,6 +286,7 @@ def test_no_password_in_logs_cli_output_job_rows_or_task_messages(
         assert redis_secret not in content, f"the Redis password is in the {where}"
 
 
+@pytest.mark.subprocess
 def test_a_worker_refusing_a_bad_url_setting_does_not_print_its_password(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TRAPQ_")}
     env.update(TRAPQ_DATA_DIR=str(tmp_path),

@@ -20,7 +20,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 
 def enqueue(env: dict[str, str], *args: str) -> int:
@@ -39,7 +39,7 @@ def detection_ids(engine: Engine, job_id: int) -> list[int]:
 
 
 def test_only_unprocessed_retakes_failed_captures_and_keeps_earlier_results(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
 ) -> None:
     folder = tmp_path / "imgs"
     paths = write_jpegs(folder, 6)

@@ -22,9 +22,7 @@ from tests.worker_jobs import (
     make_job,
     send,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
+from tests.worker_process import wait_for
 
 
 @pytest.fixture
@@ -34,12 +32,12 @@ def hanging_host() -> Iterator[fs.HangingHost]:
 
 
 def test_a_hung_fetch_neither_freezes_the_heartbeat_nor_holds_back_the_deadline(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,
     hanging_host: fs.HangingHost,
 ) -> None:
     host = hanging_host
     base = host.url
-    # The fetch could hang for 5 minutes; the chunk's deadline is 10 s.
+    # The fetch could hang for 5 minutes; the chunk's deadline is 5 s (fs.FAULT_TIMEOUTS).
     env = fs.fault_env(service_env, TRAPQ_HTTP_READ_TIMEOUT_S="300", TRAPQ_FETCH_THREADS="2")
     uris = [f"{base}/img{i}.jpg" for i in range(3)] + [f"{base}/hang.jpg"]
     job = make_job(clean_pg, uris, chunk_size=len(uris))
@@ -60,7 +58,7 @@ def test_a_hung_fetch_neither_freezes_the_heartbeat_nor_holds_back_the_deadline(
     wait_for(beating, 30, "heartbeats during the hung fetch", on_timeout=worker.tail)
     assert not host.release.is_set() and item_states(clean_pg, job.job_id).get("done") == 3
     # The deadline stops the run while the fetch still hangs, and the chunk is retried.
-    wait_for(lambda: "past its deadline of 10s" in (chunk_rows(clean_pg, job.job_id)[0].error
+    wait_for(lambda: "past its deadline of 5s" in (chunk_rows(clean_pg, job.job_id)[0].error
                                                     or ""), 60, "the deadline",
              on_timeout=worker.tail)
     assert not host.release.is_set()
@@ -73,16 +71,16 @@ def test_a_hung_fetch_neither_freezes_the_heartbeat_nor_holds_back_the_deadline(
 
 
 def test_a_worker_with_another_visibility_timeout_than_its_queues_live_workers_does_not_start(
-    service_env: dict[str, str], worker_factory,  # noqa: F811
+    service_env: dict[str, str], worker_factory,
 ) -> None:
-    env = fs.fault_env(service_env)  # visibility timeout 12 s
+    env = fs.fault_env(service_env)  # visibility timeout 7 s
     first = worker_factory(env, concurrency=1).start()
     other = worker_factory(dict(env, TRAPQ_VISIBILITY_TIMEOUT_S="20"), concurrency=1)
     with pytest.raises(RuntimeError, match="worker exited 78"):
         other.start()
     refusals = [line for line in other.log_text().splitlines()
                 if "TRAPQ_VISIBILITY_TIMEOUT_S=20, but a live worker" in line]
-    assert len(refusals) == 1 and "uses 12" in refusals[0], other.tail()
+    assert len(refusals) == 1 and "uses 7" in refusals[0], other.tail()
     assert "engine loaded" not in other.log_text()  # refused before loading any model
     # Same timeout: welcome. Once the first worker has stopped, its lease is gone.
     worker_factory(env, concurrency=1).start().stop()

@@ -159,6 +159,7 @@ class Terminal:
         os.close(self.fd)
 
 
+@pytest.mark.subprocess  # a live terminal: the installed command, watched as it redraws
 def test_watch_follows_a_live_job_until_its_chunks_end(
     job_id: int, service_env: dict[str, str], clean_pg: Engine
 ) -> None:

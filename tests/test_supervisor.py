@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 
 from tests import fault_scenarios as fs
 from tests.badinputs import ImageServer
-from tests.trapq_cli import TRAPQ, trapq
+from tests.trapq_cli import TRAPQ, installed_trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     chunk_rows,
@@ -26,12 +26,12 @@ from tests.worker_jobs import (
     make_job,
     send,
 )
-from tests.worker_process import WorkerProcess, wait_for, worker_factory  # noqa: F401
+from tests.worker_process import WorkerProcess, wait_for
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.worker  # every test starts `trapq worker`
 
 
-def _supervisor(worker_factory, env: dict[str, str], *args: str) -> WorkerProcess:  # noqa: F811
+def _supervisor(worker_factory, env: dict[str, str], *args: str) -> WorkerProcess:
     argv = [str(TRAPQ), "worker", "--concurrency", "1", *(args or ("--gpus", "cpu"))]
     return worker_factory(env, argv=argv, node="cpu@%h")
 
@@ -48,7 +48,7 @@ def _assert_every_capture_once(engine: Engine, job_id: int, n: int) -> None:
 
 
 def test_trapq_worker_restarts_a_child_killed_by_sigkill_and_its_chunk_is_done_once(
-    lab_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    lab_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     env = dict(lab_env, TRAPQ_WORKER_CRASH_PAUSE_S="1")
     n = 24
@@ -77,7 +77,7 @@ def test_trapq_worker_gives_up_on_a_child_that_keeps_crashing_at_start(
 ) -> None:
     # An unknown log level makes every `celery worker` child exit 2 before it does anything.
     env = dict(service_env, TRAPQ_WORKER_CRASH_PAUSE_S="0.2")
-    result = trapq(env, "worker", "--gpus", "cpu", "--loglevel", "NOPE", timeout=180)
+    result = installed_trapq(env, "worker", "--gpus", "cpu", "--loglevel", "NOPE", timeout=180)
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.count("exited 2; starting it again") == 4, result.stderr[-2000:]
     assert "exited 2, 5 times right after start; not starting it again" in result.stderr
@@ -87,7 +87,7 @@ def test_trapq_worker_does_not_restart_a_child_whose_models_fail_to_load(
     service_env: dict[str, str],
 ) -> None:
     env = dict(service_env, TRAPQ_DETECTOR="no_such_detector")
-    result = trapq(env, "worker", "--gpus", "cpu", timeout=180)
+    result = installed_trapq(env, "worker", "--gpus", "cpu", timeout=180)
     assert result.returncode == 78, result.stderr[-2000:]  # LOAD_FAILED_EXIT
     assert "could not load its models (exit 78" in result.stderr
     assert result.stderr.count("started cpu@") == 1
@@ -95,7 +95,7 @@ def test_trapq_worker_does_not_restart_a_child_whose_models_fail_to_load(
 
 
 def test_a_second_signal_turns_the_warm_shutdown_cold_and_the_chunk_goes_back_to_the_queue(
-    lab_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    lab_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     n = 40  # 0.12 s each through one fetch thread: the chunk outlasts the two signals
     with ImageServer() as server:
@@ -126,7 +126,7 @@ def test_a_second_signal_turns_the_warm_shutdown_cold_and_the_chunk_goes_back_to
 
 
 def test_children_get_one_gpu_each_and_the_malloc_threshold_and_stop_with_their_group(
-    service_env: dict[str, str], worker_factory,  # noqa: F811
+    service_env: dict[str, str], worker_factory,
 ) -> None:
     env = {k: v for k, v in service_env.items()
            if k not in ("CUDA_VISIBLE_DEVICES", "MALLOC_MMAP_THRESHOLD_")}

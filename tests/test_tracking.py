@@ -40,7 +40,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 W, H = 1920, 1080
 
@@ -160,9 +160,8 @@ def test_tracking_a_job_twice_leaves_one_set_of_occurrences(clean_pg: Engine) ->
     assert tracked_at is not None
 
 
-@pytest.mark.slow
 def test_worker_tracks_a_job_when_its_last_chunk_ends(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     """A tracked night through `trapq import`, `trapq enqueue`, a real worker with the demo
     models, then the tracking task the last chunk sends; `trapq occurrences` reads it back."""
@@ -212,9 +211,8 @@ def test_occurrences_of_an_untracked_or_unknown_job_is_one_line_saying_what_to_d
     assert "no job 999999" in one_line_error(trapq(service_env, "track", "999999"))
 
 
-@pytest.mark.slow
 def test_a_job_that_ends_failed_is_tracked_too(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     """Its last chunk fails (this worker's box threshold is not the job's): the failure path
     sends the tracking task as the success path does."""

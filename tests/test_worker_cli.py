@@ -27,9 +27,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import WorkerProcess, wait_for, worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
+from tests.worker_process import wait_for
 
 
 def _db_rows(engine: Engine, job_id: int) -> list[tuple]:
@@ -53,7 +51,7 @@ def _db_rows(engine: Engine, job_id: int) -> list[tuple]:
 
 
 def test_export_csv_and_jsonl_match_the_rows_in_the_database(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     paths = write_jpegs(tmp_path / "images", 3)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=3)
@@ -94,7 +92,7 @@ def test_export_of_an_unknown_job_is_one_line_error(service_env: dict[str, str])
 
 
 def test_cancelled_job_is_revoked_and_its_chunks_are_skipped(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     redis_url: str, queue_name: str,
 ) -> None:
     paths = write_jpegs(tmp_path / "images", 4)
@@ -138,14 +136,14 @@ def test_gpus_option_plans_one_pinned_worker_per_gpu_without_touching_cuda() -> 
 
 
 def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on_ctrl_c(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine,
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     paths = write_jpegs(tmp_path / "images", 6)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
     # Any real worker is past 1 MB, so each one stops after its first chunk.
     env = worker_env(service_env, TRAPQ_MAX_MEMORY_MB="1")
     argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
-    supervisor = WorkerProcess(env, tmp_path / "trapq-worker.log", argv=argv)
+    supervisor = worker_factory(env, argv=argv)
     try:
         supervisor.start()
         send(env, clean_pg, job.chunk_ids)

@@ -36,9 +36,7 @@ from tests.worker_jobs import (
     send,
     worker_env,
 )
-from tests.worker_process import WorkerProcess, wait_for
-
-pytestmark = pytest.mark.slow
+from tests.worker_process import wait_for
 
 
 class FaultsOnMagenta(nn.Module):
@@ -87,7 +85,7 @@ def image_server() -> Iterator[tuple[str, dict[str, int]]]:
 
 
 def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_none_lost(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine,
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     image_server: tuple[str, dict[str, int]],
 ) -> None:
     base, hits = image_server
@@ -103,7 +101,7 @@ def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_no
         TRAPQ_WORKER_CRASH_PAUSE_S="0.5",
     )
     argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
-    supervisor = WorkerProcess(env, tmp_path / "trapq-worker.log", argv=argv)
+    supervisor = worker_factory(env, argv=argv)
     try:
         supervisor.start()
         send(env, clean_pg, job.chunk_ids)
@@ -127,10 +125,10 @@ def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_no
 
 
 def test_a_worker_whose_compiler_fails_stops_at_start_with_one_line(
-    tmp_path: Path, service_env: dict[str, str],
+    service_env: dict[str, str], worker_factory,
 ) -> None:
     env = worker_env(service_env, TRAPQ_COMPILE="true", TRAPQ_COMPILE_BACKEND="no_such_backend")
-    worker = WorkerProcess(env, tmp_path / "worker.log")
+    worker = worker_factory(env)
     with pytest.raises(RuntimeError, match=f"worker exited {LOAD_FAILED_EXIT}"):
         worker.start()
     [line] = [ln for ln in worker.log_text().splitlines() if "cannot start" in ln]

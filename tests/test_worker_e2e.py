@@ -22,12 +22,12 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_job_processed_end_to_end_with_boxes_inside_their_images(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     pool: str,
 ) -> None:
     """threads (the default) loads the engine in the worker process; prefork in each child,

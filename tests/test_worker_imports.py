@@ -7,18 +7,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
 from sqlalchemy import Engine
 
 from tasks.worker.supervisor import celery_argv
 from tests.worker_jobs import ENDED, job_state, make_job, send, worker_env, write_jpegs
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
+from tests.worker_process import wait_for
 
 
 def test_a_worker_that_ran_a_chunk_never_imported_typer_or_rich(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     env = worker_env(service_env)
     argv = celery_argv(env["TRAPQ_QUEUE"], "imports@%h", pool="threads", concurrency=1)

@@ -28,9 +28,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import worker_factory  # noqa: F401
 
-pytestmark = pytest.mark.slow
 DEMO_CLASSIFIER = Path(REGISTRY["demo_classifier"].default_weights or "")
 
 
@@ -57,11 +55,10 @@ def _env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
     ids=["other-weights", "other-threshold"],
 )
 def test_worker_whose_pipeline_differs_from_the_jobs_writes_nothing_for_it(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     worker_settings: dict[str, str], differs: str,
 ) -> None:
-    if not DEMO_CLASSIFIER.is_file():
-        pytest.skip("demo classifier not trained")
+    assert DEMO_CLASSIFIER.is_file(), "the demo checkpoints are committed"
     paths = write_jpegs(tmp_path / "images", 2)
     settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
     spec = pipeline_spec(settings)
@@ -81,11 +78,10 @@ def test_worker_whose_pipeline_differs_from_the_jobs_writes_nothing_for_it(
 
 
 def test_the_same_weights_at_another_path_run_the_job(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     """The fingerprint names the bytes, not where a machine keeps them."""
-    if not DEMO_CLASSIFIER.is_file():
-        pytest.skip("demo classifier not trained")
+    assert DEMO_CLASSIFIER.is_file(), "the demo checkpoints are committed"
     paths = write_jpegs(tmp_path / "images", 2)
     settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2, spec=pipeline_spec(settings))

@@ -25,9 +25,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
-
-pytestmark = pytest.mark.slow
+from tests.worker_process import wait_for
 
 
 @pytest.fixture
@@ -58,7 +56,7 @@ def _items(engine: Engine, job_id: int) -> list[tuple[str, str | None, str | Non
 
 
 def test_last_retry_gives_up_and_each_capture_keeps_its_own_reason(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,
     image_host: str,
 ) -> None:
     uris = [f"{image_host}/down/img{i}.jpg" for i in range(3)]
@@ -79,7 +77,7 @@ def test_last_retry_gives_up_and_each_capture_keeps_its_own_reason(
 
 
 def test_a_transient_failure_after_a_success_fails_alone_and_the_chunk_is_done(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
     image_host: str,
 ) -> None:
     [local] = write_jpegs(tmp_path / "images", 1)
@@ -98,7 +96,7 @@ def test_a_transient_failure_after_a_success_fails_alone_and_the_chunk_is_done(
 
 
 def test_a_chunk_cancelled_while_it_runs_stops_writing_and_its_worker_goes_on(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory,  # noqa: F811
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,
     image_host: str,
 ) -> None:
     """Celery cannot revoke a task that runs in the threads pool (terminate needs prefork);

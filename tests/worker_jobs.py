@@ -47,18 +47,27 @@ def worker_env(service_env: dict[str, str], **overrides: str) -> dict[str, str]:
 
 
 
+# Deadlines for fault tests, below the settings' 10 s floors (TRAPQ_TEST_TIMEOUTS): a killed
+# worker's chunk goes back on the queue VISIBILITY_S after its delivery, within one 1 s sweep
+# of a live worker of the queue, so a fault costs a test seconds. Chunks here last well under
+# the soft deadline (a few small images).
+FAULT_TIMEOUTS = {
+    "TRAPQ_TEST_TIMEOUTS": "true",
+    "TRAPQ_CHUNK_SOFT_TIME_LIMIT_S": "5",
+    "TRAPQ_CHUNK_TIME_LIMIT_S": "6",
+    "TRAPQ_VISIBILITY_TIMEOUT_S": "7",
+    "TRAPQ_REDELIVERY_SWEEP_S": "1",
+}
+VISIBILITY_S = float(FAULT_TIMEOUTS["TRAPQ_VISIBILITY_TIMEOUT_S"])
+
+
 def kill_trial_env(service_env: dict[str, str]) -> dict[str, str]:
-    """worker_env for a worker killed mid-chunk: Redis hands an unacknowledged message out
-    again once it is older than the visibility timeout, and a short one keeps the test short;
-    one slow fetch at a time and small write batches leave a chunk half written when killed."""
+    """worker_env for a worker killed mid-chunk (FAULT_TIMEOUTS): one slow fetch at a time and
+    small write batches leave a chunk half written when killed."""
     return worker_env(
-        service_env,
-        TRAPQ_VISIBILITY_TIMEOUT_S="12",
-        TRAPQ_CHUNK_SOFT_TIME_LIMIT_S="10",
-        TRAPQ_CHUNK_TIME_LIMIT_S="11",
-        TRAPQ_FETCH_THREADS="1",
-        TRAPQ_WRITE_BATCH_SIZE="2",
+        service_env, **FAULT_TIMEOUTS, TRAPQ_FETCH_THREADS="1", TRAPQ_WRITE_BATCH_SIZE="2"
     )
+
 
 def settings_of(env: dict[str, str]) -> Settings:
     return Settings(

@@ -1,8 +1,12 @@
 """A real Celery worker in a subprocess, for tests: start, wait until ready, stop or SIGKILL.
 
 Each worker runs in its own process group with its log in a file; the `worker_factory`
-fixture kills every group it started when the test ends, passed or failed. Import the
-fixture into a test module with `from tests.worker_process import worker_factory`.
+fixture kills every group it started when the test ends, passed or failed. The fixture is a
+plugin of tests/conftest.py: tests name it as a parameter and never import it.
+
+Test workers start without Celery's mingle (a second of asking other workers for their
+revoked tasks at start-up) and gossip: no test's worker learns anything from a neighbour
+that way; `peers=True` keeps both for a test that needs them.
 """
 
 from __future__ import annotations
@@ -33,13 +37,14 @@ class WorkerProcess:
         concurrency: int = 2,
         node: str | None = None,
         argv: list[str] | None = None,
+        peers: bool = False,
     ) -> None:
         self.env = env
         self.log_path = log_path
         self.node = node or f"test-{uuid.uuid4().hex[:8]}@%h"
         self.argv = argv or celery_argv(
             env["TRAPQ_QUEUE"], self.node, pool=pool, concurrency=concurrency
-        )
+        ) + ([] if peers else ["--without-mingle", "--without-gossip"])
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
