@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,12 +23,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from sqlalchemy import Engine, select
 
+import migrations
 from db.deployments import DeploymentMetadata, set_metadata
 from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
 from db.models import Capture
 from db.results import write_results
-from db.session import make_sessionmaker
+from db.session import make_engine, make_sessionmaker
 from inference.types import Classification, Detection, ErrorKind, ItemResult
 from tests.trapq_cli import one_line_error, trapq
 
@@ -68,11 +70,14 @@ def species(label: str, score: float, *others: tuple[str, float]) -> list[Classi
 
 @pytest.fixture
 def made(tmp_path: Path, clean_pg: Engine) -> Made:
+    return make_export_job(clean_pg, tmp_path / "night-1")
+
+
+def make_export_job(engine: Engine, root: Path) -> Made:
     """A job of four 4000x3000 captures: two moths (one sure, one not), a blank, a non-moth
     and a missing file; plus a capture still pending."""
-    root = tmp_path / "night-1"
     names = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg"]
-    factory = make_sessionmaker(clean_pg)
+    factory = make_sessionmaker(engine)
     with factory.begin() as s:
         dep = get_or_create_deployment(s, "night-1")
         set_metadata(s, "night-1", DeploymentMetadata(
@@ -180,6 +185,41 @@ def test_camtrapdp_package_is_valid_against_the_1_0_2_schemas_with_one_row_per_f
         "night-1", "52.37", "Canon-EOS 90D")
 
 
+def test_exports_of_an_embedded_sqlite_store_give_the_same_utc_times_in_any_local_zone(
+    tmp_path: Path, service_env: dict[str, str], made: Made, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SQLite keeps no offset: a time read back naive and taken as local time would shift by
+    the machine's zone. Exported from both stores, in a process 5 hours west of UTC."""
+    sqlite_url = f"sqlite:///{tmp_path / 'embedded' / 'trapq.db'}"
+    (tmp_path / "embedded").mkdir()
+    migrations.upgrade(sqlite_url)
+    embedded = make_engine(sqlite_url)
+    try:
+        lite = make_export_job(embedded, made.root)
+    finally:
+        embedded.dispose()
+    sqlite_env = dict(service_env, TRAPQ_DATABASE_URL=sqlite_url)
+    monkeypatch.setenv("TZ", "America/Bogota")  # UTC-5 all year
+    time.tzset()
+    try:
+        for env, job, out in ((service_env, made, tmp_path / "pg"),
+                              (sqlite_env, lite, tmp_path / "sqlite")):
+            export(env, job, "camtrapdp", out, *CAMTRAP_OPTIONS, "--root", str(made.root))
+            export(env, job, "coco", out / "coco.json", "--root", str(made.root))
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    for out in (tmp_path / "pg", tmp_path / "sqlite"):
+        times = {r["filePath"]: r["timestamp"] for r in read_csv(out / "media.csv")}
+        assert times["a.jpg"] == "2024-06-01T22:00:00Z" and times["b.jpg"] == "2024-06-01T22:01:00Z"
+        (deployment,) = read_csv(out / "deployments.csv")
+        assert (deployment["deploymentStart"], deployment["deploymentEnd"]) == (
+            "2024-06-01T21:00:00Z", "2024-06-02T05:00:00Z")
+        coco = json.loads((out / "coco.json").read_text())
+        dates = {img["file_name"]: img["date_captured"] for img in coco["images"]}
+        assert dates["a.jpg"] == "2024-06-01T22:00:00Z"
+
+
 def test_camtrapdp_says_in_one_line_what_must_be_given(
     tmp_path: Path, service_env: dict[str, str], made: Made, clean_pg: Engine
 ) -> None:
@@ -245,26 +285,55 @@ def test_megadetector_output_follows_the_batch_format_rules(
     assert images["d.jpg"]["detections"] is None and "no such file" in images["d.jpg"]["failure"]
 
 
-def test_coco_round_trips_through_pycocotools_and_scores_ap_1_against_itself(
+def coco_ap(truth: COCO, found: list[dict[str, object]]) -> float:
+    """pycocotools' AP@[.5:.95] of `found` (xywh boxes with scores) against `truth`."""
+    evaluation = COCOeval(truth, truth.loadRes(found), "bbox")
+    evaluation.evaluate()
+    evaluation.accumulate()
+    evaluation.summarize()
+    return float(evaluation.stats[0])
+
+
+def test_coco_round_trips_through_pycocotools_and_its_boxes_score_ap_1_against_the_truth(
     tmp_path: Path, service_env: dict[str, str], made: Made
 ) -> None:
     out = tmp_path / "coco.json"
     export(service_env, made, "coco", out, "--root", str(made.root))
 
-    truth = COCO(str(out))
-    assert sorted(img["file_name"] for img in truth.dataset["images"]) == [
+    exported = COCO(str(out))
+    assert sorted(img["file_name"] for img in exported.dataset["images"]) == [
         "a.jpg", "b.jpg", "c.jpg"]
-    assert {img["width"] for img in truth.dataset["images"]} == {4000}
-    names = {c["id"]: c["name"] for c in truth.loadCats(truth.getCatIds())}
-    boxes = {(names[a["category_id"]], *a["bbox"]) for a in truth.dataset["annotations"]}
+    assert {img["width"] for img in exported.dataset["images"]} == {4000}
+    names = {c["id"]: c["name"] for c in exported.loadCats(exported.getCatIds())}
+    boxes = {(names[a["category_id"]], *a["bbox"]) for a in exported.dataset["annotations"]}
     assert boxes == {("Noctua pronuba", 400, 300, 400, 600),
                      ("Autographa gamma", 2000, 1500, 400, 300), ("insect", 10, 20, 100, 200)}
-    found = truth.loadRes([dict(a) for a in truth.dataset["annotations"]])
-    evaluation = COCOeval(truth, found, "bbox")
-    evaluation.evaluate()
-    evaluation.accumulate()
-    evaluation.summarize()
-    assert evaluation.stats[0] == pytest.approx(1.0)
+
+    # The truth is written here from the boxes `made` wrote, in pixels (x1, y1, x2, y2),
+    # not read back from the export: pycocotools scores the export's annotations against it.
+    image_of = {img["file_name"]: img["id"] for img in exported.dataset["images"]}
+    category_of = {name: cid for cid, name in names.items()}
+    written = [("a.jpg", "Noctua pronuba", (400, 300, 800, 900)),
+               ("a.jpg", "Autographa gamma", (2000, 1500, 2400, 1800)),
+               ("c.jpg", "insect", (10, 20, 110, 220))]
+    truth = COCO()
+    truth.dataset = {
+        "images": exported.dataset["images"],
+        "categories": exported.dataset["categories"],
+        "annotations": [
+            {"id": i + 1, "image_id": image_of[f], "category_id": category_of[c],
+             "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0}
+            for i, (f, c, (x1, y1, x2, y2)) in enumerate(written)
+        ],
+    }
+    truth.createIndex()
+    found = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
+              "score": a.get("score", 1.0)} for a in exported.dataset["annotations"]]
+    assert coco_ap(truth, found) == pytest.approx(1.0)
+    # The check can fail: the same boxes read as (x1, y1, x2, y2), the usual slip, score low.
+    as_corners = [dict(f, bbox=[x, y, x + w, y + h]) for f in found
+                  for x, y, w, h in [f["bbox"]]]
+    assert coco_ap(truth, as_corners) < 0.5
 
 
 def test_unknown_format_and_job_are_one_line_errors(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 
 import pytest
 
 from inference.types import EngineStats
 from tasks.worker.metrics import MetricsLogger
+from tests.worker_process import wait_for
 
 ZERO = EngineStats(0, 0, 0, 0, 0.0, 0.0, 0, 0, 0, 0, 0, 0, 16, 2**29)
 
@@ -54,14 +54,28 @@ def test_an_idle_window_reports_zero_rather_than_dividing_by_zero() -> None:
     assert metrics.sample().mean_batch_size == 0.0
 
 
-def test_the_logger_thread_logs_a_line_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_logger_thread_logs_one_line_per_interval_each_about_its_own_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each interval the engine does 10 images and the clock moves 1 s: every line must say
+    10 images/s over the last 1 s, i.e. one line per interval, none cumulative or merged."""
+    counters, now = Counters(), [0.0]
+
+    def stats() -> EngineStats:
+        counters.add(images=10, batches=1)
+        now[0] += 1.0
+        return counters.stats()
+
+    def lines() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "images/s" in r.getMessage()]
+
     with caplog.at_level(logging.INFO, logger="trapq.metrics"):
-        running = MetricsLogger(Counters().stats, interval_s=0.05).start()
+        running = MetricsLogger(stats, interval_s=0.02, clock=lambda: now[0]).start()
         try:
-            for _ in range(200):
-                if any("images/s" in r.getMessage() for r in caplog.records):
-                    break
-                time.sleep(0.05)
+            wait_for(lambda: len(lines()) >= 5, 30, "five metrics lines")
         finally:
             running.stop()
-    assert any("0.0 images/s" in r.getMessage() for r in caplog.records)
+    assert lines() and all(
+        line.startswith("worker metrics: 10.0 images/s, 1 batches of 10.0 images")
+        and "in the last 1 s" in line for line in lines()
+    ), lines()
