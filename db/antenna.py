@@ -23,6 +23,7 @@ from db.models import (
     AntennaImage,
     AntennaTask,
     Capture,
+    Chunk,
     Classification,
     Deployment,
     Detection,
@@ -318,26 +319,31 @@ def release(session: Session, ids: Sequence[int]) -> None:
 @dataclass(frozen=True)
 class Load:
     held: int  # tasks taken and not yet answered, reply subject still live
-    answered: int  # answers made ready within the horizon
-    span_s: float  # over how long those were made, at most the horizon
+    oldest_s: float  # how long the oldest of them has been held (0 when none)
+    rate: float  # captures per second the pool's chunks ended within the horizon
 
 
 def load(session: Session, antenna: str, now: datetime, horizon: timedelta) -> Load:
-    """What the pool holds of this Antenna's tasks and how fast it has been answering them:
-    the rate counts from the first task of the horizon, so idle time before it is not held
-    against the pool."""
+    """What the pool holds of this Antenna's tasks, and how fast it has been working: the
+    captures its chunks ended within the horizon, counted from the first of those chunks'
+    starts, so time the pool sat idle before it is not held against it. Answers from SQL
+    (no chunk) do not count: they say nothing of the pool."""
     t = AntennaTask
-    held = session.scalar(
-        select(func.count()).where(t.antenna == antenna,
-                                   t.state.in_([s.value for s in HELD]), t.deadline > now)
-    ) or 0
-    since = now - horizon
-    answered, first = session.execute(
+    held, oldest = session.execute(
         select(func.count(), func.min(t.received_at))
-        .where(t.antenna == antenna, t.ready_at >= since)
+        .where(t.antenna == antenna, t.state.in_([s.value for s in HELD]), t.deadline > now)
     ).one()
-    start = max(since, _aware(first)) if first is not None else now
-    return Load(held=held, answered=answered, span_s=max((now - start).total_seconds(), 1.0))
+    since = now - horizon
+    ended, first = session.execute(
+        select(func.coalesce(func.sum(Chunk.n_done + Chunk.n_failed), 0),
+               func.min(Chunk.started_at))
+        .where(Chunk.finished_at >= since)
+    ).one()
+    rate = 0.0
+    if ended and first is not None:
+        rate = ended / max((now - max(since, _aware(first))).total_seconds(), 1.0)
+    oldest_s = (now - _aware(oldest)).total_seconds() if oldest is not None else 0.0
+    return Load(held=held, oldest_s=oldest_s, rate=rate)
 
 
 def _aware(t: datetime) -> datetime:

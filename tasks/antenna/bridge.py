@@ -11,8 +11,9 @@ so fair share, Flower, requeue and exactly-once writes apply; an image this pipe
 processed is answered from SQL without a job.
 
 Room: the pool should answer every task it holds within `answer_within` of Antenna's ack
-wait. Its rate is measured from the answers made ready in that horizon; the bridge holds at
-most rate x horizon tasks, and while the rate is unknown, only a first small batch.
+wait. Its rate is measured over that horizon (captures its chunks ended); the bridge holds at
+most rate x horizon tasks, none more while a held task has waited half the horizon, and while
+the rate is unknown (an idle pool), only a first batch.
 """
 
 from __future__ import annotations
@@ -180,9 +181,12 @@ class Bridge:
         return taken
 
     def room(self, now_load: Load) -> int:
-        """How many more tasks the pool can answer within the horizon."""
-        rate = now_load.answered / now_load.span_s
-        room = int(rate * self.horizon.total_seconds()) - now_load.held
+        """How many more tasks the pool can answer within the horizon; none while a task
+        held has waited half of it (the pool is slower than measured: other work, a slow
+        host)."""
+        if now_load.oldest_s > self.horizon.total_seconds() / 2:
+            return 0
+        room = int(now_load.rate * self.horizon.total_seconds()) - now_load.held
         if now_load.held == 0:
             room = max(room, self.antenna.first_batch)
         return min(room, self.antenna.max_batch)
