@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
 
-from sqlalchemy import bindparam, delete, insert, select, text, update
+from sqlalchemy import bindparam, case, delete, func, insert, literal, select, text, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
@@ -194,44 +194,11 @@ def claim_chunk(
     if state in CHUNK_ENDED:
         return Claim(Outcome.SKIP, chunk_id, job_id, state, n_items, deliveries=deliveries)
     deliveries += 1
-    at = now()
     if deliveries - retries > max_deliveries:
-        error = (
-            f"delivered {deliveries} times without finishing (last on {worker}); "
-            "its worker probably died on it (out of memory?)"
-        )
-        s.execute(
-            update(chunks_t)
-            .where(chunks_t.c.id == chunk_id)
-            .values(deliveries=deliveries, worker=worker, heartbeat_at=at)
-        )
-        _fail_chunk(s, chunk_id, job_id, error)
+        _exhaust(s, chunk_id, job_id, deliveries, worker)
         return Claim(Outcome.EXHAUSTED, chunk_id, job_id, ChunkState.FAILED.value, n_items,
                      deliveries=deliveries)
-    s.execute(
-        update(chunks_t)
-        .where(chunks_t.c.id == chunk_id)
-        .values(
-            state=ChunkState.RUNNING.value,
-            worker=worker,
-            started_at=at,
-            heartbeat_at=at,
-            finished_at=None,
-            attempts=chunks_t.c.attempts + 1,
-            deliveries=deliveries,
-            claim=claimed + 1,
-        )
-    )
-    s.execute(
-        update(jobs_t)
-        .where(jobs_t.c.id == job_id, jobs_t.c.started_at.is_(None))
-        .values(started_at=at)
-    )
-    s.execute(
-        update(jobs_t)
-        .where(jobs_t.c.id == job_id, jobs_t.c.state == JobState.PENDING.value)
-        .values(state=JobState.RUNNING.value)
-    )
+    _mark_running(s, chunk_id, job_id, worker=worker, deliveries=deliveries, claim=claimed + 1)
     counts = chunk_item_counts(s, chunk_id)
     pipeline, fingerprint, boxes_from = s.execute(
         select(Job.pipeline, Job.fingerprint, Job.boxes_from_job_id).where(Job.id == job_id)
@@ -249,6 +216,52 @@ def claim_chunk(
         fingerprint=fingerprint,
         boxes_from_job_id=boxes_from,
         token=ClaimToken(chunk_id, claimed + 1),
+    )
+
+
+def _mark_running(
+    s: Session, chunk_id: int, job_id: int, *, worker: str, deliveries: int, claim: int
+) -> None:
+    """The chunk runs under this delivery's claim; its job is running, started at its first
+    claim."""
+    at = now()
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id)
+        .values(
+            state=ChunkState.RUNNING.value,
+            worker=worker,
+            started_at=at,
+            heartbeat_at=at,
+            finished_at=None,
+            attempts=chunks_t.c.attempts + 1,
+            deliveries=deliveries,
+            claim=claim,
+        )
+    )
+    j = jobs_t.c
+    pending = j.state == JobState.PENDING.value
+    s.execute(
+        update(jobs_t)
+        .where(j.id == job_id, j.started_at.is_(None) | pending)
+        .values(
+            started_at=func.coalesce(j.started_at, literal(at, j.started_at.type)),
+            state=case((pending, JobState.RUNNING.value), else_=j.state),
+        )
+    )
+
+
+def _exhaust(s: Session, chunk_id: int, job_id: int, deliveries: int, worker: str) -> None:
+    """Fail a chunk delivered too often: its worker dies on it, and would again."""
+    s.execute(
+        update(chunks_t)
+        .where(chunks_t.c.id == chunk_id)
+        .values(deliveries=deliveries, worker=worker, heartbeat_at=now())
+    )
+    _fail_chunk(
+        s, chunk_id, job_id,
+        f"delivered {deliveries} times without finishing (last on {worker}); "
+        "its worker probably died on it (out of memory?)",
     )
 
 
@@ -587,3 +600,4 @@ def _finish_job_if_ended(s: Session, job_id: int) -> str | None:
         execution_options={"preserve_rowcount": True},
     ).rowcount
     return state if ended else None
+

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import kombu.exceptions
@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from db.models import Chunk
 from db.results import (
+    Claim,
     ClaimLost,
     ClaimToken,
     Outcome,
@@ -46,11 +47,11 @@ from db.reuse import stored_boxes
 from db.states import ChunkState
 from inference.device_fault import DeviceFault
 from inference.pipeline_spec import PipelineSpec
-from inference.types import Detection, ItemResult, WorkItem
+from inference.types import Detection, EngineStats, ItemResult, RunStats, WorkItem
 from tasks.celery_app import PROCESS_CHUNK, TRACK_JOB, app
 from tasks.settings import get_settings
 from tasks.worker.boot import Runtime, memory_guard, runtime, stop_for_device_fault
-from tasks.worker.chunk_watch import ChunkStopped, ChunkWatch
+from tasks.worker.chunk_watch import ChunkStopped, ChunkWatch, Interruptible
 
 log = get_task_logger(__name__)
 
@@ -223,11 +224,55 @@ def _best_effort(chunk_id: int, error: str, record: Callable[[Session], object])
         log.warning("chunk %s: could not record %r: %s", chunk_id, error, e)
 
 
+@dataclass(frozen=True)
+class ChunkMetrics:
+    """A run's own figures, stored on the chunk row (chunks.metrics) and returned by the task;
+    the GPU memory and in-flight peak are the process's, since the in-flight bound and the
+    device hold for all its chunks together."""
+
+    captures: int
+    detections: int
+    wall_s: float
+    images_per_s: float | None
+    batches: int
+    mean_batch_size: float
+    gpu_busy_fraction: float
+    images_in_flight_peak: int
+    gpu_allocated_mb: float
+    gpu_reserved_mb: float
+    gpu_peak_allocated_mb: float
+    worker: str | None
+    delivery: int
+
+    @classmethod
+    def of(cls, run: _ChunkRun, elapsed: float, measured: RunStats, engine: EngineStats,
+           delivery: int) -> ChunkMetrics:
+        return cls(
+            captures=run.n_written,
+            detections=run.n_detections,
+            wall_s=round(elapsed, 3),
+            images_per_s=round(run.n_written / elapsed, 2) if elapsed else None,
+            batches=measured.batches,
+            mean_batch_size=round(measured.mean_batch_size, 2),
+            gpu_busy_fraction=round(measured.gpu_busy_fraction, 4),
+            images_in_flight_peak=engine.images_in_flight_peak,
+            gpu_allocated_mb=round(engine.device_allocated_mb, 1),
+            gpu_reserved_mb=round(engine.device_reserved_mb, 1),
+            gpu_peak_allocated_mb=round(engine.device_peak_allocated_mb, 1),
+            worker=run.task.request.hostname,
+            delivery=delivery,
+        )
+
+
 @dataclass
 class _ChunkRun:
+    """One delivery of a chunk: execute() reads as the steps it takes; the bookkeeping of each
+    step (claim, write buffer, progress, deadline, end) is a method of its own."""
+
     task: Task
     rt: Runtime
     chunk_id: int
+    started: float = field(default_factory=time.monotonic)
     buffer: list[ItemResult] = field(default_factory=list)
     held: list[ItemResult] = field(default_factory=list)  # transient failures, all so far
     write_s: float = 0.0
@@ -236,29 +281,55 @@ class _ChunkRun:
     job_id: int = 0
     token: ClaimToken | None = None  # this delivery's claim, checked by every write
     progress: dict[str, int] = field(default_factory=dict)
+    flushed_at: float = 0.0  # time.monotonic() of the last write, or of the claim
+    reported_at: float = 0.0  # ... of the last progress report
 
     def execute(self) -> dict[str, Any]:
-        s = self.rt.settings
-        started = time.monotonic()
+        claim = self._claim()
+        if claim.outcome is not Outcome.RUN:
+            log.info("chunk %s not run: %s (state %s)", self.chunk_id, claim.outcome, claim.state)
+            return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
+        items = self._start(claim)
+        with self.rt.engine.run(work_items(self.rt, items, claim.boxes_from_job_id)) as run:
+            try:
+                with self._watch(run, len(items)):
+                    for result in run:
+                        self._take(result)
+                        self._flush_and_report_when_due()
+            except ChunkStopped as stopped:
+                return self._stopped(stopped)
+            except ChunkRetry:
+                self._flush()  # what came back before the deadline stays written
+                raise
+        self._flush()
+        if self.held:
+            self._give_up_on_held()
+        return self._finish(claim, run.stats())
+
+    def _claim(self) -> Claim:
+        """This delivery's claim of the chunk; PipelineMismatch if this worker may not run it."""
+        request = self.task.request
         with self.rt.sessions.begin() as session:
             claim = claim_chunk(
                 session,
                 self.chunk_id,
-                worker=self.task.request.hostname or "unknown",
-                retries=self.task.request.retries,
-                max_deliveries=s.max_deliveries,
-                task_id=self.task.request.id,
+                worker=request.hostname or "unknown",
+                retries=request.retries,
+                max_deliveries=self.rt.settings.max_deliveries,
+                task_id=request.id,
             )
-        if claim.outcome is not Outcome.RUN:
-            log.info("chunk %s not run: %s (state %s)", self.chunk_id, claim.outcome, claim.state)
-            return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
+        if claim.outcome is Outcome.RUN:
+            request.chunk_delivery = claim.deliveries  # for ChunkTask.on_retry
+            mismatch = pipeline_mismatch(claim.pipeline, claim.fingerprint, self.rt.spec)
+            if mismatch:
+                raise PipelineMismatch(mismatch)
+        return claim
+
+    def _start(self, claim: Claim) -> list[PendingItem]:
+        """The captures still pending, with the first progress report."""
         assert claim.job_id is not None
         self.job_id = claim.job_id
         self.token = claim.token
-        self.task.request.chunk_delivery = claim.deliveries  # for ChunkTask.on_retry
-        mismatch = pipeline_mismatch(claim.pipeline, claim.fingerprint, self.rt.spec)
-        if mismatch:
-            raise PipelineMismatch(mismatch)
         with self.rt.sessions.begin() as session:
             items = pending_items(session, self.chunk_id)
         self.progress = {
@@ -269,66 +340,52 @@ class _ChunkRun:
             "failed": claim.n_failed,
         }
         self._report()
-        deadline = started + s.chunk_soft_time_limit_s
-        last_flush = last_report = time.monotonic()
+        self.flushed_at = self.reported_at
+        return items
+
+    def _watch(self, run: Interruptible, n_items: int) -> ChunkWatch:
+        """Heartbeat and deadline, kept by a timer thread whatever the engine is doing."""
+        s = self.rt.settings
 
         def past_deadline() -> ChunkRetry:
             return ChunkRetry(
                 f"past its deadline of {s.chunk_soft_time_limit_s}s "
-                f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {len(items) - self.n_written} "
+                f"(TRAPQ_CHUNK_SOFT_TIME_LIMIT_S) with {n_items - self.n_written} "
                 "captures left; the retry goes on from there"
             )
 
-        work = work_items(self.rt, items, claim.boxes_from_job_id)
-        with self.rt.engine.run(work) as run:
-            watch = ChunkWatch(
-                run, self._beat, every_s=s.heartbeat_s,
-                deadline=deadline, expired=past_deadline, name=f"trapq-chunk-{self.chunk_id}",
-            )
-            try:
-                with watch:
-                    for result in run:
-                        self._take(result)
-                        t = time.monotonic()
-                        if len(self.buffer) >= s.write_batch_size or (
-                            self.buffer and t - last_flush >= FLUSH_AFTER_S
-                        ):
-                            self._flush()
-                            last_flush = t
-                        if t - last_report >= s.heartbeat_s:
-                            self._report()
-                            last_report = t
-            except ChunkStopped as stopped:
-                self._flush()
-                log.info("chunk %s stopped: %s", self.chunk_id, stopped)
-                if stopped.requeue:  # unacknowledged, back on the queue at once
-                    raise Reject(str(stopped), requeue=True) from None
-                return {"chunk_id": self.chunk_id, "state": stopped.state}
-            except ChunkRetry:
-                self._flush()  # what came back before the deadline stays written
-                raise
+        return ChunkWatch(
+            run, self._beat, every_s=s.heartbeat_s,
+            deadline=self.started + s.chunk_soft_time_limit_s, expired=past_deadline,
+            name=f"trapq-chunk-{self.chunk_id}",
+        )
+
+    def _flush_and_report_when_due(self) -> None:
+        """Write a full buffer, or one whose results waited FLUSH_AFTER_S; report progress
+        every heartbeat."""
+        s = self.rt.settings
+        now = time.monotonic()
+        if len(self.buffer) >= s.write_batch_size or (
+            self.buffer and now - self.flushed_at >= FLUSH_AFTER_S
+        ):
+            self._flush()
+        if now - self.reported_at >= s.heartbeat_s:
+            self._report()
+
+    def _stopped(self, stopped: ChunkStopped) -> dict[str, Any]:
+        """Cancelled, or a cold shutdown: what came back is written, the rest is not run."""
         self._flush()
-        if self.held:
-            self._give_up_on_held()
-        elapsed = time.monotonic() - started
-        measured = run.stats()
-        engine_stats = self.rt.engine.stats()
-        metrics = {  # this run's own figures, not the process's since it started
-            "captures": self.n_written,
-            "detections": self.n_detections,
-            "wall_s": round(elapsed, 3),
-            "images_per_s": round(self.n_written / elapsed, 2) if elapsed else None,
-            "batches": measured.batches,
-            "mean_batch_size": round(measured.mean_batch_size, 2),
-            "gpu_busy_fraction": round(measured.gpu_busy_fraction, 4),
-            # the process's peak so far: the in-flight bound holds for all chunks together
-            "images_in_flight_peak": engine_stats.images_in_flight_peak,
-            "gpu_allocated_mb": round(engine_stats.device_allocated_mb, 1),
-            "gpu_reserved_mb": round(engine_stats.device_reserved_mb, 1),
-            "gpu_peak_allocated_mb": round(engine_stats.device_peak_allocated_mb, 1),
-            "worker": self.task.request.hostname,
-            "delivery": claim.deliveries,
-        }
+        log.info("chunk %s stopped: %s", self.chunk_id, stopped)
+        if stopped.requeue:  # unacknowledged, back on the queue at once
+            raise Reject(str(stopped), requeue=True) from None
+        return {"chunk_id": self.chunk_id, "state": stopped.state}
+
+    def _finish(self, claim: Claim, measured: RunStats) -> dict[str, Any]:
+        """End the chunk `done` with its figures; the job too if it was its last."""
+        metrics = asdict(ChunkMetrics.of(
+            self, time.monotonic() - self.started, measured, self.rt.engine.stats(),
+            claim.deliveries,
+        ))
         with self.rt.sessions.begin() as session:
             job_state = finish_chunk(
                 session,
@@ -374,6 +431,7 @@ class _ChunkRun:
     def _flush(self) -> None:
         if not self.buffer:
             return
+        self.flushed_at = time.monotonic()
         t0 = time.perf_counter()
         with self.rt.sessions.begin() as session:
             counts = write_results(session, self.job_id, self.buffer, self.token)
@@ -387,6 +445,7 @@ class _ChunkRun:
     def _report(self) -> None:
         """Progress in the result backend (AsyncResult, Flower's API) and as a task-progress
         event, the only thing Flower's pages see (they are built from events)."""
+        self.reported_at = time.monotonic()
         try:
             self.task.update_state(state="PROGRESS", meta=dict(self.progress))
             self.task.send_event("task-progress", retry=False, **self.progress)
