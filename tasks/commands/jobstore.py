@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.table import Table
 
 import migrations
+from db.project_status import project_figures
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState
 from db.status import JobRow, JobStatus, job_status, recent_jobs
 from tasks.cli_app import (
@@ -29,6 +30,7 @@ from tasks.cli_app import (
     short_fingerprint,
     timestamp,
 )
+from tasks.commands.projects import print_projects
 from tasks.errors import UserError
 from tasks.importer import BadRow, import_source
 from tasks.producer import enqueue as enqueue_job
@@ -187,7 +189,9 @@ def status(
             raise UserError("--watch needs a JOB")
         with store.read() as session:
             rows = recent_jobs(session, limit)
+            projects = project_figures(session)
         print_jobs(rows)
+        print_projects(projects)
         return
     current = load(job)
     if watch:

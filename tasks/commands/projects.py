@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from db.project_status import ProjectFigures
 from db.projects import ProjectProblem, add_project, list_projects, remove_project
 from db.taxa import set_species_threshold
 from inference.taxonomy import TaxonomyError, check_threshold
@@ -82,3 +83,36 @@ def remove(name: Annotated[str, typer.Argument(help="Project name.")]) -> None:
     except ProjectProblem as e:
         raise UserError(str(e)) from None
     console.print(f"{name}: removed", highlight=False)
+
+
+def print_projects(figures: list[ProjectFigures]) -> None:
+    """Each project's share of the pool, and an ETA per running job (db.project_status says
+    how both are computed)."""
+    if not figures:
+        return
+    table = Table(title="projects: GPU time in the last hour against weight")
+    for name in ("project", "weight", "pending", "out", "done 1h", "GPU", "due", "ETA"):
+        table.add_column(name, justify="left" if name in ("project", "ETA") else "right")
+    for f in figures:
+        etas = ", ".join(
+            f"{e.job_id}: {_duration(e.eta_s)}" if e.eta_s is not None
+            else f"{e.job_id}: ? ({e.left} left)"
+            for e in f.jobs
+        )
+        cap = f" (max {f.max_in_flight})" if f.max_in_flight else ""
+        table.add_row(
+            f.name, f"{f.weight:g}", str(f.captures_pending), f"{f.chunks_in_flight}{cap}",
+            str(f.captures_done_last_hour), f"{f.gpu_share:.0%}", f"{f.weight_share:.0%}",
+            etas or "-",
+        )
+    console.print(table)
+    console.print("pending: captures not yet released; out: chunks on the broker or running; "
+                  "GPU: share of chunk time in the last hour, due: weight share; ETA per job: "
+                  "captures left / its captures per second over the last 10 minutes",
+                  highlight=False, soft_wrap=True)
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(seconds), 60)
+    hours, m = divmod(minutes, 60)
+    return f"{hours}h{m:02d}m" if hours else f"{m}m{s:02d}s"
