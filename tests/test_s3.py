@@ -1,11 +1,13 @@
 """S3 in: `trapq import s3://bucket/prefix` and workers fetching s3:// captures, against moto's
 standalone server on a loopback port (a real S3 HTTP API; boto3 is configured by the
-environment exactly as it would be for MinIO)."""
+environment exactly as it would be for MinIO); timeouts and retries against an endpoint of
+the tests' own that fails or goes silent on cue."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,7 @@ from db.results import write_results
 from db.session import make_sessionmaker
 from inference.fetch import Fetcher, FetchPolicy
 from inference.types import Detection, ErrorKind, ItemFailure, ItemResult
+from tests.local_http import QuietHandler, serving
 from tests.services import free_port
 from tests.trapq_cli import one_line_error, trapq
 from tests.worker_jobs import detections_per_capture, job_state, jpeg_bytes, send, worker_env
@@ -207,3 +210,78 @@ def test_exports_upload_to_a_bucket_and_a_missing_one_is_a_one_line_error(
     body = json.loads(s3.get_object(Bucket="results", Key="up/coco.json")["Body"].read())
     assert [a["bbox"] for a in body["annotations"]] == [[10, 10, 20, 10]]
     assert "no bucket 'no-bucket'" in one_line_error(nowhere)
+
+
+class FlakyS3:
+    """An S3 endpoint of the test's own that answers GetObject with the statuses queued in
+    `answers` (then 200 with the object), or holds each request until `release` is set:
+    what a worker meets when S3 throttles, fails for a moment, or goes silent."""
+
+    def __init__(self, answers: list[int], hold: bool = False) -> None:
+        self.answers, self.hold = answers, hold
+        self.requests = 0
+        self.release = threading.Event()
+
+    def handler(self) -> type[QuietHandler]:
+        endpoint = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                endpoint.requests += 1
+                if endpoint.hold:
+                    endpoint.release.wait(60)
+                status = endpoint.answers.pop(0) if endpoint.answers else 200
+                if status == 200:
+                    self.send_body(200, b"\xff\xd8 object", "image/jpeg")
+                else:
+                    self.send_body(status, b"<Error><Code>SlowDown</Code></Error>",
+                                   "application/xml")
+
+        return Handler
+
+
+@pytest.fixture
+def s3_fetcher(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], Fetcher]:
+    """A Fetcher whose S3 client talks to `url`, with a 1 s read timeout."""
+    for name, value in KEYS.items():
+        monkeypatch.setenv(name, value)
+
+    def make(url: str) -> Fetcher:
+        return Fetcher(FetchPolicy(http_connect_timeout_s=1.0, http_read_timeout_s=1.0,
+                                   s3_options={"endpoint_url": url}))
+
+    return make
+
+
+def test_an_s3_request_failing_for_a_moment_is_retried_once_and_succeeds(
+    s3_fetcher: Callable[[str], Fetcher],
+) -> None:
+    s3 = FlakyS3([503])
+    with serving(s3.handler()) as url:
+        assert s3_fetcher(url).fetch("s3://night/a.jpg") == b"\xff\xd8 object"
+    assert s3.requests == 2
+
+
+def test_an_s3_endpoint_failing_on_is_an_item_failure_after_two_attempts(
+    s3_fetcher: Callable[[str], Fetcher],
+) -> None:
+    s3 = FlakyS3([503, 503, 503])
+    with serving(s3.handler()) as url, pytest.raises(ItemFailure) as failed:
+        s3_fetcher(url).fetch("s3://night/a.jpg")
+    assert failed.value.kind == ErrorKind.HTTP_SERVER and "s3://night/a.jpg" in str(failed.value)
+    assert s3.requests == 2  # one retry: the chunk's own retry handles longer outages
+
+
+def test_a_silent_s3_endpoint_is_a_timeout_after_two_attempts_bounded_by_the_read_timeout(
+    s3_fetcher: Callable[[str], Fetcher],
+) -> None:
+    s3 = FlakyS3([], hold=True)
+    with serving(s3.handler()) as url:
+        try:
+            with pytest.raises(ItemFailure) as failed:
+                s3_fetcher(url).fetch("s3://night/a.jpg")
+        finally:
+            s3.release.set()
+    assert failed.value.kind == ErrorKind.TIMEOUT
+    assert str(failed.value) == "S3 request timed out for s3://night/a.jpg"
+    assert s3.requests == 2
