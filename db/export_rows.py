@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
@@ -95,8 +95,8 @@ def job_context(session: Session, job_id: int) -> JobContext:
         job_id=job.id,
         state=job.state,
         pipeline=pipeline,
-        created_at=_aware(job.created_at) or job.created_at,
-        finished_at=_aware(job.finished_at),
+        created_at=job.created_at,
+        finished_at=job.finished_at,
         deployment=deployment,
     )
 
@@ -117,7 +117,7 @@ def job_counts(session: Session, job_id: int) -> JobCounts:
         .join(c, c.id == jc.capture_id)
         .where(jc.job_id == job_id)
     ).one()
-    return JobCounts(by_state, no_size, no_time, _aware(first), _aware(last))
+    return JobCounts(by_state, no_size, no_time, first, last)
 
 
 def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
@@ -145,8 +145,7 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
         if current is None or cap_id != current.capture_id:
             if current is not None:
                 yield current
-            current = CaptureRecord(cap_id, uri, _aware(at), width, height, state, error,
-                                    _aware(finished))
+            current = CaptureRecord(cap_id, uri, at, width, height, state, error, finished)
             detection = None
         if det_id is None:
             continue
@@ -161,32 +160,6 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
             )
     if current is not None:
         yield current
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A classifier's answer in the flat exports: label, score, rank and how it was reached."""
-
-    label: str
-    score: float
-    rank: str | None
-    source: str | None
-
-
-@dataclass
-class DetectionRow:
-    """One detection with its capture, for the flat CSV/JSONL exports."""
-
-    capture_id: int
-    uri: str
-    captured_at: datetime | None
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str
-    classes: dict[str, Answer]  # by classifier
 
 
 def classifiers_of(session: Session, job_id: int) -> list[str]:
@@ -205,39 +178,3 @@ def classifiers_of(session: Session, job_id: int) -> list[str]:
         .distinct()
     )
     return names + sorted(set(found) - set(names))
-
-
-def detection_rows(session: Session, job_id: int) -> Iterator[DetectionRow]:
-    """The job's detections in capture order, classifications folded in as they stream by."""
-    d, c, k = Detection, Capture, Classification
-    stmt = (
-        select(
-            d.id, d.capture_id, c.uri, c.captured_at, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
-            k.classifier, k.label, k.score, k.rank, k.prediction_source,
-        )
-        .join(c, c.id == d.capture_id)
-        .outerjoin(k, k.detection_id == d.id)
-        .where(d.job_id == job_id)
-        .order_by(d.capture_id, d.id, k.id)
-        .execution_options(yield_per=STREAM_ROWS)
-    )
-    current: DetectionRow | None = None
-    current_id = None
-    for (det_id, cap_id, uri, at, x1, y1, x2, y2, score, label, name, k_label, k_score, rank,
-         source) in session.execute(stmt):
-        if det_id != current_id:
-            if current is not None:
-                yield current
-            current_id = det_id
-            current = DetectionRow(cap_id, uri, _aware(at), x1, y1, x2, y2, score, label, {})
-        if name is not None and current is not None:
-            current.classes[name] = Answer(k_label, k_score, rank, source)
-    if current is not None:
-        yield current
-
-
-def _aware(t: datetime | None) -> datetime | None:
-    """SQLite gives naive datetimes back; the job store keeps UTC."""
-    if t is None or t.tzinfo is not None:
-        return t
-    return t.replace(tzinfo=UTC)

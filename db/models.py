@@ -18,9 +18,11 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    TypeDecorator,
     UniqueConstraint,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from db.states import AntennaTaskState, ChunkState, ItemState, JobState
@@ -33,8 +35,23 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UtcDateTime(TypeDecorator[datetime]):
+    """Every timestamp column: written as UTC, read back timezone-aware on every backend
+    (PostgreSQL's timestamptz keeps the zone; SQLite keeps none and returns naive values,
+    which are the UTC they were written in)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.astimezone(UTC) if value is not None and value.tzinfo else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and not value.tzinfo else value
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UtcDateTime}
 
 
 class Project(Base):
@@ -48,7 +65,7 @@ class Project(Base):
     name: Mapped[str] = mapped_column(String(200))
     weight: Mapped[float] = mapped_column(Float)
     max_in_flight: Mapped[int | None] = mapped_column(Integer)  # None: no cap
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
     vstart: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     vfinish: Mapped[float] = mapped_column(Float, default=0.0, server_default=text("0"))
     # Below it a species answer rolls up the taxonomy (0010); None: TRAPQ_SPECIES_THRESHOLD.
@@ -60,15 +77,15 @@ class Deployment(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     name: Mapped[str] = mapped_column(String(200), unique=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Camtrap DP deployment terms (migration 0003), set by `trapq deployments set`.
     location_id: Mapped[str | None] = mapped_column(String(200))
     location_name: Mapped[str | None] = mapped_column(String(200))
     latitude: Mapped[float | None] = mapped_column(Float)
     longitude: Mapped[float | None] = mapped_column(Float)
     coordinate_uncertainty_m: Mapped[int | None] = mapped_column(Integer)
-    deployment_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    deployment_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    deployment_start: Mapped[datetime | None]
+    deployment_end: Mapped[datetime | None]
     capture_method: Mapped[str | None] = mapped_column(String(32))  # activityDetection|timeLapse
     camera_id: Mapped[str | None] = mapped_column(String(200))
     camera_model: Mapped[str | None] = mapped_column(String(200))
@@ -97,7 +114,7 @@ class Capture(Base):
         ForeignKey("deployments.id", ondelete="CASCADE")
     )
     uri: Mapped[str] = mapped_column(Text)
-    captured_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    captured_at: Mapped[datetime | None]
     width: Mapped[int | None] = mapped_column(Integer)
     height: Mapped[int | None] = mapped_column(Integer)
 
@@ -119,7 +136,7 @@ class Pipeline(Base):
     description: Mapped[str] = mapped_column(Text, default="", server_default="")
     # The TRAPQ_* model settings it was recorded from (tasks.pipeline.settings_key), if any.
     settings_key: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Job(Base):
@@ -139,12 +156,12 @@ class Job(Base):
     chunk_size: Mapped[int] = mapped_column(Integer)
     n_captures: Mapped[int] = mapped_column(Integer, default=0)
     n_chunks: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
     error: Mapped[str | None] = mapped_column(Text)
     # When its detections were last linked into occurrences (None: not yet).
-    tracked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    tracked_at: Mapped[datetime | None]
     # A re-classification job: its boxes are this job's detections (the detector not run).
     boxes_from_job_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"),
@@ -194,11 +211,11 @@ class Chunk(Base):
     worker: Mapped[str | None] = mapped_column(String(200))
     # released_at: its task id was recorded, before the message went out; queued_at: the
     # broker took the message. Queued without queued_at: in doubt (db.dispatch).
-    released_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    released_at: Mapped[datetime | None]
+    queued_at: Mapped[datetime | None]
+    started_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
     n_done: Mapped[int] = mapped_column(Integer, default=0)
     n_failed: Mapped[int] = mapped_column(Integer, default=0)
     fetch_s: Mapped[float | None] = mapped_column(Float)
@@ -228,7 +245,7 @@ class JobCapture(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_kind: Mapped[str | None] = mapped_column(String(32))
     error: Mapped[str | None] = mapped_column(Text)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None]
 
 
 class Detection(Base):
@@ -304,8 +321,8 @@ class Occurrence(Base):
         ForeignKey("captures.id", ondelete="CASCADE")
     )
     last_capture_id: Mapped[int] = mapped_column(ForeignKey("captures.id", ondelete="CASCADE"))
-    first_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    first_at: Mapped[datetime]
+    last_at: Mapped[datetime]
     n_detections: Mapped[int] = mapped_column(Integer)
     # Score-weighted vote over the track's classifications; score = winner's sum / votes.
     label: Mapped[str] = mapped_column(String(200))
@@ -366,9 +383,9 @@ class AntennaTask(Base):
     pipeline_slug: Mapped[str] = mapped_column(String(200))
     reply_subject: Mapped[str] = mapped_column(Text)
     deliveries: Mapped[int] = mapped_column(Integer, default=1)
-    first_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    deadline: Mapped[datetime] = mapped_column(DateTime(timezone=True))  # received + ack wait
+    first_received_at: Mapped[datetime]
+    received_at: Mapped[datetime]
+    deadline: Mapped[datetime]  # received + ack wait
     job_id: Mapped[int | None] = mapped_column(
         BigInteger().with_variant(Integer(), "sqlite"),
         ForeignKey("jobs.id", ondelete="SET NULL", name="fk_antenna_tasks_job"),
@@ -376,6 +393,6 @@ class AntennaTask(Base):
     capture_id: Mapped[int | None] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"))
     state: Mapped[str] = mapped_column(String(16), default=AntennaTaskState.WAITING)
     answer: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    ready_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    answered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    ready_at: Mapped[datetime | None]
+    answered_at: Mapped[datetime | None]
     poster: Mapped[str | None] = mapped_column(String(200))  # the bridge that posted it

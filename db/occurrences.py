@@ -108,7 +108,7 @@ def sessions_of(factory: sessionmaker[Session], job_id: int, gap: timedelta
         if after is not None:
             q = q.where(tuple_(Capture.captured_at, Capture.id) > tuple_(*after))
         with factory() as s:
-            page = [SessionCapture(r.id, _aware(r.captured_at), r.width, r.height)
+            page = [SessionCapture(r.id, r.captured_at, r.width, r.height)
                     for r in s.execute(q)]
         for c in page:
             if current and c.captured_at - current[-1].captured_at > gap:
@@ -120,11 +120,6 @@ def sessions_of(factory: sessionmaker[Session], job_id: int, gap: timedelta
         after = (page[-1].captured_at, page[-1].capture_id)
     if current:
         yield current
-
-
-def _aware(t: datetime) -> datetime:
-    """SQLite hands back naive datetimes; the job store's times are UTC."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
 
 
 def session_detections(s: Session, job: JobToTrack, first: SessionCapture,

@@ -76,7 +76,7 @@ def plan_requeue(
             state in (ChunkState.RUNNING.value, ChunkState.QUEUED.value)
             and limit is not None
             and beat is not None
-            and _aware(beat) < limit
+            and beat < limit
         ):
             plan.stuck.append(cid)
     ids = plan.chunk_ids
@@ -146,8 +146,3 @@ def cancel_job(s: Session, job_id: int) -> Cancelled:
         .values(state=JobState.CANCELLED.value, finished_at=at)
     )
     return Cancelled(job_state, n, task_ids)
-
-
-def _aware(t: datetime) -> datetime:
-    # SQLite hands back naive datetimes; they were stored in UTC.
-    return t if t.tzinfo else t.replace(tzinfo=UTC)

@@ -110,15 +110,15 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
             Chunk.job_id == job_id
         )
     ).one()
-    started = _aware(job.started_at or first_start)
-    finished = _aware(job.finished_at)
+    started = job.started_at or first_start
+    finished = job.finished_at
     row = _job_row(job, name, items, job_pipelines(session, [job_id])[job_id])
     throughput = None
     if started is not None:
         all_ended = sum(by_chunk_state.values()) == sum(
             n for state, n in by_chunk_state.items() if state in CHUNK_ENDED
         )
-        end = finished or (_aware(last_end) if all_ended else None) or now or datetime.now(UTC)
+        end = finished or (last_end if all_ended else None) or now or datetime.now(UTC)
         elapsed = (end - started).total_seconds()
         throughput = (row.done + row.failed) / elapsed if elapsed > 0 else None
     failures: dict[str, int] = {}
@@ -163,7 +163,7 @@ def chunk_timings(session: Session, job_id: int) -> ChunkTimings | None:
     n = 0
     fetch = gpu = write = wall = rate = 0.0
     for items, started, finished, fetch_s, gpu_s, write_s in rows:
-        seconds = (_as_utc(finished) - _as_utc(started)).total_seconds()
+        seconds = (finished - started).total_seconds()
         n += 1
         fetch += fetch_s or 0.0
         gpu += gpu_s or 0.0
@@ -206,7 +206,7 @@ def deployments(session: Session) -> list[DeploymentRow]:
     ).tuples()
     done = pipelines_done(session)
     return [
-        DeploymentRow(name, n, _aware(first), _aware(last), n_jobs, done.get(dep_id, []))
+        DeploymentRow(name, n, first, last, n_jobs, done.get(dep_id, []))
         for dep_id, name, n, first, last, n_jobs in rows
     ]
 
@@ -244,18 +244,9 @@ def _job_row(
         n_chunks=job.n_chunks,
         done=items.get(ItemState.DONE, 0),
         failed=items.get(ItemState.FAILED, 0),
-        created_at=_as_utc(job.created_at),
+        created_at=job.created_at,
         fingerprint=job.fingerprint,
         models=pipeline.model_names(),
         pipeline=pipeline.label,
         boxes_from_job_id=job.boxes_from_job_id,
     )
-
-
-def _as_utc(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; everything stored is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    return None if value is None else _as_utc(value)

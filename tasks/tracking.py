@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import date, timedelta
 from typing import Any
 
 import numpy as np
-from celery import Task
 from celery.utils.log import get_task_logger
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
@@ -54,8 +53,20 @@ class TrackSummary:
 
 
 def track_params(s: Settings) -> TrackParams:
-    """The tracker's weights and gates from TRAPQ_TRACK_* settings."""
-    return TrackParams(**{f.name: getattr(s, f"track_{f.name}") for f in fields(TrackParams)})
+    """The tracker's weights and gates from TRAPQ_TRACK_* settings, each by name: a setting
+    renamed on either side fails here (and in type checks), not silently."""
+    return TrackParams(
+        w_embedding=s.track_w_embedding,
+        w_iou=s.track_w_iou,
+        w_area=s.track_w_area,
+        w_distance=s.track_w_distance,
+        w_missed=s.track_w_missed,
+        max_cost=s.track_max_cost,
+        max_distance=s.track_max_distance,
+        max_missed=s.track_max_missed,
+        max_gap_s=s.track_max_gap_s,
+        embedding_momentum=s.track_embedding_momentum,
+    )
 
 
 def track_job(factory: sessionmaker[Session], job_id: int, settings: Settings) -> TrackSummary:
@@ -138,15 +149,20 @@ def _frame(capture: SessionCapture, dets: Sequence[NightDetection]) -> Frame:
                  np.asarray([d.detection_id for d in dets], np.int64), boxes, embeddings)
 
 
-@app.task(bind=True, name=TRACK_JOB)
-def track_job_task(self: Task, job_id: int) -> dict[str, Any]:
-    """The automatic run after a job's last chunk; database hiccups retry with backoff."""
+_s = get_settings()
+
+
+@app.task(
+    name=TRACK_JOB,
+    autoretry_for=(sa_exc.OperationalError,),
+    max_retries=_s.max_retries,
+    default_retry_delay=_s.retry_backoff_s,
+)
+def track_job_task(job_id: int) -> dict[str, Any]:
+    """The automatic run after a job's last chunk; Celery retries it after a database hiccup,
+    TRAPQ_RETRY_BACKOFF_S apart, at most TRAPQ_MAX_RETRIES times."""
     s = get_settings()
-    try:
-        summary = track_job(session_factory(s), job_id, s)
-    except sa_exc.OperationalError as exc:
-        raise self.retry(exc=exc, countdown=s.retry_backoff_s, max_retries=s.max_retries
-                         ) from None
+    summary = track_job(session_factory(s), job_id, s)
     log.info("job %s tracked: %d nights, %d detections -> %d occurrences in %.1f s", job_id,
              summary.nights, summary.detections, summary.occurrences, summary.seconds)
     return {"job_id": job_id, "nights": summary.nights, "detections": summary.detections,

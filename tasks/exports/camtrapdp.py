@@ -22,7 +22,7 @@ import json
 import mimetypes
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -311,8 +311,7 @@ def _occurrence_observations(
 ) -> Iterator[dict[str, Any]]:
     """One event-level observation per occurrence of the job (none before it is tracked)."""
     for occ in occurrence_rows(session, ctx.job_id):
-        first, last = (t if t.tzinfo else t.replace(tzinfo=UTC)
-                       for t in (occ["first_at"], occ["last_at"]))
+        first, last = occ["first_at"], occ["last_at"]
         yield {
             "observationID": _event_id(occ["occurrence_id"]),
             "deploymentID": ctx.deployment.name,

@@ -3,19 +3,20 @@
 Each classifier gives its label, score, the label's rank (with a taxonomy: a label, or the
 higher taxon its scores rolled up to) and how the answer was reached (prediction_source).
 
-Rows stream from db.export_rows.detection_rows, so memory stays flat whatever the job's size.
+Rows stream from db.export_rows.capture_records, so memory stays flat whatever the job's size.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, TextIO
 
 from sqlalchemy.orm import Session
 
-from db.export_rows import classifiers_of, detection_rows
+from db.export_rows import CaptureRecord, DetectionRecord, capture_records, classifiers_of
 
 
 def write_csv(session: Session, job_id: int, out: TextIO) -> int:
@@ -27,14 +28,14 @@ def write_csv(session: Session, job_id: int, out: TextIO) -> int:
         + [f"{name}_{col}" for name in names for col in ("label", "score", "rank", "source")]
     )
     n = 0
-    for r in detection_rows(session, job_id):
+    for c, d in _detections(session, job_id):
         extra: list[Any] = []
         for name in names:
-            answer = r.classes.get(name)
+            answer = d.classes.get(name)
             extra += ([answer.label, answer.score, answer.rank or "", answer.source or ""]
                       if answer else ["", "", "", ""])
         writer.writerow(
-            [r.capture_id, r.uri, _iso(r.captured_at), r.x1, r.y1, r.x2, r.y2, r.score, r.label,
+            [c.capture_id, c.uri, _iso(c.captured_at), d.x1, d.y1, d.x2, d.y2, d.score, d.label,
              *extra]
         )
         n += 1
@@ -44,23 +45,30 @@ def write_csv(session: Session, job_id: int, out: TextIO) -> int:
 def write_jsonl(session: Session, job_id: int, out: TextIO) -> int:
     """Write the job's detections as JSON lines; returns how many lines were written."""
     n = 0
-    for r in detection_rows(session, job_id):
+    for c, d in _detections(session, job_id):
         record = {
-            "capture_id": r.capture_id,
-            "uri": r.uri,
-            "captured_at": _iso(r.captured_at),
-            "box": [r.x1, r.y1, r.x2, r.y2],
-            "score": r.score,
-            "label": r.label,
+            "capture_id": c.capture_id,
+            "uri": c.uri,
+            "captured_at": _iso(c.captured_at),
+            "box": [d.x1, d.y1, d.x2, d.y2],
+            "score": d.score,
+            "label": d.label,
             "classifications": {
                 name: {"label": a.label, "score": a.score, "rank": a.rank,
                        "prediction_source": a.source}
-                for name, a in r.classes.items()
+                for name, a in d.classes.items()
             },
         }
         out.write(json.dumps(record) + "\n")
         n += 1
     return n
+
+
+def _detections(session: Session, job_id: int) -> Iterator[tuple[CaptureRecord, DetectionRecord]]:
+    """The job's detections in capture order, each with its capture."""
+    for capture in capture_records(session, job_id):
+        for detection in capture.detections:
+            yield capture, detection
 
 
 def _iso(t: datetime | None) -> str:
