@@ -224,7 +224,7 @@ def flower_columns() -> str:
 
 def test_procfile_starts_the_worker_flower_and_migrates_on_release() -> None:
     entries = procfile()
-    assert entries.keys() == {"release", "worker", "flower", "antenna", "metrics"}
+    assert entries.keys() == {"release", "worker", "flower", "antenna", "serve", "metrics"}
     env = {**CREDENTIALS, "FLOWER_PORT": "5599"}
     for name, line in entries.items():
         _, argv = procfile_argv(line, env)
@@ -235,6 +235,7 @@ def test_procfile_starts_the_worker_flower_and_migrates_on_release() -> None:
     assert procfile_argv(entries["release"], env)[1] == ["trapq", "db", "upgrade"]
     assert procfile_argv(entries["worker"], env)[1][:2] == ["trapq", "worker"]
     assert procfile_argv(entries["antenna"], env)[1] == ["trapq", "antenna"]
+    assert procfile_argv(entries["serve"], env)[1] == ["trapq", "serve", "--port", "2000"]
     assert procfile_argv(entries["metrics"], env)[1] == ["trapq", "metrics", "--port", "9808"]
     assignments, argv = procfile_argv(entries["flower"], env)
     assert assignments == {"FLOWER_BASIC_AUTH": "admin:flower-secret"}

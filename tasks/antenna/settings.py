@@ -71,6 +71,9 @@ class ServeSettings(BaseSettings):
     )
 
     name: str = Field("trapq", description="Service name /info reports.")
+    pipelines: list[str] = Field(
+        ["default"], description="trapq pipelines (NAME or NAME@VERSION) /process runs."
+    )
     token: SecretStr = Field(SecretStr(""), description="Bearer token required, if set.")
     max_images: int = Field(16, ge=1, description="Most source images in one request.")
     max_request_kb: int = Field(256, ge=1, description="Largest request body, in KiB.")

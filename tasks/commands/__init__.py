@@ -14,5 +14,6 @@ from tasks.commands import (  # noqa: F401
     pipelines,
     projects,
     reapply,
+    serve,
     tracking,
 )
