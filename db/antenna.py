@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, func, select, tuple_, update
@@ -221,11 +221,7 @@ def ended_tasks(session: Session, antenna: str, slugs: Sequence[str],
         .order_by(t.deadline)
         .limit(limit)
     )
-    return [
-        EndedTask(*row[:8], finished_at=row[8] and _aware(row[8]),
-                  first_received_at=_aware(row[9]))
-        for row in rows
-    ]
+    return [EndedTask(*row) for row in rows]
 
 
 def project_deployment(session: Session, name: str) -> int:
@@ -341,11 +337,7 @@ def load(session: Session, antenna: str, now: datetime, horizon: timedelta) -> L
     ).one()
     rate = 0.0
     if ended and first is not None:
-        rate = ended / max((now - max(since, _aware(first))).total_seconds(), 1.0)
-    oldest_s = (now - _aware(oldest)).total_seconds() if oldest is not None else 0.0
+        rate = ended / max((now - max(since, first)).total_seconds(), 1.0)
+    oldest_s = (now - oldest).total_seconds() if oldest is not None else 0.0
     return Load(held=held, oldest_s=oldest_s, rate=rate)
 
-
-def _aware(t: datetime) -> datetime:
-    """SQLite gives naive datetimes back; the job store keeps UTC."""
-    return t if t.tzinfo is not None else t.replace(tzinfo=UTC)
