@@ -96,7 +96,10 @@ def chunk_task_name(place: ChunkPlace | None) -> str | None:
 
 
 def send_chunks(
-    settings: Settings, session_factory: sessionmaker[Session], chunk_ids: Sequence[int]
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    chunk_ids: Sequence[int],
+    app: Celery | None = None,
 ) -> SendResult:
     """Send one message per chunk (body: the chunk id), now, whatever its state.
 
@@ -107,11 +110,14 @@ def send_chunks(
     """
     with database_errors(settings), session_factory.begin() as session:
         assigned = assign_task_ids(session, chunk_ids, datetime.now(UTC))
-    return send_assigned(settings, session_factory, assigned)
+    return send_assigned(settings, session_factory, assigned, app)
 
 
 def send_assigned(
-    settings: Settings, session_factory: sessionmaker[Session], assigned: Sequence[Assigned]
+    settings: Settings,
+    session_factory: sessionmaker[Session],
+    assigned: Sequence[Assigned],
+    app: Celery | None = None,
 ) -> SendResult:
     """Publish chunks whose task ids are recorded, over one producer connection.
 
@@ -128,9 +134,10 @@ def send_assigned(
     the jobs' tasks can be told apart. Celery's retries keep it.
 
     A chunk goes to its pipeline's queue when a live worker consumes it (that worker holds
-    the pipeline, tasks.routing), else to the common queue settings.queue.
+    the pipeline, tasks.routing), else to the common queue settings.queue. `app`: the
+    caller's producer_app, when it has one already.
     """
-    app = producer_app(settings)
+    app = producer_app(settings) if app is None else app
     with database_errors(settings), session_factory.begin() as session:
         places = chunk_places(session, [a.chunk_id for a in assigned])
     queues = _affine_queues(settings, app, places)
@@ -226,8 +233,9 @@ def enqueue(
         "limit": limit,
         "only_unprocessed": only_unprocessed,
     }
-    if not dry_run:  # the broker is checked now, not when the dispatcher finds it gone
-        check_broker(producer_app(settings))
+    app = None if dry_run else producer_app(settings)
+    if app is not None:  # the broker is checked now, not when the dispatcher finds it gone
+        check_broker(app)
     with database_errors(settings), factory.begin() as session:
         if session.get_bind().dialect.name == "postgresql":
             session.connection(execution_options={"isolation_level": "REPEATABLE READ"})
@@ -252,7 +260,8 @@ def enqueue(
         )
     with database_errors(settings), factory() as session:
         dispatched = dispatcher_running(session)
-    result = SendResult(0, 0) if dispatched else send_chunks(settings, factory, plan.chunk_ids)
+    result = (SendResult(0, 0) if dispatched
+              else send_chunks(settings, factory, plan.chunk_ids, app))
     return EnqueueResult(
         job_id=plan.job_id,
         deployment=deployment_name,
