@@ -10,6 +10,7 @@ from typing import Any
 
 from celery import Celery
 
+from tasks.routing import QUEUE_ORDER
 from tasks.settings import Settings, get_settings
 from tasks.visibility import redis_broker_options
 from tasks.worker import CELERY_INCLUDE
@@ -23,6 +24,8 @@ def celery_config(s: Settings) -> dict[str, Any]:
     # no visibility timeout to set: the options below are for Redis only.
     redis_opts = {"visibility_timeout": s.visibility_timeout_s}
     broker_opts = redis_broker_options(s) if s.broker_url.startswith("redis") else {}
+    if broker_opts:  # a worker polls the pipeline queues it holds before the common one
+        broker_opts["queue_order_strategy"] = QUEUE_ORDER
     backend_opts = redis_opts if s.result_backend.startswith("redis") else {}
     return {
         "broker_url": s.broker_url,

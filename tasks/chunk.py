@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.models import Chunk
+from db.pipelines import job_pipeline
 from db.results import (
     Claim,
     ClaimLost,
@@ -46,7 +48,7 @@ from db.results import (
 from db.reuse import stored_boxes
 from db.states import ChunkState
 from inference.device_fault import DeviceFault
-from inference.pipeline_spec import PipelineSpec
+from inference.model_cache import CachedPipeline
 from inference.types import Detection, EngineStats, ItemResult, RunStats, WorkItem
 from tasks.celery_app import PROCESS_CHUNK, TRACK_JOB, app
 from tasks.settings import get_settings
@@ -67,29 +69,6 @@ class Transient(Exception):
 class ChunkRetry(Transient):
     """Every capture failed transiently (the image host is down), or the chunk ran past its
     deadline."""
-
-
-class PipelineMismatch(Exception):
-    """This worker runs other models than the job was enqueued for: its results would be
-    wrong, and no retry on this worker can fix that."""
-
-
-def pipeline_mismatch(
-    job: dict[str, Any] | None, fingerprint: str | None, loaded: PipelineSpec
-) -> str | None:
-    """Why this worker must not write results for a job, or None: the fingerprint of the spec
-    it loaded differs from the job's. A job from before fingerprints (None) is not checked."""
-    mine = loaded.fingerprint()
-    if fingerprint is None or fingerprint == mine:
-        return None
-    try:
-        differs = ", ".join(loaded.differences(PipelineSpec.from_dict(job or {})))
-    except (KeyError, TypeError, ValueError):
-        differs = "its spec"
-    return (
-        f"this worker's pipeline {mine[:12]} is not the job's {fingerprint[:12]} ({differs}): "
-        "start workers with the job's TRAPQ_* model settings, then `trapq requeue JOB --failed`"
-    )
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -290,7 +269,8 @@ class _ChunkRun:
             log.info("chunk %s not run: %s (state %s)", self.chunk_id, claim.outcome, claim.state)
             return {"chunk_id": self.chunk_id, "state": claim.state, "outcome": claim.outcome}
         items = self._start(claim)
-        with self.rt.engine.run(work_items(self.rt, items, claim.boxes_from_job_id)) as run:
+        work = work_items(self.rt, items, claim.boxes_from_job_id)
+        with self._pipeline(claim) as held, self.rt.engine.run(work, held.forward) as run:
             try:
                 with self._watch(run, len(items)):
                     for result in run:
@@ -307,7 +287,7 @@ class _ChunkRun:
         return self._finish(claim, run.stats())
 
     def _claim(self) -> Claim:
-        """This delivery's claim of the chunk; PipelineMismatch if this worker may not run it."""
+        """This delivery's claim of the chunk."""
         request = self.task.request
         with self.rt.sessions.begin() as session:
             claim = claim_chunk(
@@ -320,10 +300,16 @@ class _ChunkRun:
             )
         if claim.outcome is Outcome.RUN:
             request.chunk_delivery = claim.deliveries  # for ChunkTask.on_retry
-            mismatch = pipeline_mismatch(claim.pipeline, claim.fingerprint, self.rt.spec)
-            if mismatch:
-                raise PipelineMismatch(mismatch)
         return claim
+
+    def _pipeline(self, claim: Claim) -> AbstractContextManager[CachedPipeline]:
+        """The job's pipeline, held in this worker's model cache while the chunk runs. One
+        that cannot load here raises PipelineUnavailable: the chunk fails with the reason."""
+        assert claim.job_id is not None
+        with self.rt.sessions.begin() as session:
+            stored = job_pipeline(session, claim.job_id)
+        assert stored is not None  # the claim just read the job
+        return self.rt.pipelines.use(stored, self.task.request.hostname or "unknown")
 
     def _start(self, claim: Claim) -> list[PendingItem]:
         """The captures still pending, with the first progress report."""

@@ -1,8 +1,10 @@
 """Affinity: a chunk goes first to a worker that already holds its pipeline, by Celery routing.
 
 Each pipeline has a queue of its own beside the common one (pipeline_queue). A worker that
-loads a pipeline starts consuming its queue, and stops when it evicts it (Celery's own
-add_consumer / cancel_consumer remote control, sent to that worker alone). The producer sends
+runs a pipeline's first chunk starts consuming its queue (Celery's own add_consumer remote
+control, sent to that worker alone) and keeps consuming it after an eviction: a chunk routed
+there just before, or restored there by Redis after its worker died, must find a consumer
+(tasks.worker.pipelines). The producer sends
 a chunk to its pipeline's queue when some live worker consumes it (Celery's inspect
 active_queues, asked at most once per AFFINITY_TTL_S), else to the common queue, which every
 worker consumes: a worker that holds nothing useful takes any chunk and loads what it needs.
@@ -14,8 +16,9 @@ it holds before it takes a chunk that makes it load another.
 Only the Redis broker routes so: the embedded broker has no broadcast, and sends every chunk
 to the common queue.
 
-A chunk sent to a pipeline queue just as its last holder evicts the pipeline waits there until
-a worker loads that pipeline again; `trapq requeue --stuck-after` sends it anew.
+A chunk restored to a pipeline queue after the only worker consuming it died waits until a
+worker runs that pipeline again (its next chunk comes through the common queue); `trapq
+requeue --stuck-after` sends it anew.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ log = logging.getLogger("trapq.routing")
 
 AFFINITY_TTL_S = 5.0  # how long the producer trusts its answer of who consumes what
 INSPECT_TIMEOUT_S = 0.5
+QUEUE_ORDER = "sorted"  # Kombu's Redis queue_order_strategy: poll queues in name order
 PREFIX = "+"  # sorts before letters and digits: pipeline queues come first in sorted order
 
 _lock = threading.Lock()
@@ -80,6 +84,3 @@ def consume(app: Celery, worker: str, queue: str) -> None:
     """Tell one worker to consume `queue` (from any of its processes)."""
     app.control.add_consumer(queue, destination=[worker], reply=False)
 
-
-def stop_consuming(app: Celery, worker: str, queue: str) -> None:
-    app.control.cancel_consumer(queue, destination=[worker], reply=False)

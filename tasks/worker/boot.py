@@ -1,5 +1,9 @@
 """Worker start-up: one engine per worker process, loaded at start and shared by its chunks.
 
+The pipeline of the TRAPQ_* settings is loaded at start (a worker that cannot load it does not
+start) and becomes the first entry of the process's model cache (tasks.worker.pipelines); the
+pipelines of the jobs it serves are loaded into that cache on first use.
+
 The models load once per process, never per task: in the worker's own process for the
 threads and solo pools (before it consumes anything), in each child for prefork. CUDA is
 touched only in the process that runs the models, never in a prefork parent, whose forked
@@ -28,12 +32,13 @@ from celery.concurrency.prefork import TaskPool as PreforkPool
 from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
-from inference.pipeline_spec import PipelineSpec
+from tasks.celery_app import app
 from tasks.pipeline import model_sources, settings_answers
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
 from tasks.worker.exits import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
 from tasks.worker.metrics import MetricsLogger
+from tasks.worker.pipelines import WorkerPipelines
 
 if TYPE_CHECKING:
     from inference.engine import Engine, EngineConfig
@@ -53,8 +58,8 @@ class Runtime:
     settings: Settings
     engine: Engine  # imported lazily, so the worker parent stays torch-free
     sessions: sessionmaker[Session]
-    spec: PipelineSpec  # what this process loaded; a job of another fingerprint is refused
-    metrics: MetricsLogger  # images/s, batch sizes, GPU busy in the log, once a minute
+    pipelines: WorkerPipelines  # the model cache: a chunk runs its job's pipeline
+    metrics: MetricsLogger  # images/s, batch sizes, GPU busy, pipelines held, once a minute
 
 
 _lock = threading.Lock()
@@ -121,6 +126,7 @@ def load_models(s: Settings) -> Pipeline:
         answers=settings_answers(s, classifier.labels),
         device=s.device,
         precision=s.precision,
+        cache_dir=s.weights_cache_dir,
     )
 
 
@@ -136,8 +142,19 @@ def _load(s: Settings) -> Runtime:
         os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
         json.dumps(pipeline.describe(), sort_keys=True),
     )
-    metrics = MetricsLogger(engine.stats, METRICS_EVERY_S).start()
-    rt = Runtime(s, engine, session_factory(s), pipeline.spec, metrics)
+    pipelines = WorkerPipelines(
+        app,
+        s.queue,
+        device=engine.device,
+        precision=pipeline.precision,
+        bound_bytes=int(s.model_cache_mb * 2**20),
+        prepare=engine.prepare,
+        weights_cache_dir=s.weights_cache_dir,
+        affinity=s.affinity,
+    )
+    pipelines.adopt(pipeline, engine.forward)
+    metrics = MetricsLogger(engine.stats, METRICS_EVERY_S, extra=pipelines.summary).start()
+    rt = Runtime(s, engine, session_factory(s), pipelines, metrics)
     # What is loaded by now (torch, Celery, the models: ~300k objects) lives as long as the
     # process. Frozen, it is out of the collector's reach: else every full collection, which
     # the surviving results of each batch set off, walks it all (result assembly cost 5x).

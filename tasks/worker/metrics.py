@@ -62,9 +62,11 @@ class MetricsLogger:
         stats: Callable[[], EngineStats],
         interval_s: float,
         clock: Callable[[], float] = time.monotonic,
+        extra: Callable[[], str] = lambda: "",
     ) -> None:
         self._stats = stats
         self._clock = clock
+        self._extra = extra  # appended to the line: the pipelines held (tasks.worker.pipelines)
         self.interval_s = interval_s
         self._last = (clock(), stats())
         self._stop = threading.Event()
@@ -92,9 +94,11 @@ class MetricsLogger:
             except Exception:  # metrics must never take the worker down
                 logger.exception("worker metrics: sampling the engine failed")
                 continue
+            extra = self._extra()
             logger.info(
                 "worker metrics: %.1f images/s, %d batches of %.1f images on average, "
-                "GPU busy %.0f%%, %d crops, %d errors in the last %.0f s",
+                "GPU busy %.0f%%, %d crops, %d errors in the last %.0f s%s",
                 w.images_per_s, w.batches, w.mean_batch_size,
                 100 * w.gpu_busy_fraction, w.crops, w.errors, w.seconds,
+                f"; {extra}" if extra else "",
             )
