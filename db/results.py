@@ -87,8 +87,6 @@ class Claim:
     n_done: int = 0
     n_failed: int = 0
     deliveries: int = 0
-    pipeline: dict[str, Any] | None = None  # the job's PipelineSpec.to_dict()
-    fingerprint: str | None = None  # its fingerprint; None for jobs from before revision 0002
     boxes_from_job_id: int | None = None  # re-classification: the job whose boxes it reuses
     token: ClaimToken | None = None  # what this delivery's writes must still hold
 
@@ -200,9 +198,7 @@ def claim_chunk(
                      deliveries=deliveries)
     _mark_running(s, chunk_id, job_id, worker=worker, deliveries=deliveries, claim=claimed + 1)
     counts = chunk_item_counts(s, chunk_id)
-    pipeline, fingerprint, boxes_from = s.execute(
-        select(Job.pipeline, Job.fingerprint, Job.boxes_from_job_id).where(Job.id == job_id)
-    ).one()
+    boxes_from = s.scalar(select(Job.boxes_from_job_id).where(Job.id == job_id))
     return Claim(
         Outcome.RUN,
         chunk_id,
@@ -212,8 +208,6 @@ def claim_chunk(
         n_done=counts.done,
         n_failed=counts.failed,
         deliveries=deliveries,
-        pipeline=pipeline,
-        fingerprint=fingerprint,
         boxes_from_job_id=boxes_from,
         token=ClaimToken(chunk_id, claimed + 1),
     )
