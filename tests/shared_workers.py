@@ -38,6 +38,14 @@ class SharedWorker:
     def queue(self) -> str:
         return self.env["TRAPQ_QUEUE"]
 
+    @property
+    def pid(self) -> int:
+        return self.worker.pid
+
+    def log_text(self) -> str:
+        """The worker's whole log: earlier tests' lines included."""
+        return self.worker.log_text()
+
     def tail(self, n: int = 60) -> str:
         return self.worker.tail(n)
 

@@ -26,11 +26,10 @@ TRAPQ = Path(sys.executable).with_name("trapq")
 def trapq(
     env: dict[str, str], *args: str, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """`trapq ARGS` in-process: settings read afresh from `env`, exit code and streams kept."""
-    overrides: dict[str, str | None] = {
-        k: None for k in os.environ if k.startswith("TRAPQ_") and k not in env
-    }
-    overrides.update({k: v for k, v in env.items() if k.startswith("TRAPQ_")})
+    """`trapq ARGS` in-process with `env` as the whole environment (TRAPQ_* settings read
+    afresh, AWS_* and the rest as a subprocess would see them); exit code and streams kept."""
+    overrides: dict[str, str | None] = {k: None for k in os.environ if k not in env}
+    overrides.update(env)
     argv = sys.argv
     get_settings.cache_clear()
     with CliRunner().isolation(input=input, env=overrides) as (out, err, _):
