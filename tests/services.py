@@ -74,12 +74,14 @@ def queue_name(prefix: str) -> str:
 
 def delete_queue(name: str) -> None:
     """The queue's Redis list, Kombu's bindings of its exchange (named as the queue), its
-    unacknowledged messages and its workers' visibility leases (tasks.visibility)."""
+    unacknowledged messages, its workers' visibility leases (tasks.visibility), and its
+    pipeline queues with their bindings (tasks.routing)."""
     client = redis.Redis.from_url(REDIS_URL)
     try:
         client.delete(name, f"_kombu.binding.{name}", f"_kombu.binding_permanent.{name}",
                       f"{name}.unacked", f"{name}.unacked_index", f"{name}.unacked_mutex",
-                      *client.scan_iter(match=f"trapq:{name}:visibility:*"))
+                      *client.scan_iter(match=f"trapq:{name}:visibility:*"),
+                      *client.scan_iter(match=f"*+{name}.*"))
     finally:
         client.close()
 
