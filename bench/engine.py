@@ -266,7 +266,7 @@ def engine_e2e(
 
 
 def _classify(pipeline: Pipeline, crops: torch.Tensor) -> torch.Tensor:
-    spec = pipeline.classifier.spec
+    spec = pipeline.classifier.entry
     x = normalize(crops.to(pipeline.device, non_blocking=True) * 255.0, spec.mean, spec.std)
     with autocast(pipeline):
         logits = pipeline.classifier.module(x)

@@ -66,7 +66,7 @@ from inference.engine import Engine, EngineConfig
 from inference.fetch import FetchPolicy
 from inference.forward import BatchForward, ForwardOptions
 from inference.pipeline_spec import ModelSource
-from inference.registry import REGISTRY, LoadedModel, ModelSpec, Pipeline, load_pipeline
+from inference.registry import REGISTRY, LoadedModel, ModelEntry, Pipeline, load_pipeline
 from inference.registry import model_source as source
 from inference.types import ErrorKind, ItemFailure, WorkItem
 from synthetic.scenes import render_scene
@@ -470,7 +470,7 @@ def sticky_child(device: str) -> int:
     """Run in a subprocess: a device-side assert must end the engine's use of the device and
     reach the caller as DeviceFault; the process then exits as a worker would."""
     dev = torch.device(device)
-    spec = ModelSpec("asserts", "detector", "test", (320, 320), 2, None, mean=None, std=None)
+    spec = ModelEntry("asserts", "detector", "test", (320, 320), 2, None, mean=None, std=None)
     detector = LoadedModel(AssertsOnWhite(), spec,
                            ModelSource("asserts", "", (), (320, 320), None), 2)
     classifier = load_model_for(dev)

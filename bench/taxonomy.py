@@ -33,7 +33,7 @@ import torchvision
 
 from inference.forward import BatchForward, ForwardOptions
 from inference.pipeline_spec import ModelSource
-from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline, resolve_device
+from inference.registry import ConstantBoxes, LoadedModel, ModelEntry, Pipeline, resolve_device
 from inference.taxonomy import AnswerPolicy, Taxon, Taxonomy
 from inference.types import Detection
 
@@ -55,13 +55,13 @@ def taxonomy_of(labels: list[str]) -> Taxonomy:
 
 
 def pipeline(device: torch.device, labels: list[str], crop: int) -> Pipeline:
-    det_spec = ModelSpec("constant_boxes", "detector", "constant_boxes", (270, 480), 2, None,
+    det_spec = ModelEntry("constant_boxes", "detector", "constant_boxes", (270, 480), 2, None,
                          mean=None, std=None)
     det_source = ModelSource("constant_boxes", "", ("insect",), (270, 480), None)
     detector = LoadedModel(ConstantBoxes(boxes=20).eval().to(device), det_spec, det_source, 2)
     torch.manual_seed(0)
     module = torchvision.models.mobilenet_v3_large(num_classes=len(labels)).eval().to(device)
-    cls_spec = ModelSpec("species", "classifier", "mobilenet_v3_large", (crop, crop),
+    cls_spec = ModelEntry("species", "classifier", "mobilenet_v3_large", (crop, crop),
                          len(labels), None)
     cls_source = ModelSource("species", "", tuple(labels), (crop, crop), None)
     classifier = LoadedModel(module, cls_spec, cls_source, len(labels))

@@ -84,15 +84,15 @@ class DemoClassifier:
         from inference.architectures import tiny_classifier
         from inference.registry import REGISTRY
 
-        spec = REGISTRY["demo_classifier"]
-        assert spec.default_weights is not None
-        state = torch.load(spec.default_weights, map_location="cpu", weights_only=True)
+        entry = REGISTRY["demo_classifier"]
+        assert entry.default_weights is not None
+        state = torch.load(entry.default_weights, map_location="cpu", weights_only=True)
         self.model = tiny_classifier(state["fc.weight"].shape[0])
         self.model.load_state_dict(state)
         self.model.eval()
-        self.spec = spec
-        assert spec.default_labels is not None
-        names = Path(spec.default_labels).read_text().split()
+        self.entry = entry
+        assert entry.default_labels is not None
+        names = Path(entry.default_labels).read_text().split()
         self.kind_of_output = np.array([KINDS.index(n) for n in names])
 
     def __call__(self, image: Image.Image, boxes: np.ndarray
@@ -102,8 +102,8 @@ class DemoClassifier:
         from inference.crops import crop_and_resize, normalize
 
         pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous()
-        x = normalize(crop_and_resize(pixels, torch.from_numpy(boxes), self.spec.input_size),
-                      self.spec.mean, self.spec.std)
+        x = normalize(crop_and_resize(pixels, torch.from_numpy(boxes), self.entry.input_size),
+                      self.entry.mean, self.entry.std)
         with torch.inference_mode():
             feats = self.model.features(x)
             probs = self.model.fc(feats).softmax(dim=1)

@@ -316,7 +316,7 @@ class Occurrence(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
-    night: Mapped[date] = mapped_column(Date)  # the evening the night's session began
+    night: Mapped[date] = mapped_column(Date)  # the evening the night's span of captures began
     first_capture_id: Mapped[int] = mapped_column(
         ForeignKey("captures.id", ondelete="CASCADE")
     )

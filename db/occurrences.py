@@ -1,8 +1,8 @@
 """Occurrences in the job store: a job's captures read night by night for the tracker, each
 night's tracks written back in one transaction, and the counts people read.
 
-One night in memory at most: captures come in pages ordered by time and are cut into sessions
-where no capture came for a while (the caller's gap); a session's detections are read with
+One night in memory at most: captures come in pages ordered by time and are cut into spans
+where no capture came for a while (the caller's gap); a span's detections are read with
 their embeddings and species labels only when it is tracked. A night is replaced whole
 (occurrences, links, detection refs) under the job's row lock, so tracking twice, or two
 trackers at once, leaves one set of occurrences.
@@ -31,7 +31,7 @@ from db.models import (
 from db.pipelines import job_pipeline
 from db.states import ItemState
 
-PAGE = 5000  # captures read per query while cutting sessions
+PAGE = 5000  # captures read per query while cutting spans
 _PG_SET_OCCURRENCE = text(
     "UPDATE detections SET occurrence_id = v.oid "
     "FROM unnest(CAST(:dids AS bigint[]), CAST(:oids AS bigint[])) AS v(did, oid) "
@@ -43,7 +43,7 @@ _PG_COPY_LINKS = (
 
 
 @dataclass(frozen=True)
-class SessionCapture:
+class SpanCapture:
     capture_id: int
     captured_at: datetime
     width: int | None
@@ -89,12 +89,12 @@ def job_to_track(s: Session, job_id: int) -> JobToTrack:
     return JobToTrack(job_id, deployment_id, classifier.name if classifier else None)
 
 
-def sessions_of(factory: sessionmaker[Session], job_id: int, gap: timedelta
-                ) -> Iterator[list[SessionCapture]]:
+def spans_of(factory: sessionmaker[Session], job_id: int, gap: timedelta
+                ) -> Iterator[list[SpanCapture]]:
     """The job's captures with results, in time order, cut where ``gap`` passes without one.
     Each page is read in a short transaction of its own; captures without a time are left
     out (they cannot be placed in a night)."""
-    current: list[SessionCapture] = []
+    current: list[SpanCapture] = []
     after: tuple[datetime, int] | None = None
     while True:
         q = (
@@ -108,7 +108,7 @@ def sessions_of(factory: sessionmaker[Session], job_id: int, gap: timedelta
         if after is not None:
             q = q.where(tuple_(Capture.captured_at, Capture.id) > tuple_(*after))
         with factory() as s:
-            page = [SessionCapture(r.id, r.captured_at, r.width, r.height)
+            page = [SpanCapture(r.id, r.captured_at, r.width, r.height)
                     for r in s.execute(q)]
         for c in page:
             if current and c.captured_at - current[-1].captured_at > gap:
@@ -122,11 +122,11 @@ def sessions_of(factory: sessionmaker[Session], job_id: int, gap: timedelta
         yield current
 
 
-def session_detections(s: Session, job: JobToTrack, first: SessionCapture,
-                       last: SessionCapture) -> list[NightDetection]:
+def span_detections(s: Session, job: JobToTrack, first: SpanCapture,
+                       last: SpanCapture) -> list[NightDetection]:
     """The job's detections on captures from ``first`` to ``last`` (by time), each with its
     embedding and the label that votes for its occurrence."""
-    in_session = (
+    in_span = (
         select(Detection.id, Detection.capture_id, Detection.x1, Detection.y1, Detection.x2,
                Detection.y2, Detection.embedding, Detection.label, Detection.score)
         .join(Capture, Capture.id == Detection.capture_id)
@@ -138,7 +138,7 @@ def session_detections(s: Session, job: JobToTrack, first: SessionCapture,
         )
         .order_by(Detection.id)
     )
-    rows = s.execute(in_session).all()
+    rows = s.execute(in_span).all()
     ids = [r.id for r in rows]
     labels: dict[int, tuple[str, float, bool]] = {}
     for i in range(0, len(ids), PAGE):

@@ -415,11 +415,11 @@ class Engine:
 
     def _decode_stage(self, run: Run, item: WorkItem, data: bytes) -> None:
         if run.cancelled:
-            return self._finish(run, None, 0, False)
+            return self._finish(run, None, charge=0, decoded=False)
         try:
             header = read_header(data, self.config.max_image_pixels, item.uri)
         except ItemFailure as e:
-            return self._fail(run, item, e.kind, e.message, 0, False)
+            return self._fail(run, item, e.kind, e.message)
         to_gpu = self.gpu_decode and header.gpu_decodable
         # A JPEG for nvJPEG holds only its encoded bytes in host memory; its frame is made on
         # the device.
@@ -450,7 +450,7 @@ class Engine:
                 self._on_device_fault([pending], e)
                 return False
             kind, message = ErrorKind.UNDECODABLE, f"cannot decode ({e!r}): {pending.item.uri}"
-        self._fail(pending.run, pending.item, kind, message, pending.charge, True)
+        self._fail(pending.run, pending.item, kind, message, charge=pending.charge, decoded=True)
         return False
 
     def _gpu_decoded(
@@ -478,6 +478,7 @@ class Engine:
         item: WorkItem,
         kind: ErrorKind,
         message: str,
+        *,
         charge: int = 0,
         decoded: bool = False,
         size: tuple[int, int] | None = None,
@@ -486,9 +487,11 @@ class Engine:
         result = ItemResult(item.key, item.uri, width, height, error_kind=kind, error=message)
         with self._stats_lock:
             self._errors += 1
-        self._finish(run, result, charge, decoded)
+        self._finish(run, result, charge=charge, decoded=decoded)
 
-    def _finish(self, run: Run, result: ItemResult | None, charge: int, decoded: bool) -> None:
+    def _finish(
+        self, run: Run, result: ItemResult | None, *, charge: int, decoded: bool
+    ) -> None:
         """Frees the item's share of the bound before the result is handed over, so a slow
         reader never holds decoded frames; a cancelled run's results are dropped."""
         self._inflight.release(charge, decoded)
@@ -619,9 +622,10 @@ class Engine:
             return
         pending.settled = True
         if isinstance(outcome, ErrorKind):
-            self._fail(pending.run, pending.item, outcome, message, pending.charge, True, size)
+            self._fail(pending.run, pending.item, outcome, message, charge=pending.charge,
+                       decoded=True, size=size)
         else:
-            self._finish(pending.run, outcome, pending.charge, True)
+            self._finish(pending.run, outcome, charge=pending.charge, decoded=True)
 
     def _to_device(self, batch: list[_Pending]) -> list[torch.Tensor | ItemFailure]:
         """Every item arrives decoded: on the CPU (copied here) or by nvJPEG on its own stream

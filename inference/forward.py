@@ -187,11 +187,11 @@ class BatchForward:
         so 4K frames never reach the model's own transform at full size, then maps every box
         back to its image's pixels: the per-image factors and limits travel to the device in
         one copy and are spread over the boxes there. The threshold is a mask, not a filter."""
-        spec = self.pipeline.detector.spec
+        entry = self.pipeline.detector.entry
         inputs, table = [], []
         for img in images:
             h, w = img.shape[-2:]
-            lo, hi = spec.input_size
+            lo, hi = entry.input_size
             scale = min(lo / min(h, w), hi / max(h, w))
             nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
             x = img.unsqueeze(0)
@@ -245,7 +245,7 @@ class BatchForward:
             model = self.pipeline.filter
             top = self._top_k(self.filter, model, crops)
             names = self.names(model, top[2]) if top else []
-            blocks.append(layout.add(model.spec.name, names, top, rows, n))
+            blocks.append(layout.add(model.entry.name, names, top, rows, n))
             if top is None:
                 positive = torch.zeros(0, dtype=torch.bool, device=crops.device)
             else:
@@ -272,7 +272,7 @@ class BatchForward:
             if self.options.probabilities and logits.shape[1] <= MAX_STORED_LABELS:
                 raw = logits.softmax(dim=1) if rollup and rollup.masked else probs
         names = self.names(model, top[2]) if top else []
-        blocks.append(layout.add(model.spec.name, names, top, rows, n, rollup, answer))
+        blocks.append(layout.add(model.entry.name, names, top, rows, n, rollup, answer))
         if raw is not None:
             blocks.append(layout.add_probabilities(raw, rows, n))
         if self._features is not None:
@@ -321,25 +321,25 @@ class BatchForward:
 
     def _normalization(self, model: LoadedModel) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The model's mean and std on the device, copied there once, not per batch."""
-        name = model.spec.name
+        name = model.entry.name
         if name not in self._norms:
-            spec = model.spec
+            entry = model.entry
             self._norms[name] = (
-                None if spec.mean is None else torch.tensor(spec.mean, device=self.device),
-                None if spec.std is None else torch.tensor(spec.std, device=self.device),
+                None if entry.mean is None else torch.tensor(entry.mean, device=self.device),
+                None if entry.std is None else torch.tensor(entry.std, device=self.device),
             )
         return self._norms[name]
 
     def names(self, model: LoadedModel, classes: int) -> list[str]:
         """The model's label of each class index, looked up once."""
-        key = (model.spec.name, classes)
+        key = (model.entry.name, classes)
         if key not in self._names:
             self._names[key] = [model.label(i) for i in range(classes)]
         return self._names[key]
 
     def _negative(self, model: LoadedModel, classes: int) -> torch.Tensor:
         """Per class index of the filter: is it the negative label? On the device, made once."""
-        key = (model.spec.name, classes)
+        key = (model.entry.name, classes)
         if key not in self._negatives:
             negative = self.pipeline.filter_negative_label
             flags = [name == negative for name in self.names(model, classes)]
@@ -367,7 +367,7 @@ class _Features:
         """None for a classifier whose registry entry names no linear embedding layer, and for
         TorchScript files (no hooks): its detections get no embedding, and tracking links
         them by geometry alone."""
-        name = model.spec.embedding_layer
+        name = model.entry.embedding_layer
         if name is None or isinstance(model.module, torch.jit.ScriptModule):
             return None
         layer = model.module.get_submodule(name)

@@ -121,7 +121,7 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 
 
 @dataclass(frozen=True)
-class ModelSpec:
+class ModelEntry:
     name: str
     role: Role
     architecture: str  # key of ARCHITECTURES
@@ -147,21 +147,21 @@ def _detector(
     key: str,
     divisor: int = 1,
     threshold: str = "box_score_thresh",
-) -> ModelSpec:
-    return ModelSpec(
+) -> ModelEntry:
+    return ModelEntry(
         name, "detector", name, size, 91, key, divisor, None, None, threshold_kwarg=threshold
     )
 
 
-def _classifier(name: str, size: int, key: str) -> ModelSpec:
+def _classifier(name: str, size: int, key: str) -> ModelEntry:
     layer = key.removesuffix(".weight")
-    return ModelSpec(name, "classifier", name, (size, size), 1000, key, embedding_layer=layer)
+    return ModelEntry(name, "classifier", name, (size, size), 1000, key, embedding_layer=layer)
 
 
 _FRCNN_KEY = "roi_heads.box_predictor.cls_score.weight"
-REGISTRY: dict[str, ModelSpec] = {
-    spec.name: spec
-    for spec in [
+REGISTRY: dict[str, ModelEntry] = {
+    entry.name: entry
+    for entry in [
         _detector("fasterrcnn_resnet50_fpn", (800, 1333), _FRCNN_KEY),
         _detector("fasterrcnn_resnet50_fpn_v2", (800, 1333), _FRCNN_KEY),
         _detector("fasterrcnn_mobilenet_v3_large_fpn", (800, 1333), _FRCNN_KEY),
@@ -184,7 +184,7 @@ REGISTRY: dict[str, ModelSpec] = {
         _classifier("efficientnet_v2_s", 384, "classifier.1.weight"),
         _classifier("convnext_tiny", 224, "classifier.2.weight"),
         _classifier("mobilenet_v3_large", 224, "classifier.3.weight"),
-        ModelSpec(  # a tiny input: the frames' resize costs next to nothing as well
+        ModelEntry(  # a tiny input: the frames' resize costs next to nothing as well
             "constant_boxes",
             "detector",
             "constant_boxes",
@@ -196,7 +196,7 @@ REGISTRY: dict[str, ModelSpec] = {
             default_labels=None,
             builder_kwargs={"boxes": 20},
         ),
-        ModelSpec(
+        ModelEntry(
             "constant_classifier",
             "classifier",
             "constant_logits",
@@ -206,7 +206,7 @@ REGISTRY: dict[str, ModelSpec] = {
             mean=None,
             std=None,
         ),
-        ModelSpec(  # FCOS: no background class; sizes as in inference/architectures.py
+        ModelEntry(  # FCOS: no background class; sizes as in inference/architectures.py
             "demo_detector",
             "detector",
             "tiny_detector",
@@ -218,7 +218,7 @@ REGISTRY: dict[str, ModelSpec] = {
             default_weights=str(CHECKPOINTS / "demo_detector.pt"),
             default_labels=str(CHECKPOINTS / "demo_detector_labels.txt"),
         ),
-        ModelSpec(
+        ModelEntry(
             "demo_classifier",
             "classifier",
             "tiny_classifier",
@@ -236,7 +236,7 @@ REGISTRY: dict[str, ModelSpec] = {
 @dataclass
 class LoadedModel:
     module: nn.Module
-    spec: ModelSpec
+    entry: ModelEntry  # its registry entry
     source: ModelSource  # what was loaded: its name, weights' sha256 and labels
     num_classes: int | None
 
@@ -249,14 +249,14 @@ class LoadedModel:
         """sha256[:12] of the weights; "random" or "builtin" without a weight file."""
         if self.source.sha256:
             return self.source.sha256[:12]
-        return "builtin" if self.spec.num_classes_key is None else "random"
+        return "builtin" if self.entry.num_classes_key is None else "random"
 
     def label(self, index: int) -> str:
         """Detector label files may leave out the background class 0; both layouts are read."""
         n, labels = self.num_classes, self.labels
         if 0 <= index < len(labels) and (n is None or len(labels) >= n):
             return labels[index]
-        if self.spec.role == "detector" and n is not None and len(labels) == n - 1 and index >= 1:
+        if self.entry.role == "detector" and n is not None and len(labels) == n - 1 and index >= 1:
             return labels[index - 1]
         return str(index)
 
@@ -290,7 +290,7 @@ class Pipeline:
         """One log line's worth: names and versions, where and how it runs, the fingerprint."""
         models = {"detector": self.detector, "classifier": self.classifier, "filter": self.filter}
         return {
-            **{role: m and f"{m.spec.name}@{m.version}" for role, m in models.items()},
+            **{role: m and f"{m.entry.name}@{m.version}" for role, m in models.items()},
             "device": str(self.device),
             "precision": self.precision,
             "box_threshold": self.box_threshold,
@@ -311,13 +311,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _entry(name: str, role: Role) -> ModelSpec:
-    spec = REGISTRY.get(name)
-    if spec is None:
+def _entry(name: str, role: Role) -> ModelEntry:
+    entry = REGISTRY.get(name)
+    if entry is None:
         raise W.WeightsError(f"unknown model '{name}'; known: {', '.join(sorted(REGISTRY))}")
-    if spec.role != role:
-        raise W.WeightsError(f"'{name}' is a {spec.role}, not a {role}")
-    return spec
+    if entry.role != role:
+        raise W.WeightsError(f"'{name}' is a {entry.role}, not a {role}")
+    return entry
 
 
 def model_source(
@@ -340,12 +340,12 @@ def model_source(
     `weights` and `labels` default to the registry's; a URL or S3 object is downloaded once
     into `cache_dir`. `sha256`, when given, pins the weights: other bytes are refused.
     """
-    spec = _entry(name, role)
-    label_file = labels or ("" if random_weights else spec.default_labels or "")
+    entry = _entry(name, role)
+    label_file = labels or ("" if random_weights else entry.default_labels or "")
     label_names = tuple(W.load_labels(label_file)) if label_file else ()
-    location = weights or spec.default_weights
-    size = tuple(input_size) if input_size else spec.input_size
-    if spec.num_classes_key is None or random_weights:
+    location = weights or entry.default_weights
+    size = tuple(input_size) if input_size else entry.input_size
+    if entry.num_classes_key is None or random_weights:
         return ModelSource(name, "", label_names, size, None)  # type: ignore[arg-type]
     if not location:
         raise W.WeightsError(f"'{name}' needs weights: give a file or URL")
@@ -372,22 +372,22 @@ def load_model(
     """Build the model of `source` on `device`, its weights fetched from their location
     (inference.weight_store; downloads kept in `cache_dir`). They must still hash to
     source.sha256, so the pipeline's spec names the bytes actually loaded."""
-    spec = _entry(source.name, role)
-    builder = ARCHITECTURES[spec.architecture]
-    build_kwargs = {**spec.builder_kwargs, **kwargs}
+    entry = _entry(source.name, role)
+    builder = ARCHITECTURES[entry.architecture]
+    build_kwargs = {**entry.builder_kwargs, **kwargs}
     if source.sha256 is None:
         # Seeded, so every worker process of a job builds the same random model.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            module = builder(num_classes=spec.num_classes, **build_kwargs)
-        return _ready(LoadedModel(module, spec, source, spec.num_classes), device)
+            module = builder(num_classes=entry.num_classes, **build_kwargs)
+        return _ready(LoadedModel(module, entry, source, entry.num_classes), device)
     ckpt = W.load_checkpoint(fetch(source.weights, source.sha256, cache_dir), source.sha256)
     if ckpt.scripted is not None:
         n = len(source.labels) or None
-        return _ready(LoadedModel(ckpt.scripted, spec, source, n), device)
-    assert ckpt.state_dict is not None and spec.num_classes_key is not None
+        return _ready(LoadedModel(ckpt.scripted, entry, source, n), device)
+    assert ckpt.state_dict is not None and entry.num_classes_key is not None
     n = W.num_classes(
-        ckpt.state_dict, spec.num_classes_key, spec.num_classes_divisor, source.weights
+        ckpt.state_dict, entry.num_classes_key, entry.num_classes_divisor, source.weights
     )
     module = builder(num_classes=n, **build_kwargs)
     try:
@@ -395,14 +395,14 @@ def load_model(
     except RuntimeError as e:
         first = str(e).splitlines()[0]
         raise W.WeightsError(
-            f"{source.weights} does not fit {spec.architecture}: {first}"
+            f"{source.weights} does not fit {entry.architecture}: {first}"
         ) from None
-    return _ready(LoadedModel(module, spec, source, n), device)
+    return _ready(LoadedModel(module, entry, source, n), device)
 
 
 def _ready(model: LoadedModel, device: torch.device) -> LoadedModel:
     model.module.eval().to(device)
-    if model.spec.role == "classifier" and not isinstance(model.module, torch.jit.ScriptModule):
+    if model.entry.role == "classifier" and not isinstance(model.module, torch.jit.ScriptModule):
         model.module.to(memory_format=torch.channels_last)
     return model
 

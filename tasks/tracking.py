@@ -5,8 +5,8 @@ Runs as a Celery task when a job's last chunk ends (tasks.chunk sends it) and ag
 under the job's row lock (db.occurrences.replace_night), so a redelivered task, a retry, or a
 manual run beside the automatic one leaves the same single set of occurrences.
 
-Memory: one night at a time. Sessions (captures split where TRAPQ_NIGHT_GAP_S passes without
-one) are tracked one by one; sessions that fall on the same night (a trap that paused) are
+Memory: one night at a time. Spans (captures split where TRAPQ_NIGHT_GAP_S passes without
+one) are tracked one by one; spans that fall on the same night (a trap that paused) are
 written together, since a night is what is replaced.
 """
 
@@ -27,13 +27,13 @@ from db.occurrences import (
     JobToTrack,
     NewOccurrence,
     NightDetection,
-    SessionCapture,
+    SpanCapture,
     drop_other_nights,
     job_to_track,
     mark_tracked,
     replace_night,
-    session_detections,
-    sessions_of,
+    span_detections,
+    spans_of,
 )
 from inference.tracking import Frame, TrackParams, label_vote, night_of, track_night
 from tasks.celery_app import TRACK_JOB, app
@@ -78,7 +78,7 @@ def track_job(factory: sessionmaker[Session], job_id: int, settings: Settings) -
     nights: list[date] = []
     pending: list[NewOccurrence] = []
     n_det = n_occ = 0
-    for captures in sessions_of(factory, job_id, timedelta(seconds=settings.night_gap_s)):
+    for captures in spans_of(factory, job_id, timedelta(seconds=settings.night_gap_s)):
         night = night_of(captures[0].captured_at)
         if nights and night != nights[-1]:
             n_occ += _write(factory, job, nights[-1], pending)
@@ -86,7 +86,7 @@ def track_job(factory: sessionmaker[Session], job_id: int, settings: Settings) -
         if not nights or night != nights[-1]:
             nights.append(night)
         with factory() as s:
-            dets = session_detections(s, job, captures[0], captures[-1])
+            dets = span_detections(s, job, captures[0], captures[-1])
         n_det += len(dets)
         pending.extend(occurrences_of(night, captures, dets, params))
     if nights:
@@ -104,9 +104,9 @@ def _write(factory: sessionmaker[Session], job: JobToTrack, night: date,
     return len(occurrences)
 
 
-def occurrences_of(night: date, captures: Sequence[SessionCapture],
+def occurrences_of(night: date, captures: Sequence[SpanCapture],
                    dets: Sequence[NightDetection], params: TrackParams) -> list[NewOccurrence]:
-    """Tracks one session and turns each track into an occurrence (first/last capture, the
+    """Tracks one span of captures and turns each track into an occurrence (first/last capture, the
     score-weighted vote of its labels, its links with their costs)."""
     if not dets:
         return []
@@ -138,7 +138,7 @@ def occurrences_of(night: date, captures: Sequence[SessionCapture],
     return out
 
 
-def _frame(capture: SessionCapture, dets: Sequence[NightDetection]) -> Frame:
+def _frame(capture: SpanCapture, dets: Sequence[NightDetection]) -> Frame:
     boxes = np.asarray([d.box for d in dets], np.float32).reshape(-1, 4)
     width = capture.width or int(boxes[:, 2].max(initial=1))
     height = capture.height or int(boxes[:, 3].max(initial=1))

@@ -17,7 +17,7 @@ from PIL import Image
 from inference.engine import Engine, EngineConfig
 from inference.forward import ForwardOptions
 from inference.pipeline_spec import ModelSource
-from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline
+from inference.registry import ConstantBoxes, LoadedModel, ModelEntry, Pipeline
 from inference.types import ItemResult, WorkItem
 from tests.inference_fixtures import encode
 
@@ -52,8 +52,8 @@ def _source(name: str, labels: tuple[str, ...]) -> ModelSource:
 
 
 def _pipeline(detector: HeldFirstBatch) -> Pipeline:
-    det_spec = ModelSpec("held", "detector", "test", (24, 32), 2, None, mean=None, std=None)
-    cls_spec = ModelSpec("grey", "classifier", "test", (8, 8), 3, None)
+    det_spec = ModelEntry("held", "detector", "test", (24, 32), 2, None, mean=None, std=None)
+    cls_spec = ModelEntry("grey", "classifier", "test", (8, 8), 3, None)
     return Pipeline(
         torch.device("cpu"),
         LoadedModel(detector.eval(), det_spec, _source("held", ("bg", "insect")), 2),

@@ -20,7 +20,7 @@ from inference.pipeline_spec import ModelSource
 from inference.registry import (
     ConstantBoxes,
     LoadedModel,
-    ModelSpec,
+    ModelEntry,
     Pipeline,
     Role,
     load_pipeline,
@@ -48,7 +48,7 @@ class TinyNet(nn.Module):
 def _loaded(
     module: nn.Module, role: Role, size: tuple[int, int], labels: tuple[str, ...]
 ) -> LoadedModel:
-    spec = ModelSpec(f"test_{role}", role, "test", size, len(labels), None, mean=None, std=None)
+    spec = ModelEntry(f"test_{role}", role, "test", size, len(labels), None, mean=None, std=None)
     source = ModelSource(spec.name, "", labels, size, None)
     return LoadedModel(module.eval(), spec, source, len(labels))
 

@@ -9,7 +9,7 @@ from torch import nn
 from inference.crops import crop_and_resize, normalize
 from inference.forward import BatchForward, ForwardOptions
 from inference.pipeline_spec import ModelSource
-from inference.registry import REGISTRY, ConstantBoxes, LoadedModel, ModelSpec, Pipeline
+from inference.registry import REGISTRY, ConstantBoxes, LoadedModel, ModelEntry, Pipeline
 
 CPU = torch.device("cpu")
 SIZE = (16, 16)
@@ -42,7 +42,7 @@ class BrightIsMoth(nn.Module):
 
 def model(module: nn.Module, name: str, labels: tuple[str, ...], layer: str | None
           ) -> LoadedModel:
-    spec = ModelSpec(name, "classifier", "test", SIZE, len(labels), None, embedding_layer=layer)
+    spec = ModelEntry(name, "classifier", "test", SIZE, len(labels), None, embedding_layer=layer)
     return LoadedModel(module.eval(), spec, ModelSource(name, "", labels, SIZE, None),
                        len(labels))
 
@@ -50,7 +50,7 @@ def model(module: nn.Module, name: str, labels: tuple[str, ...], layer: str | No
 def test_every_detection_gets_the_classifiers_penultimate_features_in_one_forward() -> None:
     image = torch.zeros((3, 64, 64), dtype=torch.uint8)
     image[:, :, 32:] = 230  # right half bright: the filter keeps those crops only
-    dspec = ModelSpec("boxes", "detector", "test", (64, 64), 2, None, mean=None, std=None)
+    dspec = ModelEntry("boxes", "detector", "test", (64, 64), 2, None, mean=None, std=None)
     det = LoadedModel(ConstantBoxes(boxes=4).eval(), dspec,
                       ModelSource("boxes", "", ("bg", "insect"), (64, 64), None), 2)
     cls = Pooled()
@@ -76,7 +76,7 @@ def test_every_detection_gets_the_classifiers_penultimate_features_in_one_forwar
 
 def test_without_the_setting_or_an_embedding_layer_there_is_no_embedding() -> None:
     image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
-    dspec = ModelSpec("boxes", "detector", "test", (32, 32), 2, None, mean=None, std=None)
+    dspec = ModelEntry("boxes", "detector", "test", (32, 32), 2, None, mean=None, std=None)
     det = LoadedModel(ConstantBoxes(boxes=2).eval(), dspec,
                       ModelSource("boxes", "", ("bg", "insect"), (32, 32), None), 2)
     for options, layer in ((ForwardOptions(), "fc"), (ForwardOptions(embeddings=True), None)):
@@ -97,7 +97,7 @@ def test_the_registry_names_the_last_linear_layer_of_every_trained_classifier() 
 def test_a_second_forward_on_the_same_models_does_not_leak_into_the_embeddings() -> None:
     """Engines may wrap one loaded pipeline twice; the hook catches only its own forward's."""
     image = torch.full((3, 32, 32), 200, dtype=torch.uint8)
-    dspec = ModelSpec("boxes", "detector", "test", (32, 32), 2, None, mean=None, std=None)
+    dspec = ModelEntry("boxes", "detector", "test", (32, 32), 2, None, mean=None, std=None)
     det = LoadedModel(ConstantBoxes(boxes=2).eval(), dspec,
                       ModelSource("boxes", "", ("bg", "insect"), (32, 32), None), 2)
     pipe = Pipeline(CPU, det, model(Pooled(), "species", ("a", "b", "c"), "fc"),

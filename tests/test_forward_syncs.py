@@ -24,7 +24,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from inference.engine import Engine, EngineConfig
 from inference.forward import BatchForward, ForwardOptions, Launched
 from inference.pipeline_spec import ModelSource
-from inference.registry import ConstantBoxes, LoadedModel, ModelSpec, Pipeline
+from inference.registry import ConstantBoxes, LoadedModel, ModelEntry, Pipeline
 from inference.taxonomy import AnswerPolicy, Taxon, Taxonomy
 from inference.types import WorkItem
 from tests.inference_fixtures import encode
@@ -101,7 +101,7 @@ class Brightness(nn.Module):
 
 
 def _classifier(name: str, labels: list[str], module: nn.Module) -> LoadedModel:
-    spec = ModelSpec(name, "classifier", "test", (8, 8), len(labels), None)
+    spec = ModelEntry(name, "classifier", "test", (8, 8), len(labels), None)
     return LoadedModel(module.eval(), spec, _source(name, labels), len(labels))
 
 
@@ -112,7 +112,7 @@ def _source(name: str, labels: list[str]) -> ModelSource:
 def _pipeline(
     boxes: int, with_filter: bool, threshold: float = 0.75, device: torch.device = CPU
 ) -> Pipeline:
-    spec = ModelSpec("constant_boxes", "detector", "constant_boxes", (48, 64), 2, None,
+    spec = ModelEntry("constant_boxes", "detector", "constant_boxes", (48, 64), 2, None,
                      mean=None, std=None)
     detector = LoadedModel(
         ConstantBoxes(boxes=boxes).eval(), spec, _source("constant_boxes", ["bg", "insect"]), 2

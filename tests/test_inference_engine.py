@@ -23,7 +23,7 @@ from inference.pipeline_spec import ModelSource
 from inference.registry import (
     ConstantBoxes,
     LoadedModel,
-    ModelSpec,
+    ModelEntry,
     Pipeline,
     load_pipeline,
     model_source,
@@ -90,7 +90,7 @@ class Slow(ConstantBoxes):
 
 
 def detector(module: nn.Module, size: tuple[int, int] = (64, 96)) -> LoadedModel:
-    spec = ModelSpec("test_detector", "detector", "test", size, 2, None, mean=None, std=None)
+    spec = ModelEntry("test_detector", "detector", "test", size, 2, None, mean=None, std=None)
     source = ModelSource(spec.name, "", ("background", "insect"), size, None)
     return LoadedModel(module.eval(), spec, source, 2)
 
@@ -99,7 +99,7 @@ def classifier(
     module: nn.Module | None = None, labels: list[str] | None = None, name: str = "tiny"
 ) -> LoadedModel:
     labels = labels or ["a", "b", "c"]
-    spec = ModelSpec(name, "classifier", "test", (16, 16), len(labels), None)
+    spec = ModelEntry(name, "classifier", "test", (16, 16), len(labels), None)
     source = ModelSource(name, "", tuple(labels), (16, 16), None)
     return LoadedModel((module or TinyNet(len(labels))).eval(), spec, source, len(labels))
 

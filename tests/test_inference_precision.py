@@ -20,7 +20,7 @@ from inference.pipeline_spec import ModelSource
 from inference.registry import (
     REGISTRY,
     LoadedModel,
-    ModelSpec,
+    ModelEntry,
     Pipeline,
     load_pipeline,
     model_source,
@@ -122,7 +122,7 @@ class ScriptedBoxes(nn.Module):
 
 def test_torchscript_detectors_run_wholly_in_float32() -> None:
     module = torch.jit.script(ScriptedBoxes().eval())
-    spec = ModelSpec("scripted", "detector", "test", (2048, 2048), 2, None, mean=None, std=None)
+    spec = ModelEntry("scripted", "detector", "test", (2048, 2048), 2, None, mean=None, std=None)
     source = ModelSource("scripted", "", ("background", "insect"), spec.input_size, None)
     detector = LoadedModel(module, spec, source, 2)
     pipe = Pipeline(CPU, detector, _pipeline("constant_boxes").classifier, box_threshold=0.0)

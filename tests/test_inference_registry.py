@@ -210,7 +210,7 @@ def test_demo_models_build_and_run_with_random_weights() -> None:
         model_source("demo_classifier", "classifier", random_weights=True),
         device="cpu",
     )
-    assert pipeline.classifier.spec.input_size == (64, 64)
+    assert pipeline.classifier.entry.input_size == (64, 64)
     with torch.inference_mode():
         out = pipeline.detector.module([torch.rand(3, 60, 80)])
         logits = pipeline.classifier.module(torch.rand(2, 3, 64, 64))

@@ -61,7 +61,7 @@ def occurrences(
             raise UserError(f"job {job} is not tracked yet; run `trapq track {job}`")
         counts = occurrence_counts(session, job)
         if csv_out is not None:
-            n = write_csv(csv_out, occurrence_rows(session, job))
+            n = write_occurrence_csv(csv_out, occurrence_rows(session, job))
         links = doubtful_links(session, job, doubtful) if doubtful else []
     console.print(counts_table(job, counts))
     total_o = sum(c.occurrences for c in counts)
@@ -101,7 +101,7 @@ def links_table(links: list[LinkToReview]) -> Table:
     return table
 
 
-def write_csv(path: Path, rows: Iterable[dict[str, object]]) -> int:
+def write_occurrence_csv(path: Path, rows: Iterable[dict[str, object]]) -> int:
     n = 0
     with path.open("w", newline="") as f:
         writer: csv.DictWriter[str] | None = None

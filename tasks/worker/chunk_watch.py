@@ -1,12 +1,10 @@
 """A running chunk's heartbeat and deadline, kept by a timer thread, not by arriving results.
 
-Checked only when a result came back, both stalled with the engine: a fetch hanging until
-its own timeout froze the heartbeat, so `trapq requeue --stuck-after` could not tell a slow
-chunk from a dead one, and the deadline waited for that fetch too. Here a thread beats
-every settings.heartbeat_s (the chunk row's heartbeat_at and live counts) whatever the
-task thread is blocked on, and at the deadline, or when the row reads back anything but
-`running` (cancelled), interrupts the engine run the task thread iterates, which then raises
-at once. The threads pool and solo ignore Celery's time limits; this deadline holds in
+A thread beats every settings.heartbeat_s (the chunk row's heartbeat_at and live counts)
+whatever the task thread is blocked on, so a chunk waiting on a hung fetch still looks alive
+to `trapq requeue --stuck-after`; at the deadline, or when the row reads back anything but
+`running` (cancelled), it interrupts the engine run the task thread iterates, which then
+raises at once. The threads pool and solo ignore Celery's time limits; this deadline holds in
 every pool.
 
 A cold shutdown (a second Ctrl-C or SIGTERM to `trapq worker`, SIGQUIT) puts the chunks in
