@@ -33,7 +33,7 @@ class AntennaSettings(BaseSettings):
         0.5, gt=0, le=1, description="Share of the ack wait the tasks held should be answered in."
     )
     first_batch: int = Field(
-        32, ge=1, description="Tasks taken while the pool's rate is still unmeasured."
+        64, ge=1, description="Tasks taken while the pool's rate is still unmeasured."
     )
     max_batch: int = Field(500, ge=1, description="Most tasks taken in one request.")
     chunk_size: int = Field(16, ge=1, description="Captures per chunk of a bridge job.")
