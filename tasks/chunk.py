@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import kombu.exceptions
@@ -49,7 +49,7 @@ from db.reuse import stored_boxes
 from db.states import ChunkState
 from inference.device_fault import DeviceFault
 from inference.model_cache import CachedPipeline
-from inference.types import Detection, EngineStats, ItemResult, RunStats, WorkItem
+from inference.types import Detection, ItemResult, RunStats, WorkItem
 from tasks.celery_app import PROCESS_CHUNK, TRACK_JOB, app
 from tasks.settings import get_settings
 from tasks.worker.boot import Runtime, memory_guard, runtime, stop_for_device_fault
@@ -203,46 +203,6 @@ def _best_effort(chunk_id: int, error: str, record: Callable[[Session], object])
         log.warning("chunk %s: could not record %r: %s", chunk_id, error, e)
 
 
-@dataclass(frozen=True)
-class ChunkMetrics:
-    """A run's own figures, stored on the chunk row (chunks.metrics) and returned by the task;
-    the GPU memory and in-flight peak are the process's, since the in-flight bound and the
-    device hold for all its chunks together."""
-
-    captures: int
-    detections: int
-    wall_s: float
-    images_per_s: float | None
-    batches: int
-    mean_batch_size: float
-    gpu_busy_fraction: float
-    images_in_flight_peak: int
-    gpu_allocated_mb: float
-    gpu_reserved_mb: float
-    gpu_peak_allocated_mb: float
-    worker: str | None
-    delivery: int
-
-    @classmethod
-    def of(cls, run: _ChunkRun, elapsed: float, measured: RunStats, engine: EngineStats,
-           delivery: int) -> ChunkMetrics:
-        return cls(
-            captures=run.n_written,
-            detections=run.n_detections,
-            wall_s=round(elapsed, 3),
-            images_per_s=round(run.n_written / elapsed, 2) if elapsed else None,
-            batches=measured.batches,
-            mean_batch_size=round(measured.mean_batch_size, 2),
-            gpu_busy_fraction=round(measured.gpu_busy_fraction, 4),
-            images_in_flight_peak=engine.images_in_flight_peak,
-            gpu_allocated_mb=round(engine.device_allocated_mb, 1),
-            gpu_reserved_mb=round(engine.device_reserved_mb, 1),
-            gpu_peak_allocated_mb=round(engine.device_peak_allocated_mb, 1),
-            worker=run.task.request.hostname,
-            delivery=delivery,
-        )
-
-
 @dataclass
 class _ChunkRun:
     """One delivery of a chunk: execute() reads as the steps it takes; the bookkeeping of each
@@ -368,10 +328,7 @@ class _ChunkRun:
 
     def _finish(self, claim: Claim, measured: RunStats) -> dict[str, Any]:
         """End the chunk `done` with its figures; the job too if it was its last."""
-        metrics = asdict(ChunkMetrics.of(
-            self, time.monotonic() - self.started, measured, self.rt.engine.stats(),
-            claim.deliveries,
-        ))
+        metrics = self._metrics(measured, claim.deliveries)
         with self.rt.sessions.begin() as session:
             job_state = finish_chunk(
                 session,
@@ -387,6 +344,27 @@ class _ChunkRun:
             log.info("job %s ended %s with chunk %s", self.job_id, job_state, self.chunk_id)
             send_tracking(self.job_id)
         return {**self.progress, "state": ChunkState.DONE.value, "metrics": metrics}
+
+    def _metrics(self, measured: RunStats, delivery: int) -> dict[str, Any]:
+        """The run's own figures (chunks.metrics); GPU memory and the in-flight peak are the
+        process's, as the device and the in-flight bound hold for all its chunks together."""
+        elapsed = time.monotonic() - self.started
+        engine = self.rt.engine.stats()
+        return {
+            "captures": self.n_written,
+            "detections": self.n_detections,
+            "wall_s": round(elapsed, 3),
+            "images_per_s": round(self.n_written / elapsed, 2) if elapsed else None,
+            "batches": measured.batches,
+            "mean_batch_size": round(measured.mean_batch_size, 2),
+            "gpu_busy_fraction": round(measured.gpu_busy_fraction, 4),
+            "images_in_flight_peak": engine.images_in_flight_peak,
+            "gpu_allocated_mb": round(engine.device_allocated_mb, 1),
+            "gpu_reserved_mb": round(engine.device_reserved_mb, 1),
+            "gpu_peak_allocated_mb": round(engine.device_peak_allocated_mb, 1),
+            "worker": self.task.request.hostname,
+            "delivery": delivery,
+        }
 
     def _take(self, result: ItemResult) -> None:
         """Transient failures are held back while nothing else has come back: if the whole
