@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select, text
 
 from db.models import Base, Classification, Detection
+from tests.shared_workers import SharedWorker
 from tests.trapq_cli import one_line_error, trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
@@ -14,7 +16,6 @@ from tests.worker_jobs import (
     job_state,
     make_job,
     send,
-    worker_env,
     write_jpegs,
 )
 from tests.worker_process import wait_for
@@ -60,14 +61,13 @@ def classification_count(engine: Engine, job_id: int) -> int:
 
 
 def run_two_jobs(
-    tmp_path: Path, service_env: dict[str, str], engine: Engine, worker_factory
+    tmp_path: Path, engine: Engine, shared_worker: Callable[..., SharedWorker]
 ) -> tuple[dict[str, str], int, int]:
-    """Two jobs over the same 8 captures, both processed by a real worker."""
-    env = worker_env(service_env)
+    """Two jobs over the same 8 captures, both processed by a real (shared) worker."""
+    env = shared_worker().env
     uris = [str(p) for p in write_jpegs(tmp_path / "imgs", 8)]
     first = make_job(engine, uris, chunk_size=4, deployment="trap-d")
     second = make_job(engine, uris, chunk_size=4, deployment="trap-d")
-    worker_factory(env).start()
     send(env, engine, first.chunk_ids + second.chunk_ids)
     for job in (first, second):
         wait_for(lambda j=job: job_state(engine, j.job_id) == "done", 120, "both jobs to end")
@@ -76,9 +76,9 @@ def run_two_jobs(
 
 
 def test_delete_removes_every_row_of_the_job_and_nothing_of_its_neighbour(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
+    tmp_path: Path, clean_pg: Engine, shared_worker: Callable[..., SharedWorker]
 ) -> None:
-    env, job, other = run_two_jobs(tmp_path, service_env, clean_pg, worker_factory)
+    env, job, other = run_two_jobs(tmp_path, clean_pg, shared_worker)
     doomed = detection_ids(clean_pg, job)
     assert len(doomed) == 8 * BOXES_PER_IMAGE
     assert classification_count(clean_pg, job) == len(doomed)
@@ -124,9 +124,9 @@ def test_delete_refuses_a_job_with_a_running_chunk(
 
 
 def test_delete_deployment_deletes_its_captures_and_every_job_the_same_way(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
+    tmp_path: Path, clean_pg: Engine, shared_worker: Callable[..., SharedWorker]
 ) -> None:
-    env, job, other = run_two_jobs(tmp_path, service_env, clean_pg, worker_factory)
+    env, job, other = run_two_jobs(tmp_path, clean_pg, shared_worker)
     doomed = {j: detection_ids(clean_pg, j) for j in (job, other)}
     bystander = make_job(clean_pg, ["/elsewhere/x.jpg"], chunk_size=1, deployment="trap-e")
 

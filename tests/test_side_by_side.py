@@ -4,11 +4,13 @@ fingerprint, so a failed one is taken again and another pipeline takes everythin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import Engine, select
 
 from db.models import Detection, JobCapture
+from tests.shared_workers import SharedWorker
 from tests.test_status_cli import table_rows
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
@@ -17,7 +19,6 @@ from tests.worker_jobs import (
     item_states,
     job_state,
     jpeg_bytes,
-    worker_env,
     write_jpegs,
 )
 from tests.worker_process import wait_for
@@ -39,18 +40,17 @@ def detection_ids(engine: Engine, job_id: int) -> list[int]:
 
 
 def test_only_unprocessed_retakes_failed_captures_and_keeps_earlier_results(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory
+    tmp_path: Path, clean_pg: Engine, shared_worker: Callable[..., SharedWorker]
 ) -> None:
     folder = tmp_path / "imgs"
     paths = write_jpegs(folder, 6)
     late = paths[4:]
     manifest = tmp_path / "captures.csv"
     manifest.write_text("uri\n" + "".join(f"{p}\n" for p in paths))
-    env = worker_env(service_env)
+    env = shared_worker().env
     assert trapq(env, "import", str(manifest), "--deployment", "trap-s").returncode == 0
     for p in late:  # not there yet: their work items fail in the first job
         p.unlink()
-    worker_factory(env).start()
 
     first = enqueue(env)
     wait_end(clean_pg, first)

@@ -7,6 +7,7 @@ import csv
 import json
 import signal
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy import Engine, select, update
 
 from db.models import Capture, Chunk, Classification, Detection
 from tasks.worker.supervisor import plan_workers
+from tests.shared_workers import SharedWorker
 from tests.trapq_cli import TRAPQ, trapq
 from tests.worker_jobs import (
     ENDED,
@@ -51,12 +53,12 @@ def _db_rows(engine: Engine, job_id: int) -> list[tuple]:
 
 
 def test_export_csv_and_jsonl_match_the_rows_in_the_database(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+    tmp_path: Path, clean_pg: Engine, shared_worker: Callable[..., SharedWorker],
 ) -> None:
     paths = write_jpegs(tmp_path / "images", 3)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=3)
-    env = worker_env(service_env)
-    worker = worker_factory(env).start()
+    worker = shared_worker()
+    env = worker.env
     send(env, clean_pg, job.chunk_ids)
     wait_for(lambda: job_state(clean_pg, job.job_id) == "done", 120, "job done",
              on_timeout=worker.tail)

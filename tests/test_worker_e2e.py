@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select
 
 from db.models import Capture, Detection
+from tests.shared_workers import SharedWorker
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
@@ -19,7 +21,6 @@ from tests.worker_jobs import (
     job_state,
     make_job,
     send,
-    worker_env,
     write_jpegs,
 )
 from tests.worker_process import wait_for
@@ -27,15 +28,14 @@ from tests.worker_process import wait_for
 
 @pytest.mark.parametrize("pool", ["threads", "prefork"])
 def test_job_processed_end_to_end_with_boxes_inside_their_images(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
-    pool: str,
+    tmp_path: Path, clean_pg: Engine, shared_worker: Callable[..., SharedWorker], pool: str,
 ) -> None:
     """threads (the default) loads the engine in the worker process; prefork in each child,
     never in the parent. The threads run goes through `trapq import` and `trapq enqueue`; the
     prefork one leaves capture sizes unknown, for the worker to record."""
     paths = write_jpegs(tmp_path / "images", 10, 160, 120)
-    env = worker_env(service_env)
-    worker = worker_factory(env, pool=pool, concurrency=2 if pool == "threads" else 1).start()
+    worker = shared_worker(pool=pool, concurrency=2 if pool == "threads" else 1)
+    env = worker.env
     if pool == "threads":
         done = trapq(env, "import", str(tmp_path / "images"), "--deployment", "e2e")
         assert done.returncode == 0, done.stderr
