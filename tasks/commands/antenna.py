@@ -13,8 +13,7 @@ import typer
 from pydantic import ValidationError
 
 from tasks.antenna.settings import AntennaSettings
-from tasks.cli_app import app
-from tasks.cli_app import settings as get_settings
+from tasks.cli_app import app, job_store
 from tasks.errors import UserError
 
 
@@ -28,9 +27,7 @@ def antenna(
     from tasks.antenna.bridge import Bridge
     from tasks.antenna.client import AntennaClient, AntennaUnavailable
     from tasks.antenna.served import served_pipelines
-    from tasks.store import database_errors, ready_session_factory
 
-    s = get_settings()
     try:
         a = AntennaSettings()
     except ValidationError as e:
@@ -44,9 +41,10 @@ def antenna(
                         "e.g. [12, 18]")
     client = AntennaClient(a.url, a.secret(), timeout_s=a.timeout_s,
                            max_post_bytes=a.max_post_bytes)
-    factory = ready_session_factory(s)
-    with database_errors(s):
-        bridge = Bridge(a, client, factory, served_pipelines(s, factory, a.pipelines),
+    store = job_store()
+    with store.errors():
+        served = served_pipelines(store.settings, store.sessions, a.pipelines)
+        bridge = Bridge(a, client, store.sessions, served,
                         name=f"{socket.gethostname()}:{os.getpid()}")
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s: %(levelname)s/trapq antenna] %(message)s")

@@ -11,9 +11,8 @@ from db.project_status import ProjectFigures
 from db.projects import ProjectProblem, add_project, list_projects, remove_project
 from db.taxa import set_species_threshold
 from inference.taxonomy import TaxonomyError, check_threshold
-from tasks.cli_app import app, console, settings
+from tasks.cli_app import app, console, job_store
 from tasks.errors import UserError
-from tasks.store import database_errors, ready_session_factory
 
 projects_app = typer.Typer(
     help="List projects (no subcommand), add or change one, or remove one.",
@@ -27,8 +26,7 @@ def projects_(ctx: typer.Context) -> None:
     """List projects: weight, cap on chunks out, deployments and jobs."""
     if ctx.invoked_subcommand is not None:
         return
-    s = settings()
-    with database_errors(s), ready_session_factory(s)() as session:
+    with job_store().read() as session:
         rows = list_projects(session)
     if not rows:
         console.print("no projects yet; `trapq projects add NAME --weight W` creates one")
@@ -58,11 +56,10 @@ def add(
     ] = None,
 ) -> None:
     """Create a project, or change its weight, cap and species threshold."""
-    s = settings()
     try:
         if species_threshold is not None:
             check_threshold(species_threshold)
-        with database_errors(s), ready_session_factory(s).begin() as session:
+        with job_store().write() as session:
             created = add_project(session, name, weight, max_in_flight)
             set_species_threshold(session, name, species_threshold)
     except (ProjectProblem, TaxonomyError) as e:
@@ -76,9 +73,8 @@ def add(
 @projects_app.command("remove")
 def remove(name: Annotated[str, typer.Argument(help="Project name.")]) -> None:
     """Remove a project without jobs; its deployments go back to `default`."""
-    s = settings()
     try:
-        with database_errors(s), ready_session_factory(s).begin() as session:
+        with job_store().write() as session:
             remove_project(session, name)
     except ProjectProblem as e:
         raise UserError(str(e)) from None

@@ -6,8 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tasks.cli_app import app
-from tasks.cli_app import settings as get_settings
+from tasks.cli_app import app, job_store
 
 
 @app.command()
@@ -27,10 +26,9 @@ def serve(
     from tasks.antenna.settings import ServeSettings
     from tasks.dispatcher import live_slots
     from tasks.producer import producer_app
-    from tasks.store import ready_session_factory
 
-    s = get_settings()
-    factory = ready_session_factory(s)
+    store = job_store()
+    s, factory = store.settings, store.sessions
     broker = producer_app(s)
 
     def ready() -> str | None:
