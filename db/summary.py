@@ -1,4 +1,5 @@
-"""Per-job result summaries: detections per kind, and the boxes of a few captures to draw."""
+"""Per-job result summaries: detections per answer and rank, and the boxes of a few captures
+to draw."""
 
 from __future__ import annotations
 
@@ -21,16 +22,19 @@ class DrawnBox:
     score: float
 
 
-def kind_counts(session: Session, job_id: int, classifier: str) -> dict[str, int]:
-    """Detections of the job by the top-1 label of `classifier`, most frequent first."""
+def answer_counts(
+    session: Session, job_id: int, classifier: str
+) -> list[tuple[str, str | None, int]]:
+    """Detections of the job by the classifier's answer and its rank (a label, or the taxon
+    its scores rolled up to): (answer, rank, count), most frequent first."""
     rows = session.execute(
-        select(Classification.label, func.count())
+        select(Classification.label, Classification.rank, func.count())
         .join(Detection, Detection.id == Classification.detection_id)
         .where(Detection.job_id == job_id, Classification.classifier == classifier)
-        .group_by(Classification.label)
-        .order_by(func.count().desc())
+        .group_by(Classification.label, Classification.rank)
+        .order_by(func.count().desc(), Classification.label)
     )
-    return {label: n for label, n in rows}
+    return [(label, rank, n) for label, rank, n in rows]
 
 
 def busiest_captures(session: Session, job_id: int, n: int) -> list[tuple[int, str]]:

@@ -24,7 +24,8 @@ from db.models import Job
 from db.occurrences import occurrence_counts
 from db.states import ItemState
 from db.status import JobStatus, job_status
-from db.summary import DrawnBox, boxes_of, busiest_captures, kind_counts
+from db.summary import DrawnBox, answer_counts, boxes_of, busiest_captures
+from db.taxa import set_taxa_list
 from synthetic.nights import NightBehaviour, generate_tracked_night
 from tasks.dispatcher import run_in_thread
 from tasks.errors import UserError
@@ -47,7 +48,8 @@ class DemoReport:
     done: int
     failed: int
     seconds: float
-    kinds: dict[str, int] = field(default_factory=dict)
+    kinds: dict[str, int] = field(default_factory=dict)  # detections by answer
+    ranks: dict[str, str] = field(default_factory=dict)  # each answer's rank (a taxonomy's)
     occurrences: dict[str, int] = field(default_factory=dict)  # individuals, by tracking
     individuals: dict[str, int] = field(default_factory=dict)  # the night's truth
     annotated: list[Path] = field(default_factory=list)
@@ -67,6 +69,7 @@ def worker_env(settings: Settings) -> dict[str, str]:
         TRAPQ_BROKER_URL=settings.broker_url,
         TRAPQ_RESULT_BACKEND=settings.result_backend,
         TRAPQ_QUEUE=settings.queue,
+        TRAPQ_CLASSIFIER_TAXONOMY=settings.classifier_taxonomy,
         PYTHONUNBUFFERED="1",
     )
     return env
@@ -169,7 +172,10 @@ def run_demo(
     on_progress: Callable[[JobStatus], None],
     annotate_n: int = 4,
     timeout_s: float = 1800.0,
+    taxa: list[str] | None = None,
 ) -> DemoReport:
+    """`taxa`: the deployment's taxa list (None: every label), applied with the taxonomy of
+    TRAPQ_CLASSIFIER_TAXONOMY when the settings name one."""
     out.mkdir(parents=True, exist_ok=True)
     night = out / "captures"
     listing = out / "captures.txt"
@@ -180,6 +186,8 @@ def run_demo(
     listing.write_text("".join(f"{night.name}/{truth.file}\n" for truth in generated))
     deployment = demo_deployment(night, seed, captures)
     import_source(settings, str(listing), deployment)
+    with ready_session_factory(settings).begin() as session:
+        set_taxa_list(session, deployment, taxa)
     queued = enqueue(settings, deployment, chunk_size=chunk_size)
     assert queued.job_id is not None
     log = out / "worker.log"
@@ -206,7 +214,9 @@ def run_demo(
     annotated_dir = out / "annotated"
     annotated_dir.mkdir(exist_ok=True)
     with factory() as session:
-        report.kinds = kind_counts(session, queued.job_id, settings.classifier)
+        for answer, rank, n in answer_counts(session, queued.job_id, settings.classifier):
+            report.kinds[answer] = report.kinds.get(answer, 0) + n
+            report.ranks[answer] = rank or ""
         for c in occurrence_counts(session, queued.job_id):
             report.occurrences[c.label] = report.occurrences.get(c.label, 0) + c.occurrences
     seen: dict[int, str] = {i.individual: i.kind for t in generated for i in t.insects
