@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+import psycopg
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -65,6 +66,7 @@ def interactive_cap(slots: int, share: float) -> int:
 class Dispatcher:
     settings: Settings
     sessions: sessionmaker[Session]
+    app: Celery  # one producer app (and its broker connections) for every round
     slots: int = 0
     rounds: int = 0
     released: int = 0
@@ -74,7 +76,7 @@ class Dispatcher:
 
     @classmethod
     def build(cls, settings: Settings) -> Dispatcher:
-        return cls(settings, ready_session_factory(settings))
+        return cls(settings, ready_session_factory(settings), producer_app(settings))
 
     @property
     def window(self) -> int:
@@ -96,7 +98,7 @@ class Dispatcher:
         self.rounds += 1
         if not chosen.assigned:
             return 0
-        result = send_assigned(s, self.sessions, chosen.assigned)
+        result = send_assigned(s, self.sessions, chosen.assigned, self.app)
         self.released += result.sent
         if result.failed:
             log.warning("%d chunk(s) not sent (%s); they stay pending", result.failed,
@@ -108,9 +110,8 @@ class Dispatcher:
 
     def run(self) -> None:
         """Rounds until `stop` is set: at each wake-up, and at least every poll interval."""
-        app = producer_app(self.settings)
         slots_thread = threading.Thread(
-            target=self._watch_slots, args=(app,), name="trapq-dispatch-slots", daemon=True
+            target=self._watch_slots, name="trapq-dispatch-slots", daemon=True
         )
         slots_thread.start()
         wake = _Wakeup(self.sessions.kw["bind"], self.settings.dispatch_poll_s)
@@ -127,10 +128,10 @@ class Dispatcher:
             wake.close()
             self.stop.set()
 
-    def _watch_slots(self, app: Celery) -> None:
+    def _watch_slots(self) -> None:
         while not self.stop.is_set():
             try:
-                self.slots = live_slots(app, self.settings.queue)
+                self.slots = live_slots(self.app, self.settings.queue)
             except Exception as e:
                 log.warning("cannot count live worker slots: %s", e)
             self.stop.wait(SLOTS_EVERY_S)
@@ -141,22 +142,22 @@ class _Wakeup:
 
     def __init__(self, engine: Engine, poll_s: float) -> None:
         self.poll_s = poll_s
-        self.conn = None
+        self.conn: psycopg.Connection[object] | None = None
         if engine.dialect.name == "postgresql":
-            self.conn = engine.raw_connection()
-            self.conn.driver_connection.autocommit = True  # type: ignore[union-attr]
-            self.conn.driver_connection.execute(f"LISTEN {CHANNEL}")  # type: ignore[union-attr]
+            # A connection of its own, outside the pool: LISTEN needs autocommit, which must
+            # not follow a pooled connection back to the sessions.
+            url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            self.conn = psycopg.connect(url, autocommit=True)
+            self.conn.execute(f"LISTEN {CHANNEL}")
 
     def wait(self, stop: threading.Event) -> None:
         if self.conn is None:
             stop.wait(self.poll_s)
             return
         try:
-            for _ in self.conn.driver_connection.notifies(  # type: ignore[union-attr]
-                timeout=self.poll_s, stop_after=1
-            ):
+            for _ in self.conn.notifies(timeout=self.poll_s, stop_after=1):
                 pass
-        except Exception as e:  # the connection broke: poll until it comes back
+        except psycopg.Error as e:  # the connection broke: poll until the next start
             log.warning("dispatch wake-ups lost (%s); polling", e)
             self.close()
             stop.wait(self.poll_s)

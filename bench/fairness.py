@@ -1,0 +1,297 @@
+"""Fair share of the pool: the dispatcher against first come, first served, side by side.
+
+Real PostgreSQL and Redis, two worker processes (one slot each) with zero-cost models
+(`constant_boxes`, `constant_classifier`, as bench/worker.py), tiny JPEGs; scaled to minutes
+on two cores. Measured in one run:
+
+  (a) project A enqueues a job 20x the size of the others; once it runs, projects B-F enqueue
+      one small job each (equal weights). Each small job's completion time against its ideal
+      under the weighted share (6 projects busy: each gets 1/6 of the pool's measured chunk
+      rate, so a small job of n chunks needs 6 n / rate), against FIFO as before the
+      dispatcher (all chunks sent at once, A's first), and the total throughput against
+      FIFO's;
+  (b) two busy projects weighted 3:1: the split of chunk seconds while both had work;
+  (c) the slots' idle fraction while chunks waited (sampled every 20 ms in (a)), fair and
+      FIFO: a slot between two chunks (ack, next message, claim) counts as idle in both;
+  (d) `classify_images` of one image, 20 times, while a backlog runs: p50 and p95 latency
+      against the batch time (a backlog chunk's mean wall time), and against FIFO's wait
+      behind the backlog (the chunks queued ahead over the chunk rate: estimated, not run).
+
+    .venv/bin/python -m bench.fairness [--chunks 8] [--chunk-size 8] [--tries 20]
+
+Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if not __package__:  # `python bench/fairness.py` runs as `python -m bench.fairness` would
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+
+from sqlalchemy import Engine, text
+
+from db.imports import get_or_create_deployment
+from db.projects import add_project, set_deployment_project
+from db.session import make_engine, make_sessionmaker
+from tasks.dispatcher import run_in_thread
+from tasks.fast_lane import classify_images
+from tasks.producer import send_chunks
+from tasks.settings import Settings
+from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
+from tests.worker_jobs import make_job, write_jpegs
+from tests.worker_process import WorkerProcess, wait_for
+
+WORKERS = 2
+SMALL = "BCDEF"
+
+
+def load1() -> str:
+    return f"{os.getloadavg()[0]:.2f}"
+
+
+class Lab:
+    def __init__(self, url: str, env: dict[str, str], folder: Path, chunk_size: int) -> None:
+        self.engine: Engine = make_engine(url)
+        self.env = env
+        self.folder = folder
+        self.chunk_size = chunk_size
+        self.settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
+        )
+        self.n = 0
+
+    def job(self, project: str, n_chunks: int, weight: float = 1.0) -> int:
+        """A new job of n_chunks chunks over new images, in `project`."""
+        self.n += 1
+        name = f"{project}-{self.n}"
+        with make_sessionmaker(self.engine).begin() as s:
+            add_project(s, project, weight, None)
+            get_or_create_deployment(s, name)
+            set_deployment_project(s, name, project)
+        paths = write_jpegs(self.folder / name, n_chunks * self.chunk_size, 32, 24)
+        return make_job(self.engine, [p.as_uri() for p in paths], chunk_size=self.chunk_size,
+                        deployment=name).job_id
+
+    def scalar(self, sql: str, **params: object) -> object:
+        with self.engine.connect() as conn:
+            return conn.scalar(text(sql), params)
+
+    def ended(self, job_id: int) -> bool:
+        return self.scalar("SELECT state FROM jobs WHERE id = :j", j=job_id) in ("done", "failed")
+
+    def job_span(self, job_id: int, since: datetime) -> float:
+        """Seconds from `since` to the job's end."""
+        finished = self.scalar("SELECT finished_at FROM jobs WHERE id = :j", j=job_id)
+        return (finished - since).total_seconds()  # type: ignore[operator]
+
+    def now(self) -> datetime:
+        return self.scalar("SELECT now()")  # type: ignore[return-value]
+
+    def chunk_rate(self, jobs: list[int]) -> tuple[float, float]:
+        """(chunks per second over the jobs' span, mean chunk wall seconds)."""
+        first, last, n, wall = self._one(
+            "SELECT min(started_at), max(finished_at), count(*), "
+            "avg(extract(epoch FROM finished_at - started_at)) FROM chunks "
+            "WHERE job_id = ANY(:jobs)", jobs=jobs)
+        return n / (last - first).total_seconds(), float(wall)
+
+    def _one(self, sql: str, **params: object) -> tuple:  # type: ignore[type-arg]
+        with self.engine.connect() as conn:
+            return tuple(conn.execute(text(sql), params).one())
+
+
+@contextmanager
+def dispatching(lab: Lab) -> Iterator[None]:
+    dispatcher, thread = run_in_thread(lab.settings)
+    try:
+        yield
+    finally:
+        dispatcher.stop.set()
+        thread.join(30)
+
+
+def sample_idle(lab: Lab, stop: threading.Event, out: list[float]) -> None:
+    """Idle slots / slots, sampled while any chunk waits pending or queued."""
+    while not stop.is_set():
+        running, waiting = lab._one(
+            "SELECT count(*) FILTER (WHERE state = 'running'), "
+            "count(*) FILTER (WHERE state IN ('pending', 'queued')) FROM chunks")
+        if waiting:
+            out.append(max(0, WORKERS - running) / WORKERS)
+        stop.wait(0.02)
+
+
+def small_after_large(lab: Lab, n: int, fair: bool, idle: list[float]) -> dict[str, float]:
+    """(a): the large job, then five small ones once it runs; their completion times."""
+    large = lab.job("A", 20 * n)
+    stop = threading.Event()
+    sampler = threading.Thread(target=sample_idle, args=(lab, stop, idle))
+    with dispatching(lab) if fair else _nothing():
+        start = lab.now()
+        if not fair:
+            send_all(lab, [large])
+        sampler.start()
+        wait_for(lambda: lab.scalar("SELECT count(*) FROM chunks WHERE job_id = :j "
+                                    "AND state = 'done'", j=large), 300, "the large job")
+        smalls = [lab.job(p, n) for p in SMALL]
+        enqueued = lab.now()
+        if not fair:
+            send_all(lab, smalls)
+        wait_for(lambda: all(lab.ended(j) for j in [large, *smalls]), 900, "every job",
+                 every=0.1)
+        stop.set()
+        sampler.join()
+    rate, wall = lab.chunk_rate([large, *smalls])
+    makespan = max(lab.job_span(j, start) for j in [large, *smalls])
+    return {
+        "small_s": statistics.mean(lab.job_span(j, enqueued) for j in smalls),
+        "small_max_s": max(lab.job_span(j, enqueued) for j in smalls),
+        "ideal_s": (1 + len(SMALL)) * n / rate,
+        "throughput": (20 + len(SMALL)) * n / makespan,
+        "chunk_s": wall,
+    }
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+def send_all(lab: Lab, jobs: list[int]) -> None:
+    """FIFO as before the dispatcher: every chunk of the jobs sent at once, in order."""
+    with lab.engine.connect() as conn:
+        ids = list(conn.scalars(text(
+            "SELECT id FROM chunks WHERE job_id = ANY(:jobs) ORDER BY job_id, seq"
+        ), {"jobs": jobs}))
+    send_chunks(lab.settings, make_sessionmaker(lab.engine), ids)
+
+
+def weighted_split(lab: Lab, n: int) -> float:
+    """(b): chunk seconds of a weight-3 project over a weight-1 one, while both had work."""
+    with dispatching(lab):
+        heavy, light = lab.job("heavy", 20 * n, weight=3), lab.job("light", 20 * n, weight=1)
+        wait_for(lambda: lab.ended(heavy) or lab.ended(light), 900, "a project to run dry",
+                 every=0.1)
+        first_end = lab.scalar("SELECT min(finished_at) FROM jobs WHERE id IN (:h, :l)",
+                               h=heavy, l=light)
+        seconds = {
+            job: float(lab.scalar(
+                "SELECT coalesce(sum(extract(epoch FROM finished_at - started_at)), 0) "
+                "FROM chunks WHERE job_id = :j AND finished_at <= :t", j=job, t=first_end)
+                or 0.0)
+            for job in (heavy, light)
+        }
+        wait_for(lambda: lab.ended(heavy) and lab.ended(light), 900, "both projects")
+    return seconds[heavy] / seconds[light]
+
+
+def classify_latency(lab: Lab, n: int, tries: int) -> dict[str, float]:
+    """(d): one image through the fast lane, again and again, while a backlog runs."""
+    (image,) = write_jpegs(lab.folder / "ask", 1, 32, 24)
+    backlog = lab.job("backlog", 40 * n)
+    latencies: list[float] = []
+    ahead: list[int] = []
+    with dispatching(lab):
+        wait_for(lambda: lab.scalar("SELECT count(*) FROM chunks WHERE job_id = :j "
+                                    "AND state = 'done'", j=backlog), 300, "the backlog")
+        for _ in range(tries):
+            if lab.ended(backlog):
+                break
+            ahead.append(int(lab.scalar("SELECT count(*) FROM chunks WHERE job_id = :j AND "
+                                        "state IN ('pending', 'queued')", j=backlog) or 0))
+            t0 = time.perf_counter()
+            result = classify_images(lab.settings, [str(image)], wait=True, timeout_s=300)
+            latencies.append(time.perf_counter() - t0)
+            assert result.images[0].state == "done", result
+        wait_for(lambda: lab.ended(backlog), 900, "the backlog")
+    rate, wall = lab.chunk_rate([backlog])
+    q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
+    print("    latencies (s): " + " ".join(f"{t:.2f}" for t in latencies), flush=True)
+    return {"p50": statistics.median(latencies), "p95": q[18], "batch_s": wall,
+            "fifo_wait_s": statistics.mean(ahead) / rate, "tries": len(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chunks", type=int, default=6, help="chunks of a small job")
+    parser.add_argument("--chunk-size", type=int, default=24)
+    parser.add_argument("--tries", type=int, default=20)
+    args = parser.parse_args()
+    with (
+        temporary_database("trapq_bench") as url,
+        temporary_queue("trapq-bench") as queue,
+        tempfile.TemporaryDirectory(prefix="trapq-fair-") as tmp,
+    ):
+        env = service_env(
+            Path(tmp) / "data", url, REDIS_URL, queue,
+            TRAPQ_DETECTOR="constant_boxes", TRAPQ_CLASSIFIER="constant_classifier",
+            TRAPQ_BATCH_SIZE="8", TRAPQ_FETCH_THREADS="2", TRAPQ_DECODE_THREADS="1",
+            TRAPQ_HEARTBEAT_S="1",
+            TRAPQ_TRACK_AFTER_JOB="false",
+        )
+        lab = Lab(url, env, Path(tmp), args.chunk_size)
+        workers = [WorkerProcess(env, Path(tmp) / f"worker-{i}.log", concurrency=1)
+                   for i in range(WORKERS)]
+        try:
+            for w in workers:
+                w.start()
+            run(lab, args)
+        finally:
+            for w in workers:
+                w.kill()
+            lab.engine.dispose()
+
+
+def run(lab: Lab, args: argparse.Namespace) -> None:
+    n = args.chunks
+    print(f"load average at start: {load1()}; {WORKERS} workers x 1 slot, chunks of "
+          f"{args.chunk_size} images, small jobs of {n} chunks, the large one {20 * n}",
+          flush=True)
+    idle: list[float] = []
+    fair = small_after_large(lab, n, fair=True, idle=idle)
+    print(f"(a) fair: small jobs done {fair['small_s']:.1f} s after enqueue (slowest "
+          f"{fair['small_max_s']:.1f} s), ideal {fair['ideal_s']:.1f} s: "
+          f"{fair['small_max_s'] / fair['ideal_s']:.2f}x; {fair['throughput']:.2f} chunks/s; "
+          f"load1 {load1()}", flush=True)
+    idle_fifo: list[float] = []
+    fifo = small_after_large(lab, n, fair=False, idle=idle_fifo)
+    print(f"(a) FIFO: small jobs done {fifo['small_s']:.1f} s after enqueue; "
+          f"{fifo['throughput']:.2f} chunks/s; load1 {load1()}", flush=True)
+    split = weighted_split(lab, n)
+    print(f"(b) weights 3:1: chunk seconds split {split:.2f}:1; load1 {load1()}", flush=True)
+    idle_fraction = statistics.mean(idle) if idle else 0.0
+    fifo_idle = statistics.mean(idle_fifo) if idle_fifo else 0.0
+    print(f"(c) idle slots while chunks waited: {idle_fraction:.1%} of {len(idle)} samples "
+          f"(FIFO, the same measure: {fifo_idle:.1%}); load1 {load1()}", flush=True)
+    lat = classify_latency(lab, n, args.tries)
+    print(f"(d) classify x{lat['tries']}: p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s; "
+          f"batch time {lat['batch_s']:.2f} s (p95 = {lat['p95'] / lat['batch_s']:.1f} batch "
+          f"times); FIFO behind the backlog ~{lat['fifo_wait_s']:.1f} s (estimated); "
+          f"load1 {load1()}", flush=True)
+    print(
+        f"RESULT small_vs_ideal={fair['small_max_s'] / fair['ideal_s']:.2f} "
+        f"fifo_vs_fair={fifo['small_s'] / fair['small_s']:.1f} "
+        f"throughput_vs_fifo={fair['throughput'] / fifo['throughput']:.2f} "
+        f"split_3_to_1={split:.2f} idle_fraction={idle_fraction:.3f} "
+        f"fifo_idle_fraction={fifo_idle:.3f} "
+        f"classify_p50_s={lat['p50']:.2f} classify_p95_s={lat['p95']:.2f} "
+        f"p95_batch_times={lat['p95'] / lat['batch_s']:.1f} "
+        f"fifo_classify_wait_s={lat['fifo_wait_s']:.1f} load1={load1()}"
+    )
+
+
+if __name__ == "__main__":
+    main()
