@@ -417,8 +417,10 @@ def redelivery(lab: Lab, n: int = 20) -> Outcome:
         returned_s = time.monotonic() - killed_at
         state = wait_job_end(lab.engine, job.job_id, idle)
         idle.stop()
-    bound = worst_redelivery_s(settings_of(env).model_copy(
-        update={"visibility_timeout_s": int(VISIBILITY_S)}))
+    bound = worst_redelivery_s(settings_of(env).model_copy(update={
+        "visibility_timeout_s": int(env["TRAPQ_VISIBILITY_TIMEOUT_S"]),
+        "redelivery_sweep_s": int(env["TRAPQ_REDELIVERY_SWEEP_S"]),
+    }))
     notes = [f"killed worker's chunk back on an idle worker after {returned_s:.1f}s "
              f"(visibility timeout {VISIBILITY_S:.0f}s, worst case {bound}s)"]
     return Outcome("redelivery", job.job_id, audit(lab.engine, job.job_id), state,

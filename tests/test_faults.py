@@ -71,6 +71,18 @@ def test_sigterm_finishes_chunks_in_flight_and_a_new_worker_does_the_rest(lab: f
     _assert_exactly_once(outcome)
 
 
+def test_a_killed_workers_chunk_reaches_an_idle_worker_within_the_redelivery_bound(
+    lab: fs.Lab,
+) -> None:
+    """tasks.visibility.worst_redelivery_s: the visibility timeout, one sweep and one poll
+    (7 + 1 + 1 s here; 7200 + 10 + 1 s with the production settings)."""
+    outcome = fs.redelivery(lab)
+    print(outcome.line())
+    assert outcome.counts["redelivery_bound_ms"] == 9000, outcome.line()
+    assert outcome.trials_ok == 1, outcome.line()  # back within the bound
+    assert outcome.job_state == "done" and outcome.audit.ok, outcome.line()
+
+
 def test_children_of_a_sigkilled_trapq_worker_stop_within_10s_and_lose_and_double_nothing(
     lab: fs.Lab,
 ) -> None:
