@@ -18,12 +18,13 @@ from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.errors import NoSuchJob
 from db.models import Capture, Classification, Detection, JobCapture
 from db.pipelines import StoredPipeline, job_pipeline, job_pipelines
+from db.reuse import stored_boxes
 from db.states import ItemState
 
 IOU_MATCH = 0.5
@@ -318,25 +319,10 @@ def _boxes(session: Session, job_id: int, capture_ids: Sequence[int]) -> dict[in
     pipeline = job_pipeline(session, job_id)
     role_of = {_model_name(pipeline, role): role for role in reversed(ROLES)}
     by_id: dict[int, Box] = {}
-    out: dict[int, list[Box]] = defaultdict(list)
-    dets = session.execute(
-        select(
-            Detection.id,
-            Detection.capture_id,
-            func.coalesce(Detection.source_detection_id, Detection.id),
-            Detection.x1,
-            Detection.y1,
-            Detection.x2,
-            Detection.y2,
-            Detection.label,
-        )
-        .where(Detection.job_id == job_id, Detection.capture_id.in_(capture_ids))
-        .order_by(Detection.capture_id, Detection.id)
-    )
-    for det_id, cid, key, x1, y1, x2, y2, label in dets:
-        box = Box(key, x1, y1, x2, y2, label)
-        by_id[det_id] = box
-        out[cid].append(box)
+    out: dict[int, list[Box]] = {}
+    for cid, stored in stored_boxes(session, job_id, capture_ids).items():
+        out[cid] = [Box(b.source, b.x1, b.y1, b.x2, b.y2, b.label) for b in stored]
+        by_id.update(zip((b.id for b in stored), out[cid], strict=True))
     classes = session.execute(
         select(Classification.detection_id, Classification.classifier, Classification.label)
         .join(Detection, Detection.id == Classification.detection_id)
@@ -348,4 +334,4 @@ def _boxes(session: Session, job_id: int, capture_ids: Sequence[int]) -> dict[in
         role = role_of.get(classifier, "classifier" if None in role_of else None)
         if role is not None:
             by_id[det_id].labels[role] = label
-    return dict(out)
+    return out

@@ -24,9 +24,10 @@ from db.states import ItemState, JobState
 
 @dataclass(frozen=True)
 class StoredBox:
-    """A source job's detection as its copies need it; `source` is the original detection
-    (the source's own source when it is itself a copy), so all copies of a box share one."""
+    """A job's detection as its copies and comparisons need it; `source` is the original
+    detection (its own id, or the one it copies), so all copies of a box share one."""
 
+    id: int
     source: int
     x1: float
     y1: float
@@ -77,7 +78,7 @@ def find_box_source(session: Session, deployment_id: int, pipeline: dict[str, An
 def stored_boxes(
     s: Session, source_job_id: int, capture_ids: Sequence[int]
 ) -> dict[int, list[StoredBox]]:
-    """The source job's boxes per capture it has done (an empty list: done, nothing found).
+    """The job's boxes per capture it has done (an empty list: done, nothing found).
 
     Captures it has not done are absent: they are to be detected afresh.
     """
@@ -96,6 +97,7 @@ def stored_boxes(
     rows = s.execute(
         select(
             Detection.capture_id,
+            Detection.id,
             func.coalesce(Detection.source_detection_id, Detection.id),
             Detection.x1,
             Detection.y1,
@@ -107,6 +109,6 @@ def stored_boxes(
         .where(Detection.job_id == source_job_id, Detection.capture_id.in_(list(boxes)))
         .order_by(Detection.capture_id, Detection.id)
     )
-    for cid, source, x1, y1, x2, y2, score, label in rows:
-        boxes[cid].append(StoredBox(source, x1, y1, x2, y2, score, label))
+    for cid, *box in rows:
+        boxes[cid].append(StoredBox(*box))
     return boxes
