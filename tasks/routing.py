@@ -2,9 +2,10 @@
 
 Each pipeline has a queue of its own beside the common one (pipeline_queue). A worker that
 runs a pipeline's first chunk starts consuming its queue (Celery's own add_consumer remote
-control, sent to that worker alone) and keeps consuming it after an eviction: a chunk routed
-there just before, or restored there by Redis after its worker died, must find a consumer
-(tasks.worker.pipelines). The producer sends
+control, sent to that worker alone), and stops when it evicts the pipeline (cancel_consumer);
+DRAIN_AFTER_S later, when the producer's answer of who consumes what has expired, it moves
+whatever is left in that queue to the common one (Celery's contrib.migrate.move), unless it
+holds the pipeline again by then (tasks.worker.pipelines). The producer sends
 a chunk to its pipeline's queue when some live worker consumes it (Celery's inspect
 active_queues, asked at most once per AFFINITY_TTL_S), else to the common queue, which every
 worker consumes: a worker that holds nothing useful takes any chunk and loads what it needs.
@@ -28,11 +29,14 @@ import threading
 import time
 
 from celery import Celery
+from celery.contrib.migrate import move
+from kombu import Exchange, Queue
 
 log = logging.getLogger("trapq.routing")
 
 AFFINITY_TTL_S = 5.0  # how long the producer trusts its answer of who consumes what
-INSPECT_TIMEOUT_S = 0.5
+INSPECT_TIMEOUT_S = 1.0  # a loaded machine's workers answer a broadcast within about this
+DRAIN_AFTER_S = AFFINITY_TTL_S + 1.0  # after a cancel: no producer still routes there
 QUEUE_ORDER = "sorted"  # Kombu's Redis queue_order_strategy: poll queues in name order
 PREFIX = "+"  # sorts before letters and digits: pipeline queues come first in sorted order
 
@@ -84,3 +88,18 @@ def consume(app: Celery, worker: str, queue: str) -> None:
     """Tell one worker to consume `queue` (from any of its processes)."""
     app.control.add_consumer(queue, destination=[worker], reply=False)
 
+
+def stop_consuming(app: Celery, worker: str, queue: str) -> None:
+    app.control.cancel_consumer(queue, destination=[worker], reply=False)
+
+
+def drain(app: Celery, queue: str, base: str) -> int:
+    """Move the messages left in a pipeline queue to the common queue `base`; how many."""
+    moved: list[str] = []
+    move(
+        lambda body, message: Queue(base, Exchange(base), routing_key=base),
+        source=[queue],
+        app=app,
+        callback=lambda state, body, message: moved.append(message.delivery_tag),
+    )
+    return len(moved)

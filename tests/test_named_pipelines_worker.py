@@ -8,7 +8,9 @@ so a job's labels show whose weights ran.
 
 from __future__ import annotations
 
+import csv
 import http.server
+import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +27,7 @@ from db.models import Chunk, Classification, Detection
 from db.session import make_sessionmaker
 from inference.registry import REGISTRY
 from inference.weights import load_labels
+from tasks.exports.table import write_csv
 from tasks.pipeline import add_named_pipeline
 from tasks.producer import enqueue
 from tests.worker_jobs import job_state, settings_of, worker_env, write_jpegs
@@ -109,6 +112,11 @@ def test_two_jobs_of_two_classifiers_run_at_once_each_with_its_own_weights(
     labels = load_labels(REGISTRY["demo_classifier"].default_labels or "")
     assert labels_of(clean_pg, jobs[0]) == {labels[0]}  # type: ignore[arg-type]
     assert labels_of(clean_pg, jobs[1]) == {labels[1]}  # type: ignore[arg-type]
+    exported = io.StringIO()
+    with make_sessionmaker(clean_pg)() as session:
+        write_csv(session, jobs[0], exported)  # type: ignore[arg-type]
+    assert {row["pipeline"] for row in csv.DictReader(io.StringIO(exported.getvalue()))} == {
+        first}
     assert "is not the job's" not in worker.log_text()
 
 

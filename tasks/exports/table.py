@@ -2,6 +2,8 @@
 
 Each classifier gives its label, score, the label's rank (with a taxonomy: a label, or the
 higher taxon its scores rolled up to) and how the answer was reached (prediction_source).
+Every row names the job's pipeline (NAME@VERSION) and its fingerprint, last, so a file read
+by itself still says what made it.
 
 Rows stream from db.export_rows.capture_records, so memory stays flat whatever the job's size.
 """
@@ -17,15 +19,18 @@ from typing import Any, TextIO
 from sqlalchemy.orm import Session
 
 from db.export_rows import CaptureRecord, DetectionRecord, capture_records, classifiers_of
+from db.pipelines import job_pipeline
 
 
 def write_csv(session: Session, job_id: int, out: TextIO) -> int:
     """Write the job's detections as CSV; returns how many rows were written."""
     names = classifiers_of(session, job_id)
+    made_by = _pipeline(session, job_id)
     writer = csv.writer(out)
     writer.writerow(
         ["capture_id", "uri", "captured_at", "x1", "y1", "x2", "y2", "score", "label"]
         + [f"{name}_{col}" for name in names for col in ("label", "score", "rank", "source")]
+        + list(made_by)
     )
     n = 0
     for c, d in _detections(session, job_id):
@@ -36,7 +41,7 @@ def write_csv(session: Session, job_id: int, out: TextIO) -> int:
                       if answer else ["", "", "", ""])
         writer.writerow(
             [c.capture_id, c.uri, _iso(c.captured_at), d.x1, d.y1, d.x2, d.y2, d.score, d.label,
-             *extra]
+             *extra, *made_by.values()]
         )
         n += 1
     return n
@@ -44,6 +49,7 @@ def write_csv(session: Session, job_id: int, out: TextIO) -> int:
 
 def write_jsonl(session: Session, job_id: int, out: TextIO) -> int:
     """Write the job's detections as JSON lines; returns how many lines were written."""
+    made_by = _pipeline(session, job_id)
     n = 0
     for c, d in _detections(session, job_id):
         record = {
@@ -58,6 +64,7 @@ def write_jsonl(session: Session, job_id: int, out: TextIO) -> int:
                        "prediction_source": a.source}
                 for name, a in d.classes.items()
             },
+            **made_by,
         }
         out.write(json.dumps(record) + "\n")
         n += 1
@@ -69,6 +76,14 @@ def _detections(session: Session, job_id: int) -> Iterator[tuple[CaptureRecord, 
     for capture in capture_records(session, job_id):
         for detection in capture.detections:
             yield capture, detection
+
+
+def _pipeline(session: Session, job_id: int) -> dict[str, str]:
+    stored = job_pipeline(session, job_id)
+    return {
+        "pipeline": stored.label if stored else "",
+        "pipeline_fingerprint": stored.fingerprint if stored else "",
+    }
 
 
 def _iso(t: datetime | None) -> str:

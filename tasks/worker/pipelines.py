@@ -3,11 +3,8 @@
 The glue between the pure-torch model cache (inference.model_cache) and the rest of the
 worker: the job's spec comes from the job store (db.pipelines.StoredPipeline), a pipeline that
 cannot load becomes the chunk's failure, and the first chunk of a pipeline starts this worker
-consuming that pipeline's queue (tasks.routing).
-
-Eviction does not stop it: a chunk the producer routed there a moment before (or one that
-Redis restores after a worker died) would wait in a queue nobody consumes. The worker keeps
-serving a pipeline it has held, loading it again if need be.
+consuming that pipeline's queue (tasks.routing); evicting it stops that, and what the producer
+routed there meanwhile is moved to the common queue once no producer routes there any more.
 """
 
 from __future__ import annotations
@@ -63,7 +60,7 @@ class WorkerPipelines:
         self._base_queue = base_queue
         self._routes = affinity and routing.routes(str(app.conf.broker_url))
         self._lock = threading.Lock()
-        self._consuming: set[str] = set()  # fingerprints whose queues this worker consumes
+        self._consuming: dict[str, str] = {}  # fingerprint -> worker told to consume its queue
         self._own = ""  # the fingerprint of the worker's TRAPQ_* pipeline (adopt)
 
     def adopt(self, pipeline: Pipeline, forward: BatchForward) -> None:
@@ -90,8 +87,35 @@ class WorkerPipelines:
             self.cache.release(entry)
 
     def evicted(self, entry: CachedPipeline) -> None:
+        """The cache's on_evict: this worker stops taking that pipeline's chunks first."""
         log.info("pipeline %s (%s) evicted from the model cache", entry.name,
                  entry.fingerprint[:12])
+        with self._lock:
+            worker = self._consuming.pop(entry.fingerprint, None)
+        if worker is None:
+            return
+        queue = routing.pipeline_queue(self._base_queue, entry.fingerprint)
+        try:
+            routing.stop_consuming(self._app, worker, queue)
+        except Exception as e:
+            log.warning("could not stop consuming %s: %s", queue, e)
+        drain = threading.Timer(routing.DRAIN_AFTER_S, self._drain, (entry.fingerprint, queue))
+        drain.daemon = True
+        drain.start()
+
+    def _drain(self, fingerprint: str, queue: str) -> None:
+        """Chunks left in an evicted pipeline's queue go to the common one, unless this worker
+        consumes that queue again by now."""
+        with self._lock:
+            if fingerprint in self._consuming:
+                return
+        try:
+            moved = routing.drain(self._app, queue, self._base_queue)
+        except Exception as e:  # they wait for the next worker that loads the pipeline
+            log.warning("could not move the chunks left in %s: %s", queue, e)
+            return
+        if moved:
+            log.info("%d chunks left in %s moved to %s", moved, queue, self._base_queue)
 
     def loaded(self, entry: CachedPipeline) -> None:
         log.info("pipeline %s (%s) loaded into the model cache", entry.name,
@@ -112,7 +136,7 @@ class WorkerPipelines:
         with self._lock:
             if fingerprint in self._consuming:
                 return
-            self._consuming.add(fingerprint)
+            self._consuming[fingerprint] = worker
         queue = routing.pipeline_queue(self._base_queue, fingerprint)
         try:
             routing.consume(self._app, worker, queue)
