@@ -9,6 +9,8 @@ How to write a test here (read before adding one; the suite must stay fast):
   (tests/tiers.py): `worker_factory` and `shared_worker` mark `worker`; a test that starts
   another process of ours (the installed trapq, a script, redis-server) says
   `@pytest.mark.subprocess`. A test that starts one without the marker fails, naming it.
+  One that computes for many seconds in-process (full-size detectors on a CPU) says
+  `@pytest.mark.heavy`.
 - Workers. Fixtures `worker_factory` (tests/worker_process.py) and `shared_worker`
   (tests/shared_workers.py) are plugins of this file: never import them. Use
   `shared_worker(**TRAPQ_overrides)` when the test only needs a running worker (one per

@@ -59,6 +59,7 @@ def _raw_boxes(output: Any) -> torch.Tensor:
     return detections[0]["boxes"]
 
 
+@pytest.mark.heavy  # every registry detector at full size, twice, bf16 emulated on a CPU
 @pytest.mark.parametrize("name", DETECTORS)
 def test_bf16_reaches_only_the_feature_extractor_of_every_registry_detector(name: str) -> None:
     """The bf16 run's features are fed to a float32 run: its boxes must come out the same, in

@@ -115,6 +115,10 @@ def test_reclassification_reuses_stored_boxes_and_compare_pairs_them_by_source(
         chunk_ids = list(conn.scalars(select(Chunk.id).where(Chunk.job_id == again)))
     send(env, clean_pg, chunk_ids)  # every chunk delivered twice
     wait_done(clean_pg, again)
+    # Both deliveries of every chunk ran to their end (the later one found its chunk claimed
+    # or done and wrote nothing): each message's task ends in the worker's log.
+    wait_for(lambda: _ended_runs(first.log_text(), again) == 2 * len(chunk_ids), 120,
+             "both deliveries of every chunk to end", on_timeout=first.tail)
     copies = detections(clean_pg, again)
     by_id = {d[0]: d for d in originals}
     assert len(copies) == len(originals)
@@ -170,6 +174,13 @@ def test_reclassification_reuses_stored_boxes_and_compare_pairs_them_by_source(
     assert table.returncode == 0, table.stderr
     assert f"job {full} (A) vs job {retrained_id} (B): {N_CAPTURES} captures" in table.stdout
     assert "labels that changed most" in table.stdout
+
+
+def _ended_runs(log: str, job_id: int) -> int:
+    """Chunk tasks of the job that ended (Celery's `succeeded` line, under the shadow name
+    tasks.producer gives each message)."""
+    return sum(1 for line in log.splitlines()
+               if f" · job {job_id} · chunk " in line and "] succeeded in " in line)
 
 
 def _counts(labels: object) -> dict[str, int]:

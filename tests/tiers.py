@@ -2,8 +2,9 @@
 
 A test that starts a Celery worker carries the `worker` marker; one that starts another
 process of ours (the installed `trapq`, a Python script, redis-server, a namespace) carries
-`subprocess`; both imply `slow`, the marker `make test-fast` (`pytest -m "not slow"`) leaves
-out. The markers come from the fixtures a test uses (PROCESS_FIXTURES, transitive: a fixture
+`subprocess`; one that computes for many seconds in-process (full-size detectors on a CPU)
+says `heavy`. All three imply `slow`, the marker `make test-fast` (`pytest -m "not slow"`)
+leaves out. The markers come from the fixtures a test uses (PROCESS_FIXTURES, transitive: a fixture
 that uses `worker_factory` marks every test using it), so nobody has to remember them; a test
 that starts such a process some other way must say so with `@pytest.mark.subprocess`.
 
@@ -25,7 +26,8 @@ import pytest
 MARKERS = {
     "worker": "starts Celery worker processes (set by the worker fixtures)",
     "subprocess": "starts another process: the installed trapq, a script, a server",
-    "slow": "starts a process (worker or subprocess): left out by `make test-fast`",
+    "heavy": "computes for many seconds in-process (full-size models on a CPU)",
+    "slow": "worker, subprocess or heavy: left out by `make test-fast`",
     "serial": "timing-sensitive: runs in one pytest-xdist process, never beside its kind",
 }
 
@@ -78,7 +80,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         for fixture, marker in PROCESS_FIXTURES.items():
             if fixture in names:
                 item.add_marker(marker)
-        if item.get_closest_marker("worker") or item.get_closest_marker("subprocess"):
+        if any(item.get_closest_marker(m) for m in ("worker", "subprocess", "heavy")):
             item.add_marker("slow")
 
 
