@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import pytest
 import torch
 
 from bench.engine import build, calibrate, dataloader, naive, resident_frames
@@ -31,6 +32,7 @@ def _captures(tmp_path: Path, n: int) -> list[Path]:
     return paths
 
 
+@pytest.mark.heavy
 def test_naive_and_dataloader_baselines_run_the_detector_heads_in_float32(tmp_path: Path) -> None:
     """Under bf16 the baselines ran the whole detector under autocast: ssdlite's boxes came
     back bfloat16, decoded and NMS'd in bf16."""
@@ -45,6 +47,7 @@ def test_naive_and_dataloader_baselines_run_the_detector_heads_in_float32(tmp_pa
     assert seen == [torch.float32] * 3
 
 
+@pytest.mark.heavy
 def test_the_benchmark_detector_has_the_real_class_count_and_about_the_asked_boxes(
     tmp_path: Path,
 ) -> None:

@@ -39,6 +39,7 @@ def test_weights_and_label_files_agree_and_fit_the_size_budget(models) -> None:
     assert sizes <= 20 * 1024 * 1024
 
 
+@pytest.mark.heavy
 def test_models_find_and_name_insects_of_a_fresh_night(models, tmp_path: Path) -> None:
     detector, classifier = models
     truths = generate_night(tmp_path, 5, seed=FRESH_SEED)

@@ -194,6 +194,7 @@ def _demo_pipeline() -> Pipeline:
     return pipe
 
 
+@pytest.mark.heavy
 def test_compile_captures_graphs_in_start_and_changes_no_result(tmp_path: Path) -> None:
     """TorchDynamo's graph capture through the `eager` backend, which generates no code:
     Inductor's own output is checked on a GPU (bench.gpu_check's compile check)."""

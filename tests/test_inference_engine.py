@@ -159,6 +159,7 @@ def real_pipeline() -> Pipeline:
     return pipe
 
 
+@pytest.mark.heavy
 def test_batched_equals_one_at_a_time(real_pipeline: Pipeline) -> None:
     """Three sizes that the detector's resize brings to one shape, so padding is identical."""
     images = [
@@ -175,6 +176,7 @@ def test_batched_equals_one_at_a_time(real_pipeline: Pipeline) -> None:
         assert all(0 <= d.x1 <= d.x2 <= w and 0 <= d.y1 <= d.y2 <= h for d in alone)
 
 
+@pytest.mark.heavy
 def test_engine_batches_give_the_same_results_as_single_forwards(
     tmp_path: Path, real_pipeline: Pipeline
 ) -> None:

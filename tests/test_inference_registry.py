@@ -63,6 +63,7 @@ def test_each_checkpoint_shape_loads_with_its_class_count(
     assert torch.equal(loaded["classifier.3.weight"], classifier_state["classifier.3.weight"])
 
 
+@pytest.mark.heavy
 def test_torchscript_classifier_is_accepted(
     tmp_path: Path, classifier_state: dict[str, torch.Tensor]
 ) -> None:

@@ -73,6 +73,7 @@ def uris(engine: Engine, deployment: str) -> list[str]:
             "WHERE d.name = :name ORDER BY c.uri"), {"name": deployment}))
 
 
+@pytest.mark.heavy
 def test_import_pages_through_more_than_a_thousand_keys_once(
     s3: Any, s3_env: dict[str, str], clean_pg: Engine
 ) -> None:
