@@ -105,19 +105,16 @@ def main() -> None:
         enqueue_in_this_process(*args.enqueue_only, args.chunk_size)
         return
 
-    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
     r = redis.Redis.from_url(REDIS_URL)
     try:
         with temporary_database("trapq_bench") as url, temporary_queue("trapq-bench") as queue:
-            run(args, admin, r, url, queue)
+            run(args, r, url, queue)
     finally:
         r.close()
-        admin.dispose()
 
 
-def run(args: argparse.Namespace, admin: Engine, r: redis.Redis, url: str, queue: str) -> None:
-    """Import, then enqueue; `admin` reads the CPU time of the database's backends."""
-    name = make_url(url).database or ""
+def run(args: argparse.Namespace, r: redis.Redis, url: str, queue: str) -> None:
+    """Import, then enqueue in a process of its own."""
     settings = Settings(
         database_url=url, broker_url=REDIS_URL, result_backend=REDIS_URL, queue=queue
     )
@@ -138,16 +135,14 @@ def run(args: argparse.Namespace, admin: Engine, r: redis.Redis, url: str, queue
         session.commit()
 
     resolve_pipeline(settings, factory, None)  # recorded here, read by the enqueue
-    cpu_before = postgres_cpu_seconds(admin, name)
     child = subprocess.run(
         [sys.executable, "-m", "bench.enqueue", "--chunk-size", str(args.chunk_size),
          "--enqueue-only", url, queue],
         capture_output=True, text=True, check=True, cwd=Path(__file__).resolve().parents[1],
     )
-    pg_cpu = postgres_cpu_seconds(admin, name) - cpu_before
     m = json.loads(child.stdout.strip().splitlines()[-1])
     result = producer.EnqueueResult(**m["result"])
-    enqueue_s, plan_s, own_cpu = m["enqueue_s"], m["plan_s"], m["cpu_s"]
+    enqueue_s, plan_s, own_cpu, pg_cpu = m["enqueue_s"], m["plan_s"], m["cpu_s"], m["pg_cpu_s"]
     send_s = enqueue_s - plan_s
     on_queue = r.llen(queue)
     print(
@@ -175,7 +170,10 @@ def run(args: argparse.Namespace, admin: Engine, r: redis.Redis, url: str, queue
 
 
 def enqueue_in_this_process(url: str, queue: str, chunk_size: int) -> None:
-    """The child: enqueue the deployment `bench`, print one JSON line of what it measured."""
+    """The child: enqueue the deployment `bench`, print one JSON line of what it measured
+    (the CPU of its PostgreSQL backends too, read while they still exist)."""
+    admin = create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    name = make_url(url).database or ""
     settings = Settings(
         database_url=url, broker_url=REDIS_URL, result_backend=REDIS_URL, queue=queue
     )
@@ -190,10 +188,12 @@ def enqueue_in_this_process(url: str, queue: str, chunk_size: int) -> None:
     sampler = RssSampler()
     start_rss = sampler.peak
     sampler.start()
-    cpu_before = cpu_seconds()
+    cpu_before = cpu_seconds(), postgres_cpu_seconds(admin, name)
     t0 = time.perf_counter()
     result = producer.enqueue(settings, "bench", chunk_size=chunk_size)
     enqueue_s = time.perf_counter() - t0
+    pg_cpu = postgres_cpu_seconds(admin, name) - cpu_before[1]
+    admin.dispose()
     sampler.stop.set()
     sampler.join()
     # Sampled, not ru_maxrss: after fork and exec that still counts the parent's image.
@@ -201,7 +201,8 @@ def enqueue_in_this_process(url: str, queue: str, chunk_size: int) -> None:
     print(json.dumps({
         "result": result.__dict__, "enqueue_s": enqueue_s,
         "plan_s": (send_started[0] if send_started else time.perf_counter()) - t0,
-        "cpu_s": cpu_seconds() - cpu_before, "start_rss": start_rss, "peak_rss": peak,
+        "cpu_s": cpu_seconds() - cpu_before[0], "pg_cpu_s": pg_cpu, "start_rss": start_rss,
+        "peak_rss": peak,
         "torch": "torch" in sys.modules,
     }))
 
