@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import tasks.worker
 from tasks.celery_app import celery_config
 from tasks.settings import Settings
@@ -56,6 +58,7 @@ def test_the_scan_recognises_a_decorated_signal_handler(tmp_path: Path) -> None:
     assert not connects_celery_signal(plain)
 
 
+@pytest.mark.subprocess  # a fresh interpreter, to see what importing the supervisor pulls in
 def test_the_supervisor_imports_no_celery_worker_machinery_and_no_torch() -> None:
     probe = (
         "import json, sys; import tasks.worker.supervisor; "
