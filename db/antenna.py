@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, select, tuple_, update
+from sqlalchemy import and_, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -31,7 +31,7 @@ from db.models import (
     JobCapture,
 )
 from db.projects import get_or_create_project, set_deployment_project
-from db.states import AntennaTaskState, ItemState
+from db.states import AntennaTaskState, ChunkState, ItemState
 
 HELD = (AntennaTaskState.WAITING, AntennaTaskState.READY, AntennaTaskState.POSTING)
 
@@ -235,6 +235,25 @@ def project_deployment(session: Session, name: str) -> int:
         get_or_create_project(session, name)
         set_deployment_project(session, name, name)
     return deployment_id
+
+
+def stuck_chunks(session: Session, antenna: str, before: datetime) -> list[int]:
+    """Chunks that waiting tasks wait on, queued or running with no sign of life since
+    `before`: a worker died on them, and a pipeline queue nobody consumes now may hold their
+    message (tasks.routing)."""
+    t = AntennaTask
+    waited = select(t.job_id).where(t.antenna == antenna,
+                                     t.state == AntennaTaskState.WAITING.value).distinct()
+    quiet = [or_(at.is_(None), at < before)
+             for at in (Chunk.heartbeat_at, Chunk.started_at, Chunk.queued_at,
+                        Chunk.released_at)]
+    return list(session.scalars(
+        select(Chunk.id).where(
+            Chunk.job_id.in_(waited),
+            Chunk.state.in_([ChunkState.QUEUED.value, ChunkState.RUNNING.value]),
+            *quiet,
+        ).order_by(Chunk.id)
+    ))
 
 
 def boxes_of(

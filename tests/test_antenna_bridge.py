@@ -125,7 +125,9 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
     service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
     images: str,
 ) -> None:
-    mock.ack_wait_s = 40  # above the worker's 12 s visibility timeout plus a chunk
+    # Above what a killed worker's chunk takes to come back on a loaded 2-core machine: a new
+    # worker's start (55 s seen) plus the 12 s visibility timeout.
+    mock.ack_wait_s = 90
     job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(24)])
     env = bridge_env(kill_trial_env(service_env), mock, TRAPQ_ANTENNA_FIRST_BATCH="8")
     worker = start_pool(worker_factory, env)
@@ -147,7 +149,7 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
     worker.kill()
     worker_factory(env).start()
 
-    wait_for(lambda: mock.finished(job), 240, "every task answered",
+    wait_for(lambda: mock.finished(job), 360, "every task answered",
              on_timeout=bridge.tail)
     assert_answered_once(mock, job)
     assert answered() == 24
@@ -155,7 +157,8 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
         states = dict(conn.execute(
             select(AntennaTask.state, func.count()).group_by(AntennaTask.state)
         ).all())
-    assert states == {"answered": 24}
+    # A POST that landed just before the bridge was killed stays `posting`: never sent again.
+    assert set(states) <= {"answered", "posting"} and sum(states.values()) == 24, states
 
 
 @pytest.mark.slow

@@ -43,6 +43,7 @@ from db.antenna import (
     record_deliveries,
     release,
     store_answers,
+    stuck_chunks,
 )
 from db.jobs import create_job
 from db.models import AntennaTask
@@ -55,15 +56,18 @@ from tasks.antenna.client import (
 )
 from tasks.antenna.schemas import PipelineResultsError, TaskResult
 from tasks.antenna.settings import AntennaSettings
+from tasks.producer import send_chunks
+from tasks.settings import Settings
 
 log = logging.getLogger("trapq.antenna")
 ROUND_LIMIT = 500  # answers built or claimed per round
 
 
 class Bridge:
-    def __init__(self, antenna: AntennaSettings, client: AntennaClient,
+    def __init__(self, settings: Settings, antenna: AntennaSettings, client: AntennaClient,
                  factory: sessionmaker[Session], served: Sequence[ServedPipeline],
                  name: str) -> None:
+        self.settings = settings
         self.antenna = antenna
         self.client = client
         self.factory = factory
@@ -104,6 +108,7 @@ class Bridge:
             self.register()
             self._registered = True
         answered = self.answer_ended()
+        self.resend_stuck()
         posted = self.post_ready()
         taken = self.take_work()
         return bool(answered or posted or taken)
@@ -118,6 +123,19 @@ class Bridge:
                 for t in ended
             }, now)
         return len(ended)
+
+    def resend_stuck(self) -> None:
+        """Send again the chunks held tasks wait on that no worker has shown life on for half
+        the horizon, as `trapq requeue --stuck-after` would: a worker killed on them may have
+        left their messages in its pipeline's queue, which nobody consumes until that
+        pipeline runs again. A second message is harmless (the newest claims the chunk)."""
+        before = datetime.now(UTC) - self.horizon / 2
+        with self.factory.begin() as session:
+            chunk_ids = stuck_chunks(session, self.host, before)
+        if chunk_ids:
+            sent = send_chunks(self.settings, self.factory, chunk_ids)
+            log.warning("sent again %d of %d chunks without a sign of life", sent.sent,
+                        len(chunk_ids))
 
     def post_ready(self) -> int:
         """Post claimed answers, per Antenna job. Answers that certainly did not arrive go

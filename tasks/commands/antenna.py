@@ -44,7 +44,7 @@ def antenna(
     store = job_store()
     with store.errors():
         served = served_pipelines(store.settings, store.sessions, a.pipelines)
-        bridge = Bridge(a, client, store.sessions, served,
+        bridge = Bridge(store.settings, a, client, store.sessions, served,
                         name=f"{socket.gethostname()}:{os.getpid()}")
         logging.basicConfig(level=logging.INFO,
                             format="[%(asctime)s: %(levelname)s/trapq antenna] %(message)s")
