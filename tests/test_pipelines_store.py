@@ -108,7 +108,8 @@ def test_a_job_pins_its_version_and_removal_waits_for_its_end(clean_pg: Engine) 
         )
         (row,) = list_pipelines(s)
         assert (row.jobs, row.active_jobs) == (1, 1)
-        with pytest.raises(PipelineError, match=rf"used by jobs that have not ended \({plan.job_id}\)"):
+        busy = rf"used by jobs that have not ended \({plan.job_id}\)"
+        with pytest.raises(PipelineError, match=busy):
             remove_pipeline(s, "panama")
     with factory.begin() as s:
         s.execute(text("UPDATE jobs SET state = 'done'"))
