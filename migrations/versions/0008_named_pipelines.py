@@ -6,7 +6,7 @@ is what a re-classification job looks up to find an earlier job's boxes. Jobs en
 this revision are given pipelines named `default`, one version per fingerprint, oldest first.
 
 Revision ID: 0008
-Revises: 0007
+Revises: 0006
 Create Date: 2026-12-04
 """
 
@@ -19,7 +19,7 @@ from alembic import op
 from db.pipelines import DEFAULT, detector_fingerprint
 
 revision: str = "0008"
-down_revision: str | Sequence[str] | None = "0007"
+down_revision: str | Sequence[str] | None = "0006"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
