@@ -24,12 +24,14 @@ from sqlalchemy import Engine, select
 
 from db.imports import get_or_create_deployment, insert_captures
 from db.models import Chunk, Classification, Detection
+from db.pipelines import StoredPipeline
 from db.session import make_sessionmaker
 from inference.registry import REGISTRY
 from inference.weights import load_labels
 from tasks.exports.table import write_csv
 from tasks.pipeline import add_named_pipeline
-from tasks.producer import enqueue
+from tasks.producer import enqueue, producer_app
+from tasks.routing import consumed_queues, forget_consumed, pipeline_queue
 from tests.worker_jobs import job_state, settings_of, worker_env, write_jpegs
 
 DEMO_CLASSIFIER = Path(REGISTRY["demo_classifier"].default_weights or "")
@@ -44,13 +46,13 @@ def biased_weights(path: Path, winner: int) -> Path:
     return path
 
 
-def add(env: dict[str, str], name: str, **overrides: Any) -> str:
+def add(env: dict[str, str], name: str, **overrides: Any) -> StoredPipeline:
     settings = settings_of(env).model_copy(update={
         "detector": "constant_boxes", "classifier": "demo_classifier", "random_weights": False,
         "weights_cache_dir": Path(env["TRAPQ_DATA_DIR"]) / "cli-weights",
     })
     stored, _ = add_named_pipeline(settings, name, overrides, description="test")
-    return stored.label
+    return stored
 
 
 def captures(engine: Engine, folder: Path, deployment: str, n: int) -> None:
@@ -104,7 +106,7 @@ def test_two_jobs_of_two_classifiers_run_at_once_each_with_its_own_weights(
     captures(clean_pg, tmp_path / "images", "trap", 8)
     worker = worker_factory(env).start()
     s = settings_of(env)
-    jobs = [enqueue(s, "trap", chunk_size=2, pipeline=ref).job_id for ref in (first, second)]
+    jobs = [enqueue(s, "trap", chunk_size=2, pipeline=p.label).job_id for p in (first, second)]
     assert None not in jobs
     wait_ended(clean_pg, jobs, worker)  # type: ignore[arg-type]
 
@@ -116,7 +118,11 @@ def test_two_jobs_of_two_classifiers_run_at_once_each_with_its_own_weights(
     with make_sessionmaker(clean_pg)() as session:
         write_csv(session, jobs[0], exported)  # type: ignore[arg-type]
     assert {row["pipeline"] for row in csv.DictReader(io.StringIO(exported.getvalue()))} == {
-        first}
+        first.label}
+    # the worker now takes these pipelines' chunks from their own queues first
+    forget_consumed()
+    consumed = consumed_queues(producer_app(s))
+    assert {pipeline_queue(s.queue, p.fingerprint) for p in (first, second)} <= consumed
     assert "is not the job's" not in worker.log_text()
 
 
@@ -184,11 +190,12 @@ def test_pipelines_that_cannot_load_fail_their_chunks_and_the_next_job_runs(
                   Body=biased_weights(tmp_path / "s3.pt", 3).read_bytes())
     changed = biased_weights(tmp_path / "changed.pt", 0)
     refs = {
-        "changed": add(env, "changed", classifier_weights=str(changed)),
-        "gone": add(env, "gone", classifier_weights=f"{url}/gone"),
-        "cut": add(env, "cut", classifier_weights=f"{url}/cut"),
-        "nokey": add(env, "nokey", classifier_weights="s3://models/w.pt"),
-        "good": add(env, "good", classifier_weights=str(biased_weights(tmp_path / "g.pt", 1))),
+        "changed": add(env, "changed", classifier_weights=str(changed)).label,
+        "gone": add(env, "gone", classifier_weights=f"{url}/gone").label,
+        "cut": add(env, "cut", classifier_weights=f"{url}/cut").label,
+        "nokey": add(env, "nokey", classifier_weights="s3://models/w.pt").label,
+        "good": add(env, "good", classifier_weights=str(biased_weights(tmp_path / "g.pt", 1))
+                    ).label,
     }
     biased_weights(changed, 1)  # the file changes after `pipelines add` hashed it
     handler.broken = True
