@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -214,13 +215,15 @@ def test_occurrences_of_an_untracked_or_unknown_job_is_one_line_saying_what_to_d
 def test_a_job_that_ends_failed_is_tracked_too(
     tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
-    """Its last chunk fails (this worker's box threshold is not the job's): the failure path
-    sends the tracking task as the success path does."""
+    """Its last chunk fails (the job's classifier weights are gone, so its pipeline cannot
+    load): the failure path sends the tracking task as the success path does."""
     settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
+    spec = pipeline_spec(settings)
+    gone = dataclasses.replace(spec.classifier, weights=str(tmp_path / "gone.pt"), sha256="0" * 64)
     paths = write_jpegs(tmp_path / "images", 2)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2,
-                   spec=pipeline_spec(settings))
-    env = worker_env(service_env, TRAPQ_BOX_THRESHOLD="0.3")
+                   spec=dataclasses.replace(spec, classifier=gone))
+    env = worker_env(service_env)
     worker = worker_factory(env).start()
     send(env, clean_pg, job.chunk_ids)
     assert wait_job_end(clean_pg, job.job_id, worker) == "failed"
