@@ -179,6 +179,9 @@ def test_every_registered_model_builds_without_downloading_and_runs_on_a_tiny_in
         transform = getattr(model.module, "transform", None)
         if transform is not None and not getattr(transform, "fixed_size", None):
             transform.min_size, transform.max_size = (64,), 96  # a tiny input stays tiny
+        rpn = getattr(model.module, "rpn", None)
+        if rpn is not None:  # a few proposals, not a thousand, through the box head
+            rpn._pre_nms_top_n["testing"] = rpn._post_nms_top_n["testing"] = 10
         (out,) = model.module([torch.rand(3, 48, 64)])
     assert out["boxes"].shape[1:] == (4,)
     assert len(out["boxes"]) == len(out["scores"]) == len(out["labels"])
