@@ -28,7 +28,6 @@ MARKERS = {
     "subprocess": "starts another process: the installed trapq, a script, a server",
     "heavy": "computes for many seconds in-process (full-size models on a CPU)",
     "slow": "worker, subprocess or heavy: left out by `make test-fast`",
-    "serial": "timing-sensitive: runs in one pytest-xdist process, never beside its kind",
 }
 
 # Fixtures that start processes, and the marker each gives the tests that use it.
