@@ -29,6 +29,7 @@ from tasks import routing
 from tasks.celery_app import PROCESS_CHUNK, make_app
 from tasks.errors import UserError
 from tasks.pipeline import resolve_pipeline, with_taxa
+from tasks.queues import lane_queue, pipeline_queue
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
 
@@ -141,7 +142,7 @@ def send_assigned(
     with database_errors(settings), session_factory.begin() as session:
         places = chunk_places(session, [a.chunk_id for a in assigned])
     queues = _affine_queues(settings, app, places)
-    lane = routing.lane_queue(settings.queue)
+    lane = lane_queue(settings.queue)
     n_sent = n_failed = in_a_row = 0
     error = ""
     with app.producer_or_acquire() as producer:
@@ -183,7 +184,7 @@ def _affine_queues(
     if not settings.affinity or not routing.routes(settings.broker_url) or not places:
         return {}
     consumed = routing.consumed_queues(app)
-    wanted = {cid: routing.pipeline_queue(settings.queue, p.fingerprint)
+    wanted = {cid: pipeline_queue(settings.queue, p.fingerprint)
               for cid, p in places.items() if p.fingerprint}
     return {cid: queue for cid, queue in wanted.items() if queue in consumed}
 

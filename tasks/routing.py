@@ -1,6 +1,6 @@
 """Affinity: a chunk goes first to a worker that already holds its pipeline, by Celery routing.
 
-Each pipeline has a queue of its own beside the common one (pipeline_queue). A worker that
+Each pipeline has a queue of its own beside the common one (tasks.queues). A worker that
 runs a pipeline's first chunk starts consuming its queue (Celery's own add_consumer remote
 control, sent to that worker alone), and stops when it evicts the pipeline (cancel_consumer);
 DRAIN_AFTER_S later, when the producer's answer of who consumes what has expired, it moves
@@ -38,21 +38,10 @@ AFFINITY_TTL_S = 5.0  # how long the producer trusts its answer of who consumes 
 INSPECT_TIMEOUT_S = 1.0  # a loaded machine's workers answer a broadcast within about this
 DRAIN_AFTER_S = AFFINITY_TTL_S + 1.0  # after a cancel: no producer still routes there
 QUEUE_ORDER = "sorted"  # Kombu's Redis queue_order_strategy: poll queues in name order
-PREFIX = "+"  # sorts before letters and digits: pipeline queues come first in sorted order
 
 _lock = threading.Lock()
 _consumed: dict[str, tuple[float, frozenset[str]]] = {}  # broker URL -> (when, queues)
 
-
-def pipeline_queue(base: str, fingerprint: str) -> str:
-    """The queue of one pipeline's chunks, beside the common queue `base`."""
-    return f"{PREFIX}{base}.{fingerprint[:16]}"
-
-
-def lane_queue(base: str) -> str:
-    """The fast lane's queue (tasks.fast_lane) beside the common queue `base`: every worker
-    consumes it, and `!` sorts before `+` and letters, so a worker polls it first."""
-    return f"!{base}.interactive"
 
 
 def routes(broker_url: str) -> bool:

@@ -31,7 +31,8 @@ from inference.weights import load_labels
 from tasks.exports.table import write_csv
 from tasks.pipeline import add_named_pipeline
 from tasks.producer import enqueue, producer_app
-from tasks.routing import consumed_queues, forget_consumed, pipeline_queue
+from tasks.queues import pipeline_queue
+from tasks.routing import consumed_queues, forget_consumed
 from tests.worker_jobs import job_state, settings_of, worker_env, write_jpegs
 
 DEMO_CLASSIFIER = Path(REGISTRY["demo_classifier"].default_weights or "")

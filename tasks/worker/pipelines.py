@@ -22,6 +22,7 @@ from db.pipelines import StoredPipeline
 from inference.model_cache import CachedPipeline, ModelCache, PipelineLoadError
 from inference.pipeline_spec import PipelineSpec
 from tasks import routing
+from tasks.queues import pipeline_queue
 
 if TYPE_CHECKING:
     import torch
@@ -94,7 +95,7 @@ class WorkerPipelines:
             worker = self._consuming.pop(entry.fingerprint, None)
         if worker is None:
             return
-        queue = routing.pipeline_queue(self._base_queue, entry.fingerprint)
+        queue = pipeline_queue(self._base_queue, entry.fingerprint)
         try:
             routing.stop_consuming(self._app, worker, queue)
         except Exception as e:
@@ -137,7 +138,7 @@ class WorkerPipelines:
             if fingerprint in self._consuming:
                 return
             self._consuming[fingerprint] = worker
-        queue = routing.pipeline_queue(self._base_queue, fingerprint)
+        queue = pipeline_queue(self._base_queue, fingerprint)
         try:
             routing.consume(self._app, worker, queue)
         except Exception as e:  # affinity is an optimization; the common queue still works

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 
-from tasks.routing import lane_queue
+from tasks.queues import lane_queue
 from tasks.settings import Settings
 from tasks.worker.exits import (
     DEATH_SIGNAL,
