@@ -83,9 +83,9 @@ def test_only_unprocessed_retakes_failed_captures_and_keeps_earlier_results(
     ).items()
     assert (name, models, done) == ("trap-s", "constant_boxes > demo_classifier", "6 of 6")
     status = trapq(env, "status")
-    pipelines = table_rows(status.stdout.split("pipelines of these jobs")[1])
-    [(fingerprint, (models, jobs))] = pipelines.items()  # one pipeline, both jobs
+    pipelines_table = status.stdout.split("pipelines of these jobs")[1].split("projects")[0]
+    [(name, (fingerprint, models, jobs))] = table_rows(pipelines_table).items()  # both jobs
+    assert name == "default@1" and len(fingerprint) == 10
     assert models == "constant_boxes > demo_classifier" and jobs == f"{second}, {first}"
-    assert len(fingerprint) == 10
     one = trapq(env, "status", str(second))
-    assert f"pipeline {fingerprint} · constant_boxes > demo_classifier" in one.stdout
+    assert f"pipeline default@1 ({fingerprint}) · constant_boxes > demo_classifier" in one.stdout
