@@ -47,7 +47,9 @@ def rows_of_job(engine: Engine, job_id: int, detection_ids: list[int]) -> dict[s
 
 def detection_ids(engine: Engine, job_id: int) -> list[int]:
     with engine.connect() as conn:
-        return list(conn.scalars(select(Detection.id).where(Detection.job_id == job_id)))
+        return list(conn.scalars(
+            select(Detection.id).where(Detection.job_id == job_id).order_by(Detection.id)
+        ))
 
 
 def classification_count(engine: Engine, job_id: int) -> int:

@@ -36,7 +36,9 @@ def wait_end(engine: Engine, job_id: int) -> None:
 
 def detection_ids(engine: Engine, job_id: int) -> list[int]:
     with engine.connect() as conn:
-        return list(conn.scalars(select(Detection.id).where(Detection.job_id == job_id)))
+        return list(conn.scalars(
+            select(Detection.id).where(Detection.job_id == job_id).order_by(Detection.id)
+        ))
 
 
 def test_only_unprocessed_retakes_failed_captures_and_keeps_earlier_results(
