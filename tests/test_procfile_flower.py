@@ -182,7 +182,9 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
             select(Chunk.id, Chunk.task_id, Chunk.seq).where(Chunk.job_id == job_id)
         ).all()
     chunks = [(chunk_id, task_id) for chunk_id, task_id, _ in rows]
-    shown_as = {chunk_id: f"job {job_id} · chunk {seq + 1}/3" for chunk_id, _, seq in rows}
+    shown_as = {  # the pipeline (NAME@VERSION), the job and the chunk
+        chunk_id: f"default@1 · job {job_id} · chunk {seq + 1}/3" for chunk_id, _, seq in rows
+    }
     assert len(chunks) == 3 and all(task_id for _, task_id in chunks)
 
     def task_infos() -> dict[int, dict[str, Any]] | None:
@@ -243,7 +245,7 @@ def test_procfile_worker_runs_a_job_that_flower_reports_with_progress(
     progress = [
         line for line in metrics.content.decode().splitlines()
         if line.startswith("flower_events_total{")
-        and 'type="task-progress"' in line and f'task="job {job_id} · chunk ' in line
+        and 'type="task-progress"' in line and f'task="default@1 · job {job_id} · chunk ' in line
         and any(f'worker="{w}"' in line for w in workers)
     ]
     assert sum(float(line.rsplit(" ", 1)[1]) for line in progress) >= len(chunks), progress
