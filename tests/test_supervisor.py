@@ -37,7 +37,15 @@ def _supervisor(worker_factory, env: dict[str, str], *args: str) -> WorkerProces
 
 
 def _children(supervisor: WorkerProcess) -> list[psutil.Process]:
-    return fs.alive(psutil.Process(supervisor.pid).children())
+    """The supervisor's Celery worker children (not the dispatcher beside them)."""
+    workers = []
+    for child in fs.alive(psutil.Process(supervisor.pid).children()):
+        try:
+            if "celery" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return workers
 
 
 def _assert_every_capture_once(engine: Engine, job_id: int, n: int) -> None:

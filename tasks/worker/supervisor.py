@@ -150,6 +150,7 @@ class _Child:
     started: float = 0.0
     fast_crashes: int = 0
     restart_at: float | None = None
+    serves_workers: bool = False  # a dispatcher: it has no work of its own once they are gone
 
     def start(self) -> None:
         supervisor = os.getpid()
@@ -185,7 +186,8 @@ class Supervisor:
         if dispatcher:
             spec = WorkerSpec("dispatcher", None)
             children.append(
-                _Child(spec, [sys.executable, "-m", "tasks.dispatcher"], child_env(spec))
+                _Child(spec, [sys.executable, "-m", "tasks.dispatcher"], child_env(spec),
+                       serves_workers=True)
             )
         return cls(children, settings.worker_crash_pause_s)
 
@@ -199,11 +201,29 @@ class Supervisor:
             while any(c.proc is not None or c.restart_at is not None for c in self.children):
                 for child in self.children:
                     self._tend(child)
+                if not self.stopping and not self._workers_left():
+                    self._stop_helpers()
                 time.sleep(self._poll_s)
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         return self.exit_code
+
+    def _workers_left(self) -> bool:
+        return any(
+            c.proc is not None or c.restart_at is not None
+            for c in self.children
+            if not c.serves_workers
+        )
+
+    def _stop_helpers(self) -> None:
+        """Every worker is gone for good (given up on): the dispatcher beside them stops
+        too, so `trapq worker` exits with the workers' code instead of running on."""
+        self.stopping = 1
+        for child in self.children:
+            if child.proc is not None and child.proc.poll() is None:
+                log.warning("no worker left: stopping %s", child.spec.node)
+                child.proc.send_signal(signal.SIGTERM)
 
     def _tend(self, child: _Child) -> None:
         now = time.monotonic()
@@ -250,7 +270,8 @@ class Supervisor:
         self.stopping += 2 if signum == signal.SIGQUIT else 1
         forward = signal.SIGTERM if self.stopping == 1 else signal.SIGQUIT
         log.warning("%s: %s shutdown of %d worker(s)", signal.Signals(signum).name,
-                    "warm" if forward == signal.SIGTERM else "cold", len(self.children))
+                    "warm" if forward == signal.SIGTERM else "cold",
+                    sum(not c.serves_workers for c in self.children))
         for child in self.children:
             if child.proc is not None and child.proc.poll() is None:
                 child.proc.send_signal(forward)
