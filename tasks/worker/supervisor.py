@@ -152,6 +152,11 @@ class _Child:
     restart_at: float | None = None
     serves_workers: bool = False  # a dispatcher: it has no work of its own once they are gone
 
+    @property
+    def active(self) -> bool:
+        """Running, or due to be started again."""
+        return self.proc is not None or self.restart_at is not None
+
     def start(self) -> None:
         supervisor = os.getpid()
         self.proc = subprocess.Popen(
@@ -198,7 +203,7 @@ class Supervisor:
         try:
             for child in self.children:
                 child.start()
-            while any(c.proc is not None or c.restart_at is not None for c in self.children):
+            while any(c.active for c in self.children):
                 for child in self.children:
                     self._tend(child)
                 if not self.stopping and not self._workers_left():
@@ -210,11 +215,7 @@ class Supervisor:
         return self.exit_code
 
     def _workers_left(self) -> bool:
-        return any(
-            c.proc is not None or c.restart_at is not None
-            for c in self.children
-            if not c.serves_workers
-        )
+        return any(c.active for c in self.children if not c.serves_workers)
 
     def _stop_helpers(self) -> None:
         """Every worker is gone for good (given up on): the dispatcher beside them stops
