@@ -14,6 +14,7 @@ from datetime import datetime
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from db.boxes import ClassificationRecord, DetectionRecord
 from db.counts import job_item_counts
 from db.errors import NoSuchJob
 from db.models import Capture, Classification, Deployment, Detection, Job, JobCapture
@@ -32,31 +33,6 @@ class JobContext:
     created_at: datetime
     finished_at: datetime | None
     deployment: Deployment
-
-
-@dataclass(frozen=True)
-class ClassificationRecord:
-    classifier: str
-    label: str
-    score: float
-    topk: list[tuple[str, float]]  # highest first, the top-1 included
-    rank: str | None = None  # with a taxonomy: the rank of `label`, a label or a higher taxon
-    source: str | None = None  # prediction_source; None: written before issue #24
-
-
-@dataclass
-class DetectionRecord:
-    """A box in original-image pixels, (x1, y1) top-left, (x2, y2) bottom-right."""
-
-    id: int
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str
-    classes: dict[str, ClassificationRecord] = field(default_factory=dict)
-    occurrence_id: int | None = None  # the individual it is a sighting of, once tracked
 
 
 @dataclass
@@ -150,14 +126,14 @@ def capture_records(session: Session, job_id: int) -> Iterator[CaptureRecord]:
         if det_id is None:
             continue
         if detection is None or detection.id != det_id:
-            detection = DetectionRecord(det_id, x1, y1, x2, y2, score, label,
+            detection = DetectionRecord(x1, y1, x2, y2, score, label, id=det_id,
                                         occurrence_id=occurrence)
             current.detections.append(detection)
         if classifier is not None:
             ranked = [(str(lbl), float(sc)) for lbl, sc in topk] if topk else []
-            detection.classes[classifier] = ClassificationRecord(
+            detection.classifications.append(ClassificationRecord(
                 classifier, k_label, k_score, ranked or [(k_label, k_score)], rank, source
-            )
+            ))
     if current is not None:
         yield current
 

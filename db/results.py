@@ -22,6 +22,7 @@ from sqlalchemy import bindparam, case, delete, func, insert, literal, select, t
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
+from db.boxes import DetectionRecord
 from db.counts import chunk_item_counts, chunk_states
 from db.models import Capture, Chunk, Classification, Detection, Job, JobCapture
 from db.states import CHUNK_ENDED, JOB_ENDED, ChunkState, ItemState, JobState
@@ -37,35 +38,14 @@ classifications_t = Classification.__table__
 CHUNK_FAILED_KIND = "chunk_failed"
 
 
-class ClassificationLike(Protocol):
-    classifier: str
-    label: str
-    score: float
-    topk: Sequence[Sequence[Any]]
-    rank: str | None  # with a taxonomy, of `label`
-    source: str  # prediction_source
-    probabilities: bytes | None  # the full softmax, float16
-
-
-class DetectionLike(Protocol):
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str
-    classifications: Sequence[ClassificationLike]
-    source: int | None  # the detection whose box this one copies (re-classification)
-    embedding: bytes | None  # float16 features for tracking (TRAPQ_STORE_EMBEDDINGS)
-
-
 class ResultLike(Protocol):
-    """One capture's outcome; `key` is the capture id (inference.types.ItemResult fits)."""
+    """One capture's outcome; `key` is the capture id (inference.types.ItemResult fits: its
+    detections have DetectionRecord's fields)."""
 
     key: int
     width: int | None
     height: int | None
-    detections: Sequence[DetectionLike]
+    detections: Sequence[DetectionRecord]
     error_kind: Any
     error: str | None
 
@@ -414,7 +394,7 @@ _PG_COPY_CLASSIFICATIONS = (
 
 
 def _insert_detections_pg(
-    conn: Any, job_id: int, dets: list[tuple[int, DetectionLike]], classified: bool
+    conn: Any, job_id: int, dets: list[tuple[int, DetectionRecord]], classified: bool
 ) -> None:
     ids = conn.execute(_PG_DETECTION_IDS, {"n": len(dets)}).scalar_one()
     dbapi_error = conn.dialect.loaded_dbapi.Error

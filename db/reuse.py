@@ -10,31 +10,16 @@ job covers every capture it was enqueued for.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.boxes import DetectionRecord
 from db.errors import NoSuchJob
 from db.models import Detection, Job, JobCapture
 from db.pipelines import detector_fingerprint, job_pipeline
 from db.states import ItemState, JobState
-
-
-@dataclass(frozen=True)
-class StoredBox:
-    """A job's detection as its copies and comparisons need it; `source` is the original
-    detection (its own id, or the one it copies), so all copies of a box share one."""
-
-    id: int
-    source: int
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str
 
 
 def box_source_problem(
@@ -77,8 +62,9 @@ def find_box_source(session: Session, deployment_id: int, pipeline: dict[str, An
 
 def stored_boxes(
     s: Session, source_job_id: int, capture_ids: Sequence[int]
-) -> dict[int, list[StoredBox]]:
-    """The job's boxes per capture it has done (an empty list: done, nothing found).
+) -> dict[int, list[DetectionRecord]]:
+    """The job's boxes per capture it has done (an empty list: done, nothing found), each
+    with its id and its original detection as `source` (its own id, or the one it copies).
 
     Captures it has not done are absent: they are to be detected afresh.
     """
@@ -91,7 +77,7 @@ def stored_boxes(
             JobCapture.state == ItemState.DONE.value,
         )
     ).all()
-    boxes: dict[int, list[StoredBox]] = {cid: [] for cid in done}
+    boxes: dict[int, list[DetectionRecord]] = {cid: [] for cid in done}
     if not boxes:
         return boxes
     rows = s.execute(
@@ -109,6 +95,6 @@ def stored_boxes(
         .where(Detection.job_id == source_job_id, Detection.capture_id.in_(list(boxes)))
         .order_by(Detection.capture_id, Detection.id)
     )
-    for cid, *box in rows:
-        boxes[cid].append(StoredBox(*box))
+    for cid, det_id, source, x1, y1, x2, y2, score, label in rows:
+        boxes[cid].append(DetectionRecord(x1, y1, x2, y2, score, label, id=det_id, source=source))
     return boxes

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image, ImageOps
 
-from db.export_rows import DetectionRecord
+from db.boxes import DetectionRecord
 from inference.crops import crop_and_resize
 from inference.decode import decode, orient, read_header
 from inference.forward import BatchForward, ForwardOptions
@@ -165,7 +165,7 @@ def test_normalized_boxes_stay_in_the_unit_square_and_map_back_to_the_clipped_pi
     scaled back they are the pixel box clipped to the image, or None when nothing is inside."""
     x1, y1 = min(box[0], box[2]), min(box[1], box[3])
     x2, y2 = max(box[0], box[2]), max(box[1], box[3])
-    record = DetectionRecord(id=1, x1=x1, y1=y1, x2=x2, y2=y2, score=0.9, label="insect")
+    record = DetectionRecord(x1=x1, y1=y1, x2=x2, y2=y2, score=0.9, label="insect")
     norm = normalized_box(record, width, height)
     cx1, cx2 = np.clip([x1, x2], 0, width)
     cy1, cy2 = np.clip([y1, y2], 0, height)
@@ -181,7 +181,7 @@ def test_normalized_boxes_stay_in_the_unit_square_and_map_back_to_the_clipped_pi
 
 
 def test_normalized_box_of_an_image_of_unknown_size_is_none() -> None:
-    record = DetectionRecord(id=1, x1=1, y1=1, x2=5, y2=5, score=0.9, label="insect")
+    record = DetectionRecord(x1=1, y1=1, x2=5, y2=5, score=0.9, label="insect")
     assert normalized_box(record, None, 100) is None and normalized_box(record, 100, 0) is None
 
 

@@ -10,7 +10,7 @@ from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
-from db.export_rows import ClassificationRecord, DetectionRecord
+from db.boxes import ClassificationRecord, DetectionRecord
 from db.pipelines import StoredPipeline
 from inference.taxonomy import Taxon, Taxonomy
 
@@ -71,8 +71,8 @@ class JobModels:
         """The species classifier's result for this box; None if it gave none (e.g. the
         filter sent the crop away)."""
         if self.classifier is not None:
-            return detection.classes.get(self.classifier)
-        others = [k for name, k in detection.classes.items() if name != self.filter]
+            return detection.classification(self.classifier)
+        others = [k for k in detection.classifications if k.classifier != self.filter]
         return others[0] if others else None
 
     def names(self) -> str:

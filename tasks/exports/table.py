@@ -18,7 +18,8 @@ from typing import Any, TextIO
 
 from sqlalchemy.orm import Session
 
-from db.export_rows import CaptureRecord, DetectionRecord, capture_records, classifiers_of
+from db.boxes import DetectionRecord
+from db.export_rows import CaptureRecord, capture_records, classifiers_of
 from db.pipelines import job_pipeline
 
 
@@ -36,7 +37,7 @@ def write_csv(session: Session, job_id: int, out: TextIO) -> int:
     for c, d in _detections(session, job_id):
         extra: list[Any] = []
         for name in names:
-            answer = d.classes.get(name)
+            answer = d.classification(name)
             extra += ([answer.label, answer.score, answer.rank or "", answer.source or ""]
                       if answer else ["", "", "", ""])
         writer.writerow(
@@ -60,9 +61,9 @@ def write_jsonl(session: Session, job_id: int, out: TextIO) -> int:
             "score": d.score,
             "label": d.label,
             "classifications": {
-                name: {"label": a.label, "score": a.score, "rank": a.rank,
-                       "prediction_source": a.source}
-                for name, a in d.classes.items()
+                a.classifier: {"label": a.label, "score": a.score, "rank": a.rank,
+                               "prediction_source": a.source}
+                for a in d.classifications
             },
             **made_by,
         }
