@@ -10,7 +10,7 @@ stored answer, without the GPU.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,6 +18,7 @@ from sqlalchemy import and_, func, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.boxes import ClassificationRecord, DetectionRecord
 from db.imports import get_or_create_deployment, insert_captures
 from db.models import (
     AntennaImage,
@@ -68,25 +69,6 @@ class EndedTask:
     error: str | None
     finished_at: datetime | None
     first_received_at: datetime
-
-
-@dataclass(frozen=True)
-class Classified:
-    classifier: str
-    label: str
-    score: float
-    topk: list[tuple[str, float]]
-
-
-@dataclass
-class Box:
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str
-    classes: list[Classified] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -258,9 +240,9 @@ def stuck_chunks(session: Session, antenna: str, before: datetime) -> list[int]:
 
 def boxes_of(
     session: Session, items: Sequence[tuple[int, int]]
-) -> dict[tuple[int, int], list[Box]]:
+) -> dict[tuple[int, int], list[DetectionRecord]]:
     """Detections and classifications of (job id, capture id) items, in detection order."""
-    found: dict[tuple[int, int], list[Box]] = {item: [] for item in items}
+    found: dict[tuple[int, int], list[DetectionRecord]] = {item: [] for item in items}
     if not items:
         return found
     d, k = Detection, Classification
@@ -271,15 +253,14 @@ def boxes_of(
         .where(tuple_(d.job_id, d.capture_id).in_(list(items)))
         .order_by(d.id, k.id)
     )
-    last: tuple[int, Box] | None = None
+    last: DetectionRecord | None = None
     for job_id, cap_id, det_id, x1, y1, x2, y2, score, label, name, k_label, k_score, topk in rows:
-        if last is None or last[0] != det_id:
-            last = (det_id, Box(x1, y1, x2, y2, score, label))
-            found[(job_id, cap_id)].append(last[1])
+        if last is None or last.id != det_id:
+            last = DetectionRecord(x1, y1, x2, y2, score, label, id=det_id)
+            found[(job_id, cap_id)].append(last)
         if name is not None:
-            ranked = [(str(lbl), float(sc)) for lbl, sc in topk] if topk else []
-            ranked = ranked or [(k_label, k_score)]
-            last[1].classes.append(Classified(name, k_label, k_score, ranked))
+            ranked = tuple((str(lbl), float(sc)) for lbl, sc in topk or ())
+            last.classifications.append(ClassificationRecord(name, k_label, k_score, ranked))
     return found
 
 

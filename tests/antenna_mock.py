@@ -6,6 +6,13 @@ about, or an algorithm key nobody registered lands in `problems`, which a test a
 The task queue behaves like Antenna's NATS JetStream consumer: a reserved task not answered
 within `ack_wait_s` is handed out again, at most `max_deliveries` times in all; an answer on a
 superseded or expired reply subject acknowledges nothing. Every POST is recorded.
+
+Each accepted classification is read as Antenna saves it (`saved`): the taxon by its
+`classification` name, the score as max(scores), the rank entry at argmax(scores) in the
+algorithm's registered category map (ami/ml/models/pipeline.py
+get_or_create_taxon_for_classification) and the top 3 taxa by score index in that map
+(ami/main/models.py Classification.top_n). Scores that name another label at their argmax
+than `classification`, or `labels` sent beside a registered map, are problems.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
@@ -25,6 +33,7 @@ from pydantic import ValidationError
 from tasks.antenna.schemas import (
     PipelineRegistrationRequest,
     PipelineResultsError,
+    PipelineResultsResponse,
     ResultsRequest,
     TasksRequest,
 )
@@ -59,6 +68,17 @@ class MockJob:
 
 
 @dataclass(frozen=True)
+class SavedClassification:
+    """A classification as Antenna stores and later shows it."""
+
+    image_id: str
+    algorithm_key: str
+    taxon: str
+    score: float
+    top_n: list[tuple[str, float]]  # (label, score), as Classification.top_n(3) shows
+
+
+@dataclass(frozen=True)
 class RecordedPost:
     path: str
     size: int
@@ -75,6 +95,7 @@ class AntennaMock:
         self.jobs: dict[int, MockJob] = {}
         self.registered: dict[int, list[PipelineRegistrationRequest]] = {}
         self.posts: list[RecordedPost] = []
+        self.saved: list[SavedClassification] = []
         self.problems: list[str] = []
         self.stale_answers: list[str] = []  # answers that acknowledged nothing
         self.unavailable_tasks = 0  # the next N task requests get 503
@@ -294,6 +315,7 @@ class AntennaMock:
             if any(d.source_image_id != image_id for d in result.detections):
                 self._problem(f"task of image {image_id} answered with others' detections")
             self._check_keys(job, result)
+            self._save(job, result)
         task.answers.append(result.model_dump(mode="json", exclude_unset=True))  # as sent
         task.answered = task.answered or time.monotonic()
         task.subject = None
@@ -311,16 +333,60 @@ class AntennaMock:
         if used - known:
             self._problem(f"algorithm keys {sorted(used - known)} were never registered")
 
+    def _save(self, job: MockJob, result: Any) -> None:
+        maps = {
+            a.key: a.category_map.labels
+            for reg in self.registered.get(job.project_id, [])
+            for p in reg.pipelines if p.slug == job.pipeline_slug
+            for a in p.algorithms if a.category_map is not None
+        }
+        saved, problems = read_as_antenna(result, maps)
+        self.saved += saved
+        for problem in problems:
+            self._problem(problem)
+
 
 class Images(QuietHandler):
     """The image host tasks point at: /img/N.jpg a JPEG (seeded by N), /text/N.jpg not an
-    image, anything else 404."""
+    image, /redirect?to=URL one redirect to URL, anything else 404."""
 
     def do_GET(self) -> None:  # noqa: N802
-        name = self.path.rsplit("/", 1)[-1].removesuffix(".jpg")
-        if self.path.startswith("/img/") and name.isdigit():
+        parts = urlsplit(self.path)
+        name = parts.path.rsplit("/", 1)[-1].removesuffix(".jpg")
+        if parts.path.startswith("/img/") and name.isdigit():
             self.send_body(200, jpeg_bytes(seed=int(name)), "image/jpeg")
-        elif self.path.startswith("/text/"):
+        elif parts.path.startswith("/text/"):
             self.send_body(200, b"<html>not an image</html>", "text/html")
+        elif parts.path == "/redirect":
+            self.redirect(parse_qs(parts.query)["to"][0])
         else:
             self.send_body(404, b"no such image")
+
+
+def read_as_antenna(result: PipelineResultsResponse, maps: dict[str, list[str]]
+                    ) -> tuple[list[SavedClassification], list[str]]:
+    """The classifications of `result` as Antenna saves them, given each algorithm key's
+    registered labels, and what it would read wrong."""
+    saved: list[SavedClassification] = []
+    problems: list[str] = []
+    for d in result.detections:
+        for c in d.classifications:
+            labels = maps.get(c.algorithm.key)
+            if not c.scores:
+                problems.append(f"{c.algorithm.key}: no scores (Antenna takes max(scores))")
+                continue
+            if labels is None:
+                continue
+            if c.labels is not None:
+                problems.append(f"{c.algorithm.key}: labels sent beside its registered map")
+            best = c.scores.index(max(c.scores))
+            if best >= len(labels) or labels[best] != c.classification:
+                problems.append(f"{c.algorithm.key}: scores name position {best}, "
+                                f"classification says {c.classification!r}")
+                continue
+            ranked = sorted(enumerate(c.scores), key=lambda x: x[1], reverse=True)[:3]
+            saved.append(SavedClassification(
+                d.source_image_id, c.algorithm.key, c.classification, max(c.scores),
+                [(labels[i], float(score)) for i, score in ranked],
+            ))
+    return saved, problems

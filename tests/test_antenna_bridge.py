@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 import pytest
 from sqlalchemy import Engine, func, select
 
-from db.models import AntennaTask, Chunk, Job, Project
+from db.models import AntennaTask, Chunk, Classification, Job, Project
 from tests.antenna_mock import AntennaMock, Images
 from tests.local_http import serving
 from tests.trapq_cli import TRAPQ, one_line_error, trapq
@@ -79,13 +79,21 @@ def test_mixed_good_and_bad_images_are_answered_completely_and_once(
         {"id": "no-url", "image_id": "nourl"},
         {"id": "local", "image_id": "local", "image_url": "file:///etc/passwd"},
     ])
-    env = bridge_env(worker_env(service_env), mock)
+    # The demo classifier's own weights: their labels are registered as its category map.
+    env = bridge_env(worker_env(service_env, TRAPQ_RANDOM_WEIGHTS="false"), mock)
     worker = start_pool(worker_factory, env)
     bridge = start_bridge(worker_factory, env)
     wait_for(lambda: mock.finished(job), 120, "every task answered",
              on_timeout=lambda: bridge.tail() + worker.tail())
 
     answers = assert_answered_once(mock, job)
+    [classifier] = [a for a in mock.registered[1][0].pipelines[0].algorithms
+                    if a.category_map is not None]
+    with clean_pg.connect() as conn:
+        topk = [[tuple(pair) for pair in ranked] for ranked in conn.scalars(
+            select(Classification.topk).order_by(Classification.id))]
+    assert sorted(s.top_n for s in mock.saved) == sorted(ranked[:3] for ranked in topk), (
+        "Antenna's top 3 of each classification are trapq's")
     assert mock.redeliveries() == 0
     for image_id, url in good:
         result = answers[f"{job}-{image_id}"]
@@ -95,7 +103,8 @@ def test_mixed_good_and_bad_images_are_answered_completely_and_once(
             assert d["source_image_id"] == image_id and 0 <= d["bbox"]["x1"] < d["bbox"]["x2"]
             [species] = d["classifications"]
             assert species["terminal"] is True and "labels" not in species
-            assert "logits" not in species and 1 <= len(species["scores"]) <= 5
+            assert "logits" not in species
+            assert len(species["scores"]) == len(classifier.category_map.labels)
     assert "404" in answers[f"{job}-404"]["error"]
     assert answers[f"{job}-html"]["image_id"] == "html"
     assert "image_url" in answers["no-url"]["error"]

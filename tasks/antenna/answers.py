@@ -3,8 +3,16 @@ pipeline, and the answer to one task read back from the job store.
 
 An algorithm's key names its model and the bytes of its weights (or, for a seeded random
 build, its labels and input size), so results from other weights never share a key, and
-Antenna's category map for the key is the classifier's labels, registered once: answers
-carry the top-k scores, highest first, and no labels.
+Antenna's category map for the key is the classifier's labels, registered once.
+
+Antenna reads `scores` by position in that map (ami/ml/models/pipeline.py
+get_or_create_taxon_for_classification: the rank of a new taxon from
+`category_map.data[argmax(scores)]`; ami/main/models.py Classification.top_n and
+predictions: taxa by score index), the taxon by the `classification` name, and `labels` only
+when no map is registered. So an answer is kept compact, its top-k as `labels` and `scores`
+(what the job store holds and what splits under the POST limit), and `for_antenna` turns it
+into what Antenna reads right just before it leaves: `scores` at the labels' positions in
+the map, zero elsewhere (written `0`: two bytes a label), no `labels`.
 """
 
 from __future__ import annotations
@@ -12,11 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from db.antenna import Box, EndedTask
+from db.antenna import EndedTask
+from db.boxes import ClassificationRecord, DetectionRecord
 from db.states import ItemState
 from tasks.antenna.schemas import (
     AlgorithmConfig,
@@ -50,6 +60,15 @@ class ServedPipeline:
     @property
     def slug(self) -> str:
         return slug_of(self.name, self.version)
+
+    def classifiers(self) -> dict[str, tuple[AlgorithmReference, bool]]:
+        """Classifier name -> its reference and whether its answer is terminal (a filter's
+        is not)."""
+        return {
+            ref.name: (ref, role != "filter")
+            for role in ("filter", "classifier")
+            if (ref := self.reference(role)) is not None
+        }
 
     def reference(self, role: str) -> AlgorithmReference | None:
         model = self.spec.get(role)
@@ -100,44 +119,70 @@ def algorithm_key(model: dict[str, Any]) -> str:
     return f"trapq-{model['name']}-{digest}"
 
 
-def answer(task: EndedTask, boxes: list[Box], served: ServedPipeline,
+def positions(served: Sequence[ServedPipeline]) -> dict[str, dict[str, int]]:
+    """Each classifying algorithm's key -> the position of each label in its category map."""
+    return {
+        algorithm_key(model): {label: i for i, label in enumerate(model["labels"])}
+        for p in served for role in ("filter", "classifier")
+        if isinstance(model := p.spec.get(role), dict) and model.get("labels")
+    }
+
+
+def classification(c: ClassificationRecord, ref: AlgorithmReference, terminal: bool,
+                   at: datetime) -> ClassificationResponse:
+    """The compact form: the top-k labels and scores, highest first (see for_antenna)."""
+    ranked = list(c.topk) or [(c.label, c.score)]
+    return ClassificationResponse(
+        classification=c.label, labels=[label for label, _ in ranked],
+        scores=[score for _, score in ranked], algorithm=ref, terminal=terminal, timestamp=at,
+    )
+
+
+def detection(image_id: str, box: DetectionRecord, detector: AlgorithmReference,
+              classifiers: dict[str, tuple[AlgorithmReference, bool]],
+              at: datetime) -> DetectionResponse:
+    return DetectionResponse(
+        source_image_id=image_id,
+        bbox=BoundingBox(x1=box.x1, y1=box.y1, x2=box.x2, y2=box.y2),
+        algorithm=detector, timestamp=at,
+        classifications=[classification(c, *classifiers[c.classifier], at)
+                         for c in box.classifications if c.classifier in classifiers],
+    )
+
+
+def for_antenna(result: dict[str, Any], maps: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """A compact answer as Antenna reads it: each classification's scores at its labels'
+    positions in the registered category map, zero elsewhere, and no `labels` (Antenna
+    takes them for the whole map). An algorithm without a map keeps its top-k scores."""
+    for det in result.get("detections", ()):
+        for c in det.get("classifications", ()):
+            labels = c.pop("labels", None)
+            where = maps.get(c["algorithm"]["key"])
+            if labels is None or where is None:
+                continue
+            dense: list[float | int] = [0] * len(where)
+            for label, score in zip(labels, c["scores"], strict=True):
+                if label in where:
+                    dense[where[label]] = score
+            c["scores"] = dense
+    return result
+
+
+def answer(task: EndedTask, boxes: list[DetectionRecord], served: ServedPipeline,
            now: datetime) -> dict[str, Any]:
-    """The `result` of one task: its image listed (processed, even with nothing found) and
-    its detections, or the work item's error."""
+    """The `result` of one task in the compact form: its image listed (processed, even with
+    nothing found) and its detections, or the work item's error."""
     if task.state != ItemState.DONE:
         failed = PipelineResultsError(error=task.error or "not processed", image_id=task.image_id)
         return failed.model_dump(mode="json", exclude_none=True)
     at = task.finished_at or now
     detector = served.reference("detector")
     assert detector is not None
-    refs = {
-        ref.name: (ref, role != "filter")
-        for role in ("filter", "classifier")
-        if (ref := served.reference(role)) is not None
-    }
-    detections = [
-        DetectionResponse(
-            source_image_id=task.image_id,
-            bbox=BoundingBox(x1=b.x1, y1=b.y1, x2=b.x2, y2=b.y2),
-            algorithm=detector,
-            timestamp=at,
-            classifications=[
-                ClassificationResponse(
-                    classification=c.label,
-                    scores=[score for _, score in c.topk],
-                    algorithm=refs[c.classifier][0],
-                    terminal=refs[c.classifier][1],
-                    timestamp=at,
-                )
-                for c in b.classes
-            ],
-        )
-        for b in boxes
-    ]
+    classifiers = served.classifiers()
     result = PipelineResultsResponse(
         pipeline=served.slug,
         total_time=max((at - task.first_received_at).total_seconds(), 0.0),
         source_images=[SourceImage(id=task.image_id, url=task.image_url)],
-        detections=detections,
+        detections=[detection(task.image_id, b, detector, classifiers, at) for b in boxes],
     )
     return result.model_dump(mode="json", exclude_none=True)

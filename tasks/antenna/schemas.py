@@ -60,12 +60,15 @@ class AlgorithmConfig(Sent):
 
 
 class ClassificationResponse(Sent):
-    """`scores` are trapq's top-k, highest first, `classification` the top-1 label; `labels`
-    is left out (the category map is registered) and `logits` too, as trapq keeps none."""
+    """`classification` is the top-1 label. As sent, `scores` lie at their labels' positions
+    in the registered category map (Antenna reads them so), zero elsewhere, written as the
+    int 0 to keep them short, and `labels` is left out; trapq's stored, compact form has the
+    top-k in `labels` and `scores` instead (tasks.antenna.answers.for_antenna). `logits` are
+    left out, as trapq keeps none."""
 
     classification: str
     labels: list[str] | None = None
-    scores: list[float] = Field(default_factory=list)
+    scores: list[float | int] = Field(default_factory=list)
     logits: list[float] | None = None
     features: list[float] | None = None
     ood_score: float | None = None
