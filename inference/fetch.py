@@ -6,7 +6,9 @@ help and whose message names the URI, so one bad capture never fails the chunk a
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +106,30 @@ class Fetcher:
                 ErrorKind.FORBIDDEN, f"host {parts.hostname} is not allowed for {original}"
             )
 
+    def _check_hop(self, url: str, uri: str) -> None:
+        """A redirect never leads from a public address to an internal one (loopback,
+        private, link-local): `trapq serve` admits only public URLs when no hosts are
+        allowed, and a public server must not be able to point a worker inside. With
+        allowed hosts, _check_host already holds every hop to them."""
+        if self.policy.allowed_hosts or _internal_address(urlsplit(uri).hostname or ""):
+            return
+        host = urlsplit(url).hostname or ""
+        if address := _internal_address(host):
+            raise ItemFailure(
+                ErrorKind.FORBIDDEN,
+                f"redirect from a public host to {host}, an internal address ({address}), "
+                f"refused for {uri}",
+            )
+
     def _fetch_http(self, uri: str) -> bytes:
-        """Follows redirects by hand so that every hop is checked against the allowed hosts."""
+        """Follows redirects by hand so that every hop is checked against the allowed hosts
+        and never turns inward (_check_hop)."""
         timeout = (self.policy.http_connect_timeout_s, self.policy.http_read_timeout_s)
         url = uri
         for _ in range(self.policy.http_max_redirects + 1):
             self._check_host(url, uri)
+            if url != uri:
+                self._check_hop(url, uri)
             try:
                 with self._session().get(
                     url, stream=True, allow_redirects=False, timeout=timeout
@@ -235,6 +255,20 @@ def _s3_failure(error: Any, uri: str) -> ItemFailure:
     if status >= 500 or code in ("SlowDown", "Throttling", "RequestTimeout"):
         return ItemFailure(ErrorKind.HTTP_SERVER, f"S3 error {code or status} for {uri}")
     return ItemFailure(ErrorKind.HTTP_STATUS, f"S3 error {code or status} for {uri}")
+
+
+def _internal_address(host: str) -> str | None:
+    """The first address of `host` that is not global (loopback, private, link-local...),
+    or None; a name that does not resolve is None, and fails at connect with its own error."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except (socket.gaierror, UnicodeError):
+        return None
+    for info in infos:
+        address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        if not address.is_global:
+            return str(address)
+    return None
 
 
 def _scheme(uri: str) -> str:
