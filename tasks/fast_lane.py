@@ -15,24 +15,34 @@ worker consumes first (`<queue>.interactive`), with at most TRAPQ_INTERACTIVE_SH
 live slots (at least one) out at once, so batch work keeps the rest of the pool. A local
 file that is missing or not an image gets its own error here and is left out; a URL is
 fetched by the worker, which records its error the same way.
+
+Boxes given for an image (Antenna's request `detections`) are classified without running the
+detector, by the re-classification path of `trapq enqueue --reuse-detections`: they are
+recorded as the detections of a job that ends at once and is never dispatched, and the
+fast-lane job reuses that job's boxes (db.reuse.stored_boxes), so workers only crop and
+classify them. An image without given boxes is detected as usual.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
 from PIL import Image, UnidentifiedImageError
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from db.boxes import ClassificationRecord, DetectionRecord
 from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
 from db.models import Capture, Classification, Detection, Job, JobCapture
+from db.pipelines import StoredPipeline
 from db.projects import INTERACTIVE_PROJECT, get_or_create_project, set_deployment_project
+from db.results import finish_chunk, write_results
 from db.states import JOB_ENDED, ItemState
 from tasks.errors import UserError
 from tasks.pipeline import resolve_pipeline
@@ -45,31 +55,11 @@ POLL_S = 0.1
 
 
 @dataclass(frozen=True)
-class Label:
-    classifier: str
-    label: str
-    score: float
-
-
-@dataclass(frozen=True)
-class Box:
-    """A detection in original-image pixels with its classifications."""
-
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    score: float
-    label: str
-    classifications: list[Label] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
 class ImageResult:
     image: str  # as given
     state: str  # done, failed, pending (not finished within the wait), or refused
     error: str | None = None
-    detections: list[Box] = field(default_factory=list)
+    detections: list[DetectionRecord] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -110,11 +100,13 @@ def classify_images(
     pipeline: str | None = None,
     wait: bool = True,
     timeout_s: float = 300.0,
+    boxes: Mapping[str, Sequence[DetectionRecord]] | None = None,
 ) -> FastLaneResult:
     """Classify `images` (paths or URLs) in the fast lane with `pipeline` (NAME or
     NAME@VERSION; None: the TRAPQ_* settings' `default`). With `wait`, return once each has
     ended (or `timeout_s` passed, leaving the rest `pending`), with its detections; without,
-    at once, every image `pending` (its job id says where to look)."""
+    at once, every image `pending` (its job id says where to look). `boxes` maps an image
+    (as given) to the boxes to classify in it instead of detecting."""
     if not images:
         raise UserError("give at least one image to classify")
     started = time.monotonic()
@@ -127,7 +119,8 @@ def classify_images(
     stored = resolve_pipeline(settings, factory, pipeline)
     uris = {image: _uri(image) for image in accepted}
     with database_errors(settings), factory.begin() as session:
-        deployment_id, capture_ids = _record(session, list(uris.values()))
+        deployment_id, capture_of = _record(session, list(uris.values()))
+        given = {capture_of[uris[i]]: list(b) for i, b in (boxes or {}).items() if i in uris}
         plan = create_job(
             session,
             deployment_id,
@@ -135,9 +128,10 @@ def classify_images(
             fingerprint=stored.fingerprint,
             pipeline_id=stored.id,
             chunk_size=LANE_CHUNK_SIZE,
-            capture_ids=capture_ids,
+            capture_ids=list(capture_of.values()),
+            boxes_from_job_id=_given_boxes_job(session, deployment_id, stored, given),
         )
-    by_uri: dict[str, tuple[str, str | None, list[Box]]] = {}
+    by_uri: dict[str, tuple[str, str | None, list[DetectionRecord]]] = {}
     if wait:
         deadline = started + timeout_s
         while time.monotonic() < deadline:
@@ -158,7 +152,8 @@ def classify_images(
     return FastLaneResult(plan.job_id, results, time.monotonic() - started)
 
 
-def _record(session: Session, uris: list[str]) -> tuple[int, list[int]]:
+def _record(session: Session, uris: list[str]) -> tuple[int, dict[str, int]]:
+    """The scratch deployment and each URI's capture there (made if missing)."""
     get_or_create_project(session, INTERACTIVE_PROJECT)
     deployment_id = get_or_create_deployment(session, SCRATCH_DEPLOYMENT)
     set_deployment_project(session, SCRATCH_DEPLOYMENT, INTERACTIVE_PROJECT)
@@ -173,32 +168,66 @@ def _record(session: Session, uris: list[str]) -> tuple[int, list[int]]:
             )
         ).all()
     )
-    return deployment_id, [found[u] for u in dict.fromkeys(uris)]
+    return deployment_id, {u: found[u] for u in dict.fromkeys(uris)}
 
 
-def _results(session: Session, job_id: int) -> dict[str, tuple[str, str | None, list[Box]]]:
-    """Per capture URI: its work item's state and error, and its boxes with their labels."""
+@dataclass(frozen=True)
+class _Given:
+    """One capture's given boxes, in the shape the results writer takes (db.results)."""
+
+    key: int
+    detections: list[DetectionRecord]
+    width: int | None = None
+    height: int | None = None
+    error_kind: None = None
+    error: None = None
+
+
+def _given_boxes_job(session: Session, deployment_id: int, stored: StoredPipeline,
+                     given: dict[int, list[DetectionRecord]]) -> int | None:
+    """A job whose detections are the given boxes, done in this transaction, so no
+    dispatcher ever sees it pending. Neither its fingerprint nor its detector fingerprint is
+    the pipeline's: it classified nothing, so no capture counts as processed by the pipeline
+    through it, and no detector found these boxes, so `--reuse-detections` never picks it."""
+    if not given:
+        return None
+    unique = hashlib.sha256(f"given boxes {stored.fingerprint}".encode()).hexdigest()
+    plan = create_job(
+        session, deployment_id, pipeline=stored.spec, fingerprint=unique,
+        pipeline_id=stored.id, chunk_size=len(given), capture_ids=list(given),
+    )
+    session.execute(update(Job).where(Job.id == plan.job_id).values(detector_fingerprint=unique))
+    write_results(session, plan.job_id, [_Given(cid, boxes) for cid, boxes in given.items()])
+    for chunk_id in plan.chunk_ids:
+        finish_chunk(session, chunk_id, fetch_s=0.0, gpu_s=0.0, write_s=0.0, metrics={})
+    return plan.job_id
+
+
+def _results(session: Session,
+             job_id: int) -> dict[str, tuple[str, str | None, list[DetectionRecord]]]:
+    """Per capture URI: its work item's state and error, and its boxes with their top-k."""
     items = session.execute(
         select(Capture.id, Capture.uri, JobCapture.state, JobCapture.error)
         .join(Capture, Capture.id == JobCapture.capture_id)
         .where(JobCapture.job_id == job_id)
     ).all()
-    boxes: dict[int, list[Box]] = {}
-    labels: dict[int, list[Label]] = {}
-    for det_id, classifier, label, score in session.execute(
+    boxes: dict[int, list[DetectionRecord]] = {}
+    labels: dict[int, list[ClassificationRecord]] = {}
+    for det_id, classifier, label, score, topk in session.execute(
         select(Classification.detection_id, Classification.classifier, Classification.label,
-               Classification.score)
+               Classification.score, Classification.topk)
         .join(Detection, Detection.id == Classification.detection_id)
         .where(Detection.job_id == job_id)
         .order_by(Classification.id)
     ):
-        labels.setdefault(det_id, []).append(Label(classifier, label, score))
+        ranked = tuple((str(lbl), float(sc)) for lbl, sc in topk or ())
+        labels.setdefault(det_id, []).append(ClassificationRecord(classifier, label, score, ranked))
     for d in session.scalars(
         select(Detection).where(Detection.job_id == job_id).order_by(Detection.id)
     ):
-        boxes.setdefault(d.capture_id, []).append(
-            Box(d.x1, d.y1, d.x2, d.y2, d.score, d.label, labels.get(d.id, []))
-        )
+        boxes.setdefault(d.capture_id, []).append(DetectionRecord(
+            d.x1, d.y1, d.x2, d.y2, d.score, d.label, labels.get(d.id, []), id=d.id,
+        ))
     return {
         uri: (state, error, boxes.get(capture_id, []))
         for capture_id, uri, state, error in items

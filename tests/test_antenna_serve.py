@@ -1,26 +1,34 @@
 """`trapq serve`, Antenna's push API: what it tells Antenna, and what it refuses before any
 work is made: unknown pipelines, missing tokens, oversized requests, and every image it must
 not make trapq read (local files, loopback, private and link-local addresses, hosts off
-TRAPQ_ALLOWED_HOSTS)."""
+TRAPQ_ALLOWED_HOSTS), at the URL given and at every redirect the worker meets; request
+detections are classified without detecting, over real HTTP with real workers."""
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import SecretStr
 
+import inference.fetch
+from inference.fetch import Fetcher, FetchPolicy
+from inference.types import ErrorKind, ItemFailure
 from tasks.antenna.answers import ServedPipeline
+from tasks.antenna.schemas import PipelineResultsResponse
 from tasks.antenna.served import served_pipelines
 from tasks.antenna.service import create_app, refusal
 from tasks.antenna.settings import ServeSettings
 from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings
 from tasks.store import ready_session_factory
-from tests.antenna_mock import Images
+from tests.antenna_mock import Images, read_as_antenna
 from tests.local_http import serving
+from tests.trapq_cli import TRAPQ
 from tests.worker_jobs import BOXES_PER_IMAGE, settings_of, worker_env
 from tests.worker_process import worker_factory  # noqa: F401
 
@@ -162,3 +170,84 @@ def test_process_answers_through_the_fast_lane_with_every_image_accounted_for(
     assert all(c["terminal"] for d in body["detections"] for c in d["classifications"])
     [error] = body["errors"]
     assert error.startswith("image 2:") and "404" in error
+
+
+def test_a_redirect_never_leads_a_worker_from_a_public_host_inward(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no allowed hosts (the push API then admits only public URLs), every hop after
+    the first is checked too: the image server stands in for a public host (127.0.0.1
+    counted public), `localhost` is what it is, loopback."""
+    internal = inference.fetch._internal_address
+    monkeypatch.setattr(inference.fetch, "_internal_address",
+                        lambda host: None if host == "127.0.0.1" else internal(host))
+    fetcher = Fetcher(FetchPolicy(allowed_schemes=("http", "https")))
+    with serving(Images) as images:
+        port = images.rsplit(":", 1)[1]
+        assert fetcher.fetch(f"{images}/redirect?to={images}/img/1.jpg")[:2] == b"\xff\xd8"
+        for target, phrase in [
+            (f"http://localhost:{port}/img/1.jpg", "internal address (127.0.0.1)"),
+            ("http://169.254.169.254/latest/meta-data/", "internal address (169.254.169.254)"),
+            ("file:///etc/passwd", "redirect to scheme file"),
+            (f"{images}/redirect?to=http://localhost:{port}/img/2.jpg", "internal address"),
+        ]:
+            with pytest.raises(ItemFailure) as refused:
+                fetcher.fetch(f"{images}/redirect?to={target}")
+            assert refused.value.kind == ErrorKind.FORBIDDEN and phrase in refused.value.message
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.slow
+def test_process_classifies_request_detections_and_refuses_redirects_at_every_hop(
+    tmp_path: Path, service_env: dict[str, str], worker_factory,  # noqa: F811
+) -> None:
+    """`trapq serve` over real HTTP, a worker and a dispatcher, the demo classifier's own
+    weights (a registered category map): an image sent with boxes gets exactly those boxes
+    back, classified, under the algorithm that found them; an image without is detected;
+    redirects off the allowed hosts or to a file fail their image alone."""
+    env = worker_env(service_env, TRAPQ_RANDOM_WEIGHTS="false",
+                     TRAPQ_ALLOWED_HOSTS='["127.0.0.1"]')
+    worker_factory(env).start()
+    worker_factory(env, argv=[sys.executable, "-m", "tasks.dispatcher"]).start(
+        ready="dispatching")
+    port = free_port()
+    worker_factory(env, argv=[str(TRAPQ), "serve", "--port", str(port)]).start(
+        ready="Uvicorn running")
+    base = f"http://127.0.0.1:{port}"
+    info = httpx.get(f"{base}/info", timeout=30).json()
+    maps = {a["key"]: a["category_map"]["labels"] for a in info["algorithms"]
+            if a.get("category_map")}
+    boxes = [{"x1": 4.0, "y1": 6.0, "x2": 40.5, "y2": 30.25},
+             {"x1": 60.0, "y1": 50.0, "x2": 150.0, "y2": 110.0}]
+    found_by = {"name": "Antenna's detector", "key": "antenna-detector-2024"}
+    with serving(Images) as images:
+        image_port = images.rsplit(":", 1)[1]
+        sent = [{"id": "0", "url": f"{images}/img/1.jpg"},
+                {"id": "1", "url": f"{images}/img/2.jpg"},
+                {"id": "2", "url": f"{images}/redirect?to=http://localhost:{image_port}/img/3"},
+                {"id": "3", "url": f"{images}/redirect?to=file:///etc/passwd"}]
+        reply = httpx.post(f"{base}/process", timeout=200, json={
+            "pipeline": info["pipelines"][0]["slug"], "source_images": sent,
+            "detections": [{"source_image": sent[0], "bbox": b, "algorithm": found_by}
+                           for b in boxes],
+        })
+    assert reply.status_code == 200, reply.text
+    result = PipelineResultsResponse.model_validate(reply.json())
+    assert [i.id for i in result.source_images] == ["0", "1"]
+    given = [d for d in result.detections if d.source_image_id == "0"]
+    assert [d.bbox.model_dump() for d in given if d.bbox] == boxes, "the boxes sent, no others"
+    assert {d.algorithm.key for d in given} == {found_by["key"]}
+    detected = [d for d in result.detections if d.source_image_id == "1"]
+    assert len(detected) == BOXES_PER_IMAGE and found_by["key"] not in {
+        d.algorithm.key for d in detected}
+    saved, problems = read_as_antenna(result, maps)
+    assert problems == [] and len(saved) == len(boxes) + BOXES_PER_IMAGE
+    errors = result.errors
+    assert isinstance(errors, list) and len(errors) == 2
+    assert errors[0].startswith("image 2:") and "host localhost is not allowed" in errors[0]
+    assert errors[1].startswith("image 3:") and "redirect to scheme file" in errors[1]

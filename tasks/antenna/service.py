@@ -7,6 +7,10 @@ worker may: an image is an http(s) URL on an allowed host (TRAPQ_ALLOWED_HOSTS),
 allowed hosts set, on a public address (never loopback, private or link-local ones); a
 local file only under TRAPQ_ALLOWED_ROOTS. Requests are bounded in images and bytes, and a
 bearer token can be required.
+
+Request `detections` are classified without detecting (the fast lane's given boxes); the
+answer gives them back with the request's box and detection algorithm, so Antenna finds its
+own detection (by image and box) and adds the classifications to it.
 """
 
 from __future__ import annotations
@@ -26,11 +30,12 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from tasks.antenna.answers import ServedPipeline
+from db.boxes import DetectionRecord
+from tasks.antenna.answers import ServedPipeline, detection, for_antenna, positions
 from tasks.antenna.schemas import (
     AlgorithmConfig,
-    BoundingBox,
-    ClassificationResponse,
+    AlgorithmReference,
+    DetectionRequest,
     DetectionResponse,
     PipelineRequest,
     PipelineResultsResponse,
@@ -86,6 +91,7 @@ def create_app(settings: Settings, serve: ServeSettings, served: Sequence[Served
     """`ready` returns why the pool cannot answer now, or None (cached READY_CACHE_S)."""
     app = FastAPI(title="trapq", docs_url=None, redoc_url=None)
     by_slug = {p.slug: p for p in served}
+    maps = positions(served)
     token = serve.token.get_secret_value()
     checked: dict[str, tuple[float, str | None]] = {}
 
@@ -136,37 +142,54 @@ def create_app(settings: Settings, serve: ServeSettings, served: Sequence[Served
         if pipeline is None:
             raise HTTPException(422, f"unknown pipeline {body.pipeline!r}; known: "
                                      f"{', '.join(by_slug)}")
-        if body.detections:
-            raise HTTPException(422, "request detections (classify given boxes) are not "
-                                     "offered by this service yet; send source images alone")
         if not 1 <= len(body.source_images) <= serve.max_images:
             raise HTTPException(422, f"send 1 to {serve.max_images} source images")
         refused = {i.url: why for i in body.source_images if (why := refusal(i.url, settings))}
         if refused:
             raise HTTPException(422, "; ".join(f"{u}: {w}" for u, w in refused.items()))
+        given = given_boxes(body.source_images, body.detections or [])
         result = await run_in_threadpool(
             classify_images, settings, [i.url for i in body.source_images],
             pipeline=f"{pipeline.name}@{pipeline.version}", wait=True,
             timeout_s=serve.timeout_s,
+            boxes={url: [box for box, _ in boxes] for url, boxes in given.items()},
         )
-        return JSONResponse(answer(pipeline, body.source_images, result).model_dump(
-            mode="json", exclude_none=True))
+        response = answer(pipeline, body.source_images, result, given)
+        return JSONResponse(for_antenna(response.model_dump(mode="json", exclude_none=True),
+                                        maps))
 
     return app
 
 
-def answer(pipeline: ServedPipeline, images: Sequence[SourceImage],
-           result: FastLaneResult) -> PipelineResultsResponse:
-    """The fast lane's result in Antenna's words: images processed are listed, the others
-    named in `errors`."""
+Given = dict[str, list[tuple[DetectionRecord, AlgorithmReference]]]
+
+
+def given_boxes(images: Sequence[SourceImage], detections: Sequence[DetectionRequest]) -> Given:
+    """Request detections per image URL, each with the algorithm that found it; a 422 for a
+    detection of an image not sent, or with no box (a crop alone cannot be placed)."""
+    urls = {i.id: i.url for i in images}
+    given: Given = {}
+    for d in detections:
+        if d.source_image.id not in urls:
+            raise HTTPException(422, f"a detection names image {d.source_image.id}, which is "
+                                     "not among source_images")
+        if d.bbox is None:
+            raise HTTPException(422, f"a detection of image {d.source_image.id} has no bbox; "
+                                     "only boxes on the source image can be classified")
+        box = DetectionRecord(d.bbox.x1, d.bbox.y1, d.bbox.x2, d.bbox.y2, 1.0, d.algorithm.name)
+        given.setdefault(urls[d.source_image.id], []).append((box, d.algorithm))
+    return given
+
+
+def answer(pipeline: ServedPipeline, images: Sequence[SourceImage], result: FastLaneResult,
+           given: Given) -> PipelineResultsResponse:
+    """The fast lane's result in Antenna's words (the compact form, see
+    tasks.antenna.answers): images processed are listed, the others named in `errors`; a
+    given box keeps the algorithm that found it."""
     now = datetime.now(UTC)
     detector = pipeline.reference("detector")
     assert detector is not None
-    refs = {
-        ref.name: (ref, role != "filter")
-        for role in ("filter", "classifier")
-        if (ref := pipeline.reference(role)) is not None
-    }
+    classifiers = pipeline.classifiers()
     listed: list[SourceImage] = []
     detections: list[DetectionResponse] = []
     errors: list[str] = []
@@ -175,22 +198,13 @@ def answer(pipeline: ServedPipeline, images: Sequence[SourceImage],
             errors.append(f"image {image.id}: {outcome.error or outcome.state}")
             continue
         listed.append(image)
-        for box in outcome.detections:
-            detections.append(DetectionResponse(
-                source_image_id=image.id,
-                bbox=BoundingBox(x1=box.x1, y1=box.y1, x2=box.x2, y2=box.y2),
-                algorithm=detector, timestamp=now,
-                classifications=[
-                    ClassificationResponse(
-                        classification=c.label, scores=[c.score],
-                        algorithm=refs[c.classifier][0], terminal=refs[c.classifier][1],
-                        timestamp=now,
-                    )
-                    for c in box.classifications if c.classifier in refs
-                ],
-            ))
+        found_by = {(b.x1, b.y1, b.x2, b.y2): ref for b, ref in given.get(image.url, [])}
+        detections += [
+            detection(image.id, box, found_by.get((box.x1, box.y1, box.x2, box.y2), detector),
+                      classifiers, now)
+            for box in outcome.detections
+        ]
     return PipelineResultsResponse(
         pipeline=pipeline.slug, total_time=result.seconds,
         source_images=listed, detections=detections, errors=errors or None,
     )
-
