@@ -42,7 +42,7 @@ from tests.antenna_mock import AntennaMock, Images
 from tests.local_http import serving
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
 from tests.trapq_cli import TRAPQ
-from tests.worker_jobs import job_state, make_job
+from tests.worker_jobs import env_pipeline, job_state, make_job
 from tests.worker_process import WorkerProcess, wait_for
 
 LABELS = 29_176
@@ -99,7 +99,8 @@ def main() -> None:
             # (a) direct
             t0 = time.monotonic()
             job = make_job(engine, [f"{images}/img/{i}.jpg" for i in range(n)],
-                           chunk_size=args.chunk_size, deployment="bench-direct")
+                           chunk_size=args.chunk_size, deployment="bench-direct",
+                           spec=env_pipeline(env))
             wait_for(lambda: job_state(engine, job.job_id) == "done", 1800, "direct job",
                      on_timeout=worker.tail)
             direct = n / (time.monotonic() - t0)

@@ -30,7 +30,6 @@ from sqlalchemy import Engine, text
 
 from bench.writes import detections
 from db.imports import get_or_create_deployment, insert_captures
-from db.jobs import create_job
 from db.results import claim_chunk, pending_items, write_results
 from db.session import make_engine, make_sessionmaker
 from inference.forward import BatchForward, ForwardOptions
@@ -40,6 +39,7 @@ from synthetic.scenes import render_placements
 from tasks.settings import Settings
 from tasks.worker.boot import load_models
 from tests.services import temporary_database
+from tests.worker_jobs import plan_job
 
 WIDTH = 128  # the demo classifier's penultimate features
 
@@ -78,8 +78,7 @@ def bench_writes(engine: Engine, n: int, batch: int) -> dict[str, float]:
             {"uri": f"/bench/img{i:06d}.jpg", "captured_at": None, "width": None,
              "height": None} for i in range(n)
         ])
-        jobs = {name: create_job(s, dep, pipeline={"bench": name}, chunk_size=batch)
-                for name in ("off", "on")}
+        jobs = {name: plan_job(s, dep, chunk_size=batch) for name in ("off", "on")}
     plain = detections()
     rng = np.random.default_rng(0)
     embedded = [replace(d, embedding=rng.normal(size=WIDTH).astype(np.float16).tobytes())

@@ -28,6 +28,7 @@ import time
 
 from sqlalchemy import Engine, text
 
+from db.pipelines import detector_fingerprint
 from db.session import make_engine
 from tests.services import temporary_database
 from tests.trapq_cli import TRAPQ
@@ -63,9 +64,10 @@ def make_job(engine: Engine, name: str, n_detections: int) -> int:
             "FROM generate_series(1, :n) AS i"), {"dep": dep, "name": name, "n": n_captures})
         job = conn.scalar(text(
             "INSERT INTO jobs (deployment_id, state, pipeline, chunk_size, n_captures, n_chunks, "
-            "created_at, finished_at, fingerprint) VALUES (:dep, 'done', :pipeline, :n, :n, 1, "
-            "now(), now(), :fp) RETURNING id"),
-            {"dep": dep, "pipeline": json.dumps(PIPELINE), "n": n_captures, "fp": "ab" * 32})
+            "created_at, finished_at, fingerprint, detector_fingerprint) VALUES (:dep, 'done', "
+            ":pipeline, :n, :n, 1, now(), now(), :fp, :detector) RETURNING id"),
+            {"dep": dep, "pipeline": json.dumps(PIPELINE), "n": n_captures, "fp": "ab" * 32,
+             "detector": detector_fingerprint(PIPELINE)})
         chunk = conn.scalar(text(
             "INSERT INTO chunks (job_id, seq, state, n_items, attempts, deliveries, n_done, "
             "n_failed) VALUES (:job, 0, 'done', :n, 1, 1, :n, 0) RETURNING id"),

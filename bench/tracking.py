@@ -360,12 +360,12 @@ def store_run(sim: Simulated) -> dict[str, float]:
     night, tracks it and writes occurrences, links and detection refs; run twice (it replaces
     the night), the second time under tracemalloc for its peak."""
     from db.imports import get_or_create_deployment, insert_captures
-    from db.jobs import create_job
     from db.results import write_results
     from db.session import make_engine, make_sessionmaker
     from inference.types import Classification, Detection, ItemResult
     from tasks.tracking import track_job
     from tests.services import temporary_database
+    from tests.worker_jobs import plan_job
 
     start = datetime(2026, 6, 21, 21, 0, tzinfo=UTC)
     with temporary_database("trapq_bench_tracking") as url:
@@ -380,8 +380,7 @@ def store_run(sim: Simulated) -> dict[str, float]:
                      "width": f.width, "height": f.height}
                     for i, f in enumerate(sim.frames)
                 ])
-                job = create_job(s, dep, pipeline={"classifier": {"name": "demo_classifier"}},
-                                 chunk_size=len(sim.frames))
+                job = plan_job(s, dep, chunk_size=len(sim.frames))
                 ids = list(s.scalars(select(Capture.id).order_by(Capture.id)))
             t0 = time.perf_counter()
             offset = 0

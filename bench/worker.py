@@ -48,7 +48,7 @@ from inference.types import WorkItem
 from tasks.settings import Settings
 from tasks.worker.boot import engine_config, load_models
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
-from tests.worker_jobs import item_states, make_job, send, write_jpegs
+from tests.worker_jobs import env_pipeline, item_states, make_job, send, write_jpegs
 from tests.worker_process import WorkerProcess, wait_for
 
 BOXES = 20
@@ -155,7 +155,7 @@ def end_to_end(
     classification rows, the job's wall time from its first claim to its end, and the
     workers' CPU µs per capture."""
     job = make_job(engine, [str(p) for p in paths], chunk_size=args.chunk_size,
-                   deployment=f"end-to-end-{n_workers}")
+                   deployment=f"end-to-end-{n_workers}", spec=env_pipeline(env))
     workers = [
         WorkerProcess(env, folder / f"worker{n_workers}-{i}.log", pool=args.pool,
                       concurrency=args.concurrency)

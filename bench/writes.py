@@ -34,11 +34,11 @@ from typing import Any
 from sqlalchemy import Engine, event, text
 
 from db.imports import get_or_create_deployment, insert_captures
-from db.jobs import create_job
 from db.results import claim_chunk, pending_items, write_results
 from db.session import make_engine, make_sessionmaker
 from inference.types import Classification, Detection, ItemResult
 from tests.services import temporary_database
+from tests.worker_jobs import plan_job
 
 BOXES = 20
 TOP_K = 5
@@ -84,8 +84,8 @@ def bench_writes(engine: Engine, uris: list[str], batch: int) -> WriteFigures:
         insert_captures(s, dep, [
             {"uri": u, "captured_at": None, "width": None, "height": None} for u in uris
         ])
-        via_results = create_job(s, dep, pipeline={"bench": "write_results"}, chunk_size=batch)
-        via_copy = create_job(s, dep, pipeline={"bench": "copy"}, chunk_size=batch)
+        via_results = plan_job(s, dep, chunk_size=batch)
+        via_copy = plan_job(s, dep, chunk_size=batch)
     dets = detections()
     n_rows = len(uris) * len(dets)
     first_id = _reserve_detection_ids(engine, n_rows)

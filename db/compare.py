@@ -329,9 +329,7 @@ def _boxes(session: Session, job_id: int, capture_ids: Sequence[int]) -> dict[in
         .where(Detection.job_id == job_id, Detection.capture_id.in_(capture_ids))
     )
     for det_id, classifier, label in classes:
-        # A job whose pipeline names no models (enqueued before pipelines were recorded)
-        # counts its one classifier as the species classifier.
-        role = role_of.get(classifier, "classifier" if None in role_of else None)
+        role = role_of.get(classifier)
         if role is not None:
             by_id[det_id].labels[role] = label
     return out

@@ -47,7 +47,7 @@ def count_captures(
     deployment_id: int,
     *,
     pipeline: dict[str, Any],
-    fingerprint: str | None = None,
+    fingerprint: str,
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int | None = None,
@@ -65,7 +65,7 @@ def create_job(
     deployment_id: int,
     *,
     pipeline: dict[str, Any],
-    fingerprint: str | None = None,
+    fingerprint: str,
     chunk_size: int,
     since: datetime | None = None,
     until: datetime | None = None,
@@ -156,16 +156,12 @@ def chunk_places(session: Session, chunk_ids: Sequence[int]) -> dict[int, ChunkP
         .where(Chunk.id.in_(list(chunk_ids)))
     )
     return {
-        cid: ChunkPlace(job_id, seq + 1, n, f"{name}@{version}" if name else "", fp or "")
+        cid: ChunkPlace(job_id, seq + 1, n, f"{name}@{version}" if name else "", fp)
         for cid, job_id, seq, n, fp, name, version in rows
     }
 
 
-def _same_pipeline_jobs(
-    session: Session, deployment_id: int, fingerprint: str | None
-) -> list[int]:
-    if fingerprint is None:  # a pipeline without a spec matches nothing already done
-        return []
+def _same_pipeline_jobs(session: Session, deployment_id: int, fingerprint: str) -> list[int]:
     where = (Job.deployment_id == deployment_id, Job.fingerprint == fingerprint)
     return list(session.scalars(select(Job.id).where(*where)))
 

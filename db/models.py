@@ -151,8 +151,8 @@ class Job(Base):
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     deployment_id: Mapped[int] = mapped_column(ForeignKey("deployments.id", ondelete="CASCADE"))
     state: Mapped[str] = mapped_column(String(16), default=JobState.PENDING)
-    pipeline: Mapped[dict[str, Any]] = mapped_column(default=dict)  # PipelineSpec.to_dict()
-    fingerprint: Mapped[str | None] = mapped_column(String(64))  # None: enqueued before 0002
+    pipeline: Mapped[dict[str, Any]]  # PipelineSpec.to_dict()
+    fingerprint: Mapped[str] = mapped_column(String(64))  # PipelineSpec.fingerprint()
     chunk_size: Mapped[int] = mapped_column(Integer)
     n_captures: Mapped[int] = mapped_column(Integer, default=0)
     n_chunks: Mapped[int] = mapped_column(Integer, default=0)
@@ -173,7 +173,7 @@ class Job(Base):
         ForeignKey("pipelines.id", ondelete="SET NULL", name="fk_jobs_pipeline"),
     )
     # db.pipelines.detector_fingerprint(pipeline): equal values find the same boxes (db.reuse).
-    detector_fingerprint: Mapped[str | None] = mapped_column(String(64))
+    detector_fingerprint: Mapped[str] = mapped_column(String(64))
     # The project its deployment had when it was enqueued, and its fair-queueing tags among
     # that project's jobs (db.dispatch).
     project_id: Mapped[int] = mapped_column(

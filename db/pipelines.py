@@ -138,7 +138,7 @@ def job_pipelines(session: Session, job_ids: Sequence[int]) -> dict[int, StoredP
         .where(Job.id.in_(list(job_ids)))
     )
     return {
-        job_id: StoredPipeline(fingerprint or "", spec or {}, name, version, pid)
+        job_id: StoredPipeline(fingerprint, spec, name, version, pid)
         for job_id, spec, fingerprint, pid, name, version in rows
     }
 

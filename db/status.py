@@ -29,7 +29,7 @@ class JobRow:
     done: int
     failed: int
     created_at: datetime
-    fingerprint: str | None = None  # the pipeline's (None: enqueued before revision 0002)
+    fingerprint: str = ""  # the pipeline's
     models: str = ""  # "detector > [filter >] classifier", as registry names
     pipeline: str = ""  # NAME@VERSION (db.pipelines)
     boxes_from_job_id: int | None = None  # re-classification: the job whose boxes it reuses
@@ -39,7 +39,7 @@ class JobRow:
 class PipelineDone:
     """How many of a deployment's captures one pipeline has done (in any of its jobs)."""
 
-    fingerprint: str | None
+    fingerprint: str
     models: str
     captures: int
 
@@ -229,7 +229,7 @@ def pipelines_done(session: Session) -> dict[int, list[PipelineDone]]:
     for dep_id, fingerprint, n in counts:
         out.setdefault(dep_id, []).append(PipelineDone(fingerprint, names.get(fingerprint, ""), n))
     for done in out.values():
-        done.sort(key=lambda p: (-p.captures, p.fingerprint or ""))
+        done.sort(key=lambda p: (-p.captures, p.fingerprint))
     return out
 
 

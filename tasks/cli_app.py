@@ -122,6 +122,6 @@ def timestamp(text: str | None, option: str) -> datetime | None:
         raise UserError(f"{option}: {e}") from None
 
 
-def short_fingerprint(fingerprint: str | None) -> str:
+def short_fingerprint(fingerprint: str) -> str:
     """Enough of a pipeline's fingerprint to tell pipelines apart at a glance, as git does."""
-    return fingerprint[:10] if fingerprint else "-"
+    return fingerprint[:10]

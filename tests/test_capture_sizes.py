@@ -9,12 +9,12 @@ from PIL import Image
 from sqlalchemy import Engine, select
 
 from db.imports import get_or_create_deployment, insert_captures
-from db.jobs import create_job
 from db.models import Capture
 from db.results import write_results
 from db.session import make_sessionmaker
 from inference.types import ItemResult
 from tests.trapq_cli import trapq
+from tests.worker_jobs import plan_job
 
 ROTATED_90 = 6  # EXIF orientation: the stored pixels are shown turned by 90 degrees
 
@@ -49,7 +49,7 @@ def test_a_decoded_size_replaces_an_unknown_or_stored_one_that_differs(
             {"uri": "sideways.jpg", "captured_at": None, "width": 3000, "height": 4000},
             {"uri": "right.jpg", "captured_at": None, "width": 4000, "height": 3000},
         ])
-        job = create_job(s, dep, pipeline={}, chunk_size=3).job_id
+        job = plan_job(s, dep, chunk_size=3).job_id
         ids = dict(s.execute(select(Capture.uri, Capture.id)).all())
     with factory.begin() as s:
         write_results(s, job, [ItemResult(cid, uri, 4000, 3000) for uri, cid in ids.items()])

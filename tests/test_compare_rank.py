@@ -29,7 +29,8 @@ def test_compare_at_a_rank_counts_congeners_as_agreeing(
                                   "width": 1000, "height": 1000}])
         jobs = [create_job(s, dep, pipeline=PIPELINE, fingerprint=f"{i}" * 64,
                            chunk_size=1).job_id for i in (1, 2)]
-        bare = create_job(s, dep, pipeline={**PIPELINE, "answers": None}, chunk_size=1).job_id
+        bare = create_job(s, dep, pipeline={**PIPELINE, "answers": None}, fingerprint="3" * 64,
+                          chunk_size=1).job_id
         capture_id = s.scalar(select(Capture.id))
     for job_id, label in zip(jobs, ("arctiid", "ctenuchid"), strict=True):
         answer = Classification("demo_classifier", label, 0.9, [(label, 0.9)], rank="subfamily")

@@ -17,7 +17,7 @@ from sqlalchemy import Engine, event, text
 
 import tasks.producer as producer
 from db.imports import CaptureRow, get_or_create_deployment, insert_captures
-from db.jobs import JobPlan, create_job
+from db.jobs import JobPlan
 from db.session import make_sessionmaker
 from inference.pipeline_spec import PipelineSpec
 from inference.registry import REGISTRY
@@ -27,6 +27,7 @@ from tasks.settings import Settings
 from tasks.store import session_factory
 from tests.inference_fixtures import http_server
 from tests.trapq_cli import one_line_error, trapq
+from tests.worker_jobs import plan_job
 
 T0 = datetime(2024, 6, 1, 21, 0, tzinfo=UTC)
 
@@ -93,7 +94,7 @@ def planned_job(engine: Engine, n_chunks: int) -> JobPlan:
     add_captures(engine, "trap-a", 10 * n_chunks)
     with make_sessionmaker(engine).begin() as session:
         deployment_id = get_or_create_deployment(session, "trap-a")
-        return create_job(session, deployment_id, pipeline={}, chunk_size=10)
+        return plan_job(session, deployment_id, chunk_size=10)
 
 
 def chunk_rows(engine: Engine, job_id: int) -> list[tuple[int, int, str, str | None, int]]:

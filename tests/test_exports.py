@@ -249,7 +249,7 @@ def test_camtrapdp_needs_the_deployment_location(
         dep = get_or_create_deployment(s, "nowhere")
         insert_captures(s, dep, [{"uri": "/x/a.jpg", "captured_at": datetime.now(UTC),
                                   "width": 10, "height": 10}])
-        job = create_job(s, dep, pipeline=PIPELINE, chunk_size=1).job_id
+        job = create_job(s, dep, pipeline=PIPELINE, fingerprint=FINGERPRINT, chunk_size=1).job_id
     done = trapq(service_env, "export", str(job), "--format", "camtrapdp",
                  "-o", str(tmp_path / "p"), *CAMTRAP_OPTIONS)
     assert "trapq deployments set nowhere --lat LAT --lon LON" in one_line_error(done)

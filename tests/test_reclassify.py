@@ -13,7 +13,6 @@ import torch
 from sqlalchemy import Engine, select, text
 
 from db.compare import Box, match_by_iou, pair_boxes
-from db.jobs import create_job
 from db.models import Chunk, Classification, Detection, Job
 from db.session import make_sessionmaker
 from synthetic.scenes import generate_night
@@ -27,6 +26,7 @@ from tests.worker_jobs import (
     job_state,
     kill_trial_env,
     make_job,
+    plan_job,
     send,
 )
 from tests.worker_process import wait_for
@@ -245,8 +245,7 @@ def test_reclassification_worker_killed_mid_chunk_copies_every_box_once(
     wait_for(lambda: job_state(clean_pg, source.job_id) == "done", 120, "the source job")
     with make_sessionmaker(clean_pg).begin() as s:  # what `--reuse-detections-from` plans
         dep = s.scalar(select(Job.deployment_id).where(Job.id == source.job_id))
-        plan = create_job(s, dep, pipeline={"test": True}, chunk_size=n,
-                          boxes_from_job_id=source.job_id)
+        plan = plan_job(s, dep, chunk_size=n, boxes_from_job_id=source.job_id)
     send(env, clean_pg, plan.chunk_ids)
     wait_for(lambda: item_states(clean_pg, plan.job_id).get("done", 0) >= 4, 60,
              "some captures re-classified", on_timeout=first.tail)

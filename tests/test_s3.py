@@ -20,7 +20,6 @@ from sqlalchemy import Engine, select, text
 
 from db.deployments import DeploymentMetadata, set_metadata
 from db.imports import get_or_create_deployment, insert_captures
-from db.jobs import create_job
 from db.models import Capture, JobCapture
 from db.results import write_results
 from db.session import make_sessionmaker
@@ -29,7 +28,14 @@ from inference.types import Detection, ErrorKind, ItemFailure, ItemResult
 from tests.local_http import QuietHandler, serving
 from tests.services import free_port
 from tests.trapq_cli import one_line_error, trapq
-from tests.worker_jobs import detections_per_capture, job_state, jpeg_bytes, send, worker_env
+from tests.worker_jobs import (
+    detections_per_capture,
+    job_state,
+    jpeg_bytes,
+    plan_job,
+    send,
+    worker_env,
+)
 from tests.worker_process import wait_for
 
 KEYS = {"AWS_ACCESS_KEY_ID": "trapq-test", "AWS_SECRET_ACCESS_KEY": "trapq-secret",
@@ -148,7 +154,7 @@ def test_a_worker_processes_s3_captures_and_a_missing_key_fails_alone(
     factory = make_sessionmaker(clean_pg)
     with factory.begin() as s:
         dep = s.scalar(text("SELECT id FROM deployments WHERE name = 'n3'"))
-        plan = create_job(s, dep, pipeline={"test": True}, chunk_size=4)
+        plan = plan_job(s, dep, chunk_size=4)
     env = worker_env(s3_env)
     worker = worker_factory(env).start()
     send(env, clean_pg, plan.chunk_ids)
@@ -190,7 +196,7 @@ def test_exports_upload_to_a_bucket_and_a_missing_one_is_a_one_line_error(
                                                   capture_method="activityDetection"))
         insert_captures(s, dep, [{"uri": "s3://night/up/a.jpg", "width": 100, "height": 50,
                                   "captured_at": datetime(2024, 6, 1, tzinfo=UTC)}])
-        plan = create_job(s, dep, pipeline={}, chunk_size=1)
+        plan = plan_job(s, dep, chunk_size=1)
         (capture_id,) = s.scalars(select(Capture.id))
     with factory.begin() as s:
         write_results(s, plan.job_id, [ItemResult(capture_id, "s3://night/up/a.jpg", 100, 50, [

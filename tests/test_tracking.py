@@ -11,7 +11,6 @@ import pytest
 from sqlalchemy import Engine, func, select
 
 from db.imports import get_or_create_deployment, insert_captures
-from db.jobs import create_job
 from db.models import Capture, Detection, Job, Occurrence, TrackLink
 from db.results import write_results
 from db.session import make_sessionmaker
@@ -36,6 +35,7 @@ from tests.worker_jobs import (
     ENDED,
     job_state,
     make_job,
+    plan_job,
     send,
     settings_of,
     worker_env,
@@ -138,8 +138,7 @@ def test_tracking_a_job_twice_leaves_one_set_of_occurrences(clean_pg: Engine) ->
             {"uri": f"c{i}", "captured_at": start + timedelta(minutes=i), "width": W,
              "height": H} for i in range(n)
         ])
-        plan = create_job(s, dep, pipeline={"classifier": {"name": "demo_classifier"}},
-                          chunk_size=n)
+        plan = plan_job(s, dep, chunk_size=n)
         ids = list(s.scalars(select(Capture.id).order_by(Capture.captured_at)))
     results, individuals = _planned_results(5, n, ids)
     with factory.begin() as s:

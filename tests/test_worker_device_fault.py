@@ -29,6 +29,7 @@ from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     ENDED,
     detections_per_capture,
+    env_pipeline,
     item_states,
     job_state,
     jpeg_bytes,
@@ -92,7 +93,6 @@ def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_no
     weights = tmp_path / "faulting_detector.pt"
     torch.jit.script(FaultsOnMagenta().eval()).save(str(weights))
     uris = [f"{base}/{i}.jpg" for i in range(3)] + [f"{base}/poison.jpg"]
-    job = make_job(clean_pg, uris, chunk_size=4)
     env = worker_env(
         service_env,
         TRAPQ_DETECTOR="fasterrcnn_mobilenet_v3_large_320_fpn",
@@ -100,6 +100,7 @@ def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_no
         TRAPQ_RANDOM_WEIGHTS="false",
         TRAPQ_WORKER_CRASH_PAUSE_S="0.5",
     )
+    job = make_job(clean_pg, uris, chunk_size=4, spec=env_pipeline(env))
     argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
     supervisor = worker_factory(env, argv=argv)
     try:

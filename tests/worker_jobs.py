@@ -6,19 +6,23 @@ the producer's send_chunks, so a worker test sees exactly what `trapq enqueue` w
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from sqlalchemy import Engine, func, select
+from sqlalchemy.orm import Session
 
 from db.imports import get_or_create_deployment, insert_captures
-from db.jobs import create_job
+from db.jobs import JobPlan, create_job
 from db.models import Chunk, Classification, Detection, Job, JobCapture
 from db.session import make_sessionmaker
 from inference.pipeline_spec import PipelineSpec
+from tasks.pipeline import pipeline_spec
 from tasks.producer import send_chunks
 from tasks.settings import Settings
 
@@ -59,6 +63,18 @@ FAULT_TIMEOUTS = {
     "TRAPQ_REDELIVERY_SWEEP_S": "1",
 }
 VISIBILITY_S = float(FAULT_TIMEOUTS["TRAPQ_VISIBILITY_TIMEOUT_S"])
+
+
+def env_pipeline(env: dict[str, str]) -> PipelineSpec:
+    """The pipeline a worker started with `env` loads, as `trapq enqueue` records it."""
+    given = {k.removeprefix("TRAPQ_").lower(): v for k, v in env.items() if k.startswith("TRAPQ_")}
+    return pipeline_spec(Settings(_env_file=None, **given))  # type: ignore[call-arg]
+
+
+@functools.cache
+def worker_pipeline() -> PipelineSpec:
+    """worker_env's pipeline: the zero-cost detector and a random demo classifier."""
+    return env_pipeline(worker_env({}))
 
 
 def kill_trial_env(service_env: dict[str, str]) -> dict[str, str]:
@@ -112,22 +128,26 @@ def make_job(
     engine: Engine, uris: list[str], *, chunk_size: int, deployment: str = "test-deployment",
     spec: PipelineSpec | None = None,
 ) -> MadeJob:
-    """A job over `uris`; with `spec` it records that pipeline and its fingerprint, as
-    `trapq enqueue` does, else a placeholder pipeline that workers do not check."""
+    """A job over `uris` running `spec` (worker_env's pipeline unless given), recorded with
+    its fingerprint as `trapq enqueue` does."""
     factory = make_sessionmaker(engine)
     with factory.begin() as s:
         dep = get_or_create_deployment(s, deployment)
         insert_captures(
             s, dep, [{"uri": u, "captured_at": None, "width": None, "height": None} for u in uris]
         )
-        plan = create_job(
-            s,
-            dep,
-            pipeline=spec.to_dict() if spec else {"test": True},
-            fingerprint=spec.fingerprint() if spec else None,
-            chunk_size=chunk_size,
-        )
+        plan = plan_job(s, dep, spec=spec, chunk_size=chunk_size)
     return MadeJob(plan.job_id, plan.chunk_ids, plan.n_captures)
+
+
+def plan_job(
+    s: Session, deployment_id: int, *, spec: PipelineSpec | None = None, **options: Any
+) -> JobPlan:
+    """db.jobs.create_job with `spec` (worker_env's pipeline unless given) and its fingerprint."""
+    spec = spec or worker_pipeline()
+    return create_job(
+        s, deployment_id, pipeline=spec.to_dict(), fingerprint=spec.fingerprint(), **options
+    )
 
 
 def send(env: dict[str, str], engine: Engine, chunk_ids: list[int]) -> None:

@@ -260,9 +260,9 @@ def print_jobs(rows: list[JobRow]) -> None:
 def print_pipelines(rows: list[JobRow]) -> None:
     """The listed jobs grouped by pipeline (short fingerprint and model names), in a table of
     its own so the job table still fits 80 columns; re-classification jobs name their source."""
-    jobs: dict[str | None, list[str]] = {}
-    models: dict[str | None, str] = {}
-    names: dict[str | None, str] = {}
+    jobs: dict[str, list[str]] = {}
+    models: dict[str, str] = {}
+    names: dict[str, str] = {}
     for r in rows:
         reuse = f" (boxes of {r.boxes_from_job_id})" if r.boxes_from_job_id is not None else ""
         jobs.setdefault(r.fingerprint, []).append(f"{r.id}{reuse}")

@@ -62,22 +62,19 @@ class WorkerPipelines:
         self._routes = affinity and routing.routes(str(app.conf.broker_url))
         self._lock = threading.Lock()
         self._consuming: dict[str, str] = {}  # fingerprint -> worker told to consume its queue
-        self._own = ""  # the fingerprint of the worker's TRAPQ_* pipeline (adopt)
 
     def adopt(self, pipeline: Pipeline, forward: BatchForward) -> None:
         """The worker's own TRAPQ_* pipeline, loaded at start: the cache's first entry."""
-        self._own = self.cache.adopt(pipeline, forward, "the TRAPQ_* settings").fingerprint
+        self.cache.adopt(pipeline, forward, "the TRAPQ_* settings")
 
     @contextmanager
     def use(self, stored: StoredPipeline, worker: str) -> Iterator[CachedPipeline]:
-        """The job's pipeline, loaded and prepared, held while the block runs. A job that
-        recorded no pipeline (enqueued before revision 0002) runs the worker's own."""
-        fingerprint = stored.fingerprint or self._own
+        """The job's pipeline, loaded and prepared, held while the block runs."""
         try:
             entry = self.cache.acquire(
                 lambda: PipelineSpec.from_dict(stored.spec),
-                fingerprint,
-                stored.label or fingerprint[:12],
+                stored.fingerprint,
+                stored.label or stored.fingerprint[:12],
             )
         except PipelineLoadError as e:
             raise PipelineUnavailable(str(e)) from None
