@@ -10,13 +10,14 @@ Revises: 0006
 Create Date: 2026-12-04
 """
 
+import hashlib
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from alembic import op
-
-from db.pipelines import DEFAULT, detector_fingerprint
 
 revision: str = "0008"
 down_revision: str | Sequence[str] | None = "0006"
@@ -24,6 +25,21 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 BigId = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+DEFAULT = "default"  # the name of the settings' pipeline
+
+
+def detector_fingerprint(spec: dict[str, Any]) -> str:
+    """db.pipelines.detector_fingerprint as this revision shipped it, kept here so that later
+    changes to db/ cannot change what this revision writes."""
+    detector = dict(spec.get("detector") or {})
+    detector.pop("weights", None)
+    threshold = spec.get("box_threshold")
+    identity = {
+        "detector": detector,
+        "box_threshold": float(threshold) if threshold is not None else None,
+    }
+    canonical = json.dumps(identity, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
 def upgrade() -> None:
