@@ -129,7 +129,7 @@ def job_status(session: Session, job_id: int, now: datetime | None = None) -> Jo
                 select(JobCapture.error_kind, func.count())
                 .where(JobCapture.job_id == job_id, JobCapture.state == ItemState.FAILED.value)
                 .group_by(JobCapture.error_kind)
-            ).tuples()
+            )
         }
     return JobStatus(
         job=row,
@@ -159,7 +159,7 @@ def chunk_timings(session: Session, job_id: int) -> ChunkTimings | None:
             Chunk.finished_at.is_not(None),
             Chunk.gpu_s.is_not(None),
         )
-    ).tuples()
+    )
     n = 0
     fetch = gpu = write = wall = rate = 0.0
     for items, started, finished, fetch_s, gpu_s, write_s in rows:
@@ -203,7 +203,7 @@ def deployments(session: Session) -> list[DeploymentRow]:
         .outerjoin(captures, captures.c.deployment_id == Deployment.id)
         .outerjoin(jobs, jobs.c.deployment_id == Deployment.id)
         .order_by(Deployment.name)
-    ).tuples()
+    )
     done = pipelines_done(session)
     return [
         DeploymentRow(name, n, first, last, n_jobs, done.get(dep_id, []))
@@ -222,7 +222,7 @@ def pipelines_done(session: Session) -> dict[int, list[PipelineDone]]:
     )
     counts = list(rows)
     first_jobs = dict(session.execute(select(Job.fingerprint, func.min(Job.id)).group_by(
-        Job.fingerprint)).tuples().all())
+        Job.fingerprint)).all())
     pipelines = job_pipelines(session, list(first_jobs.values()))
     names = {fp: pipelines[job_id].model_names() for fp, job_id in first_jobs.items()}
     out: dict[int, list[PipelineDone]] = {}
