@@ -14,12 +14,17 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/trapq demo
 
+# Everything, on JOBS pytest-xdist workers: most tests wait on workers and servers, so more
+# processes than cores pay off. Each xdist worker has its own database, queues and processes;
+# tests of one xdist_group (the `serial` and shared-worker ones, tests/tiers.py) share one.
+JOBS ?= 4
 test: $(STAMP)
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(JOBS) --dist loadgroup
 
-# The tests that start no worker, CLI subprocess or server (tests/tiers.py): about a minute.
+# The tests that start no worker, CLI subprocess or server (tests/tiers.py): under a minute.
+FAST_JOBS ?= 2
 test-fast: $(STAMP)
-	$(VENV)/bin/pytest -m "not slow"
+	$(VENV)/bin/pytest -m "not slow" -n $(FAST_JOBS) --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

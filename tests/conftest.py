@@ -44,16 +44,25 @@ from tests import leftovers, services
 pytest_plugins = ["tests.tiers", "tests.worker_process", "tests.shared_workers"]
 
 
+def _xdist_controller(config: pytest.Config) -> bool:
+    """This pytest only hands tests to pytest-xdist workers (`-n N`), each a session of its
+    own with its own pid, so its own databases, queues and process tag."""
+    return config.pluginmanager.has_plugin("dsession")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Remove what killed runs left behind, then tag this run's processes."""
+    """Remove what killed runs left behind, then tag this run's processes. A sibling xdist
+    worker is a live run: nothing of its is touched."""
     leftovers.kill_stale_processes()
     leftovers.drop_stale_databases(services.PG_ADMIN_URL)
     leftovers.delete_stale_queues(services.REDIS_URL)
-    leftovers.claim_processes()
+    if not _xdist_controller(session.config):  # its workers would inherit its tag
+        leftovers.claim_processes()
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    leftovers.kill_own_processes()
+    if not _xdist_controller(session.config):
+        leftovers.kill_own_processes()
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,8 @@ every database and queue it makes carries `p<pid>` in its name (tests.services).
 of a session its own processes still running are killed; at the start of one, the processes,
 databases and queues of runs that no longer exist are removed. Runs of other developers on
 the same machine are alive, so nothing of theirs is touched: a leftover is removed only when
-the run that made it is provably gone.
+the run that made it is provably gone. Under pytest-xdist each worker is such a run (its own
+pid, tag, databases and queues), and its siblings are alive; the controller tags nothing.
 """
 
 from __future__ import annotations

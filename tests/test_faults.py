@@ -71,6 +71,7 @@ def test_sigterm_finishes_chunks_in_flight_and_a_new_worker_does_the_rest(lab: f
     _assert_exactly_once(outcome)
 
 
+@pytest.mark.serial  # measures a time bound
 def test_a_killed_workers_chunk_reaches_an_idle_worker_within_the_redelivery_bound(
     lab: fs.Lab,
 ) -> None:
@@ -83,6 +84,7 @@ def test_a_killed_workers_chunk_reaches_an_idle_worker_within_the_redelivery_bou
     assert outcome.job_state == "done" and outcome.audit.ok, outcome.line()
 
 
+@pytest.mark.serial  # measures a time bound
 def test_children_of_a_sigkilled_trapq_worker_stop_within_10s_and_lose_and_double_nothing(
     lab: fs.Lab,
 ) -> None:

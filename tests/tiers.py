@@ -28,7 +28,14 @@ MARKERS = {
     "subprocess": "starts another process: the installed trapq, a script, a server",
     "heavy": "computes for many seconds in-process (full-size models on a CPU)",
     "slow": "worker, subprocess or heavy: left out by `make test-fast`",
+    "serial": "timing-sensitive: under pytest-xdist, runs in one group, one such test at a time",
 }
+
+# Under `pytest -n N --dist loadgroup` (make test), tests of one xdist_group run in one xdist
+# worker, one after another: the `serial` tests, so no two of them load the machine at once
+# while they measure a bound; and the `shared_worker` tests, so they share that worker's pool
+# (tests/shared_workers.py) instead of each xdist worker starting the same workers again.
+XDIST_GROUPS = {"serial": "serial", "shared_worker": "shared-workers"}
 
 # Fixtures that start processes, and the marker each gives the tests that use it.
 PROCESS_FIXTURES = {
@@ -73,7 +80,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Before `-m` selects: the markers of the process fixtures, and `slow` under both."""
+    """Before `-m` selects: the markers of the process fixtures, `slow` under them, and
+    the xdist groups."""
+    xdist = bool(items) and items[0].config.pluginmanager.has_plugin("xdist")
     for item in items:
         names = set(getattr(item, "fixturenames", ()))
         for fixture, marker in PROCESS_FIXTURES.items():
@@ -81,6 +90,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                 item.add_marker(marker)
         if any(item.get_closest_marker(m) for m in ("worker", "subprocess", "heavy")):
             item.add_marker("slow")
+        for reason, group in XDIST_GROUPS.items() if xdist else ():
+            if reason in names or item.get_closest_marker(reason):
+                item.add_marker(pytest.mark.xdist_group(group))
+                break
 
 
 def _guarded(item: pytest.Item) -> Generator[None, object, object]:
