@@ -1,14 +1,22 @@
 """The dispatcher: keeps a shallow window of chunk messages on the broker, the rest in SQL.
 
 `trapq enqueue` leaves a job's chunks `pending`. The dispatcher releases them in fair order
-(db.dispatch) whenever the broker holds fewer than the window: about twice the live worker
-slots (Celery's inspect: the workers consuming the chunk queue and their pool sizes), never
-fewer than TRAPQ_DISPATCH_WINDOW_MIN, so each slot has a chunk running and one waiting.
+(db.dispatch) whenever fewer than the window are out (queued or running). The window is twice
+the live worker slots (Celery's inspect: the workers consuming the chunk queue and their pool
+sizes), never fewer than TRAPQ_DISPATCH_WINDOW_MIN, so each slot has a chunk running and one
+waiting; plus what the pool consumes while a replacement is on its way. A chunk that ends just
+after a round began waits for the next round, so a slot's next chunk must already be queued for
+up to two rounds: with chunks shorter than that (0.1 s chunks against 50 ms rounds on a loaded
+box, bench.fairness) a window of 2 x slots ran dry and left a third of the slots idle. So the
+window also holds DEPTH_ROUNDS rounds' worth of the measured release rate, which is bounded in
+time (a late small job waits about that long for its first chunk), not in chunks.
 Released chunks are ordinary chunk tasks sent by tasks.producer.
 
 It wakes when a chunk ends, a job is planned or a chunk goes back to pending: on PostgreSQL a
 trigger (migration 0009) sends NOTIFY on the `trapq_dispatch` channel, and the dispatcher
-LISTENs; otherwise (SQLite, a missed notification) it polls every TRAPQ_DISPATCH_POLL_S.
+LISTENs; otherwise (SQLite, a missed notification) it polls every TRAPQ_DISPATCH_POLL_S. A
+LISTEN connection that breaks (PostgreSQL restarted, the backend terminated) is opened again
+at the next wait, followed by a round for what was missed meanwhile.
 Any number may run at once (`trapq dispatch`, `trapq worker`, `trapq demo`): a round locks
 every project row first, so they take turns, and each chunk is released once.
 """
@@ -16,8 +24,11 @@ every project row first, so they take turns, and each chunk is released once.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +48,10 @@ log = logging.getLogger("trapq.dispatcher")
 CHANNEL = "trapq_dispatch"
 SLOTS_EVERY_S = 10.0  # how often live worker slots are asked for (a broadcast costs ~1 s)
 INSPECT_TIMEOUT_S = 1.0
+DEPTH_ROUNDS = 4  # a replacement takes up to two rounds; twice that against jitter
+RATE_SPAN_S = 10.0  # the release rate is the chunks released over this span
+ROUND_EWMA = 0.2  # weight of the newest round in the round-time average
+STOP_CHECK_S = 1.0  # longest a wait for a wake-up goes without looking at `stop`
 
 
 def live_slots(app: Celery, queue: str) -> int:
@@ -52,8 +67,10 @@ def live_slots(app: Celery, queue: str) -> int:
     return total
 
 
-def window_for(slots: int, floor: int) -> int:
-    return max(floor, 2 * slots)
+def window_for(slots: int, floor: int, rate: float = 0.0, round_s: float = 0.0) -> int:
+    """Chunks out at once: a running and a waiting one per slot, plus what the pool consumes
+    (`rate` chunks/s) during DEPTH_ROUNDS rounds of `round_s`."""
+    return max(floor, 2 * slots) + math.ceil(rate * DEPTH_ROUNDS * round_s)
 
 
 def interactive_cap(slots: int, share: float) -> int:
@@ -71,6 +88,8 @@ class Dispatcher:
     rounds: int = 0
     released: int = 0
     recovered: int = 0
+    round_s: float = 0.0  # releasing rounds' duration (start to published), moving average
+    recent: deque[tuple[float, int]] = field(default_factory=deque)  # (when, released)
     stop: threading.Event = field(default_factory=threading.Event)
     on_round: Callable[[int], None] | None = None  # released in that round (tests, metrics)
 
@@ -80,11 +99,30 @@ class Dispatcher:
 
     @property
     def window(self) -> int:
-        return window_for(self.slots, self.settings.dispatch_window_min)
+        return window_for(self.slots, self.settings.dispatch_window_min, self.rate,
+                          self.round_s)
+
+    @property
+    def rate(self) -> float:
+        """Chunks released per second over the last RATE_SPAN_S: while work waits, what the
+        pool consumes."""
+        horizon = time.monotonic() - RATE_SPAN_S
+        while self.recent and self.recent[0][0] < horizon:
+            self.recent.popleft()
+        return sum(n for _, n in self.recent) / RATE_SPAN_S
 
     def round(self) -> int:
-        """Put chunks in doubt back to pending, release what fits, publish it; returns how
-        many went out."""
+        """A timed release round (see window_for); returns how many chunks went out."""
+        t0 = time.monotonic()
+        sent = self._release()
+        if sent:  # a round that publishes is what a slot's replacement waits for
+            now = time.monotonic()
+            self.round_s += ROUND_EWMA * (now - t0 - self.round_s)
+            self.recent.append((now, sent))
+        return sent
+
+    def _release(self) -> int:
+        """Put chunks in doubt back to pending, release what fits, publish it."""
         s = self.settings
         now = datetime.now(UTC)
         with self.sessions.begin() as session:
@@ -143,24 +181,42 @@ class _Wakeup:
     def __init__(self, engine: Engine, poll_s: float) -> None:
         self.poll_s = poll_s
         self.conn: psycopg.Connection[object] | None = None
-        if engine.dialect.name == "postgresql":
-            # A connection of its own, outside the pool: LISTEN needs autocommit, which must
-            # not follow a pooled connection back to the sessions.
-            url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            self.conn = psycopg.connect(url, autocommit=True)
-            self.conn.execute(f"LISTEN {CHANNEL}")
+        # A connection of its own, outside the pool: LISTEN needs autocommit, which must not
+        # follow a pooled connection back to the sessions.
+        self.url = (
+            engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+            if engine.dialect.name == "postgresql" else None
+        )
+        self._listen()
 
-    def wait(self, stop: threading.Event) -> None:
-        if self.conn is None:
-            stop.wait(self.poll_s)
+    def _listen(self) -> None:
+        if self.url is None:
             return
         try:
-            for _ in self.conn.notifies(timeout=self.poll_s, stop_after=1):
-                pass
-        except psycopg.Error as e:  # the connection broke: poll until the next start
-            log.warning("dispatch wake-ups lost (%s); polling", e)
+            self.conn = psycopg.connect(self.url, autocommit=True)
+            self.conn.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error as e:  # the database is away: poll, and try again next time
+            log.warning("cannot listen for dispatch wake-ups (%s); polling", e)
             self.close()
+
+    def wait(self, stop: threading.Event) -> None:
+        if self.url is None:
             stop.wait(self.poll_s)
+            return
+        if self.conn is None:  # lost: listen again, then return for a round at once, as
+            self._listen()  # notifications sent meanwhile are gone
+            if self.conn is None:
+                stop.wait(self.poll_s)
+            return
+        deadline = time.monotonic() + self.poll_s
+        try:  # in slices, so that a stop is seen within STOP_CHECK_S
+            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
+                if any(True for _ in self.conn.notifies(timeout=min(left, STOP_CHECK_S),
+                                                        stop_after=1)):
+                    return
+        except psycopg.Error as e:  # the connection broke: listen again at the next wait
+            log.warning("dispatch wake-ups lost (%s); listening again", e)
+            self.close()
 
     def close(self) -> None:
         if self.conn is not None:

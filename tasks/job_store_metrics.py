@@ -3,8 +3,10 @@
 Per project: weight, captures and chunks pending, chunks in flight, captures done and share
 of chunk time in the last hour against the weight share (db.project_status says how each is
 computed). Per job that has not ended: chunks pending and in flight, captures done and left,
-captures per second and ETA. And the dispatcher's window: 2 x the live worker slots (Celery's
-inspect, asked every few seconds in the background), at least TRAPQ_DISPATCH_WINDOW_MIN.
+captures per second and ETA. And the dispatcher's base window: 2 x the live worker slots
+(Celery's inspect, asked every few seconds in the background), at least
+TRAPQ_DISPATCH_WINDOW_MIN; a running dispatcher adds what the pool consumes during a few of its
+own rounds (tasks.dispatcher.window_for), which only it measures.
 
 Read from SQL at a scrape, at most MAX_AGE_S old: scrapes closer together share one read.
 """
@@ -89,7 +91,8 @@ class JobStoreCollector(Collector):
                         family.add_metric([f.name, str(job.job_id)], float(value))
             yield family
         yield GaugeMetricFamily(
-            WINDOW, "Chunk messages the dispatcher keeps out: 2 x live slots, at least the floor.",
+            WINDOW, "Chunks the dispatcher keeps out, before its own depth: 2 x live slots, "
+            "at least the floor.",
             value=window_for(self.slots, self.settings.dispatch_window_min),
         )
 
