@@ -1,6 +1,7 @@
 """The dispatcher with real workers: a small job is not stuck behind a large one, caps hold,
-dispatchers killed mid-release (two at once) lose and double nothing, and a broker restart
-while chunks wait in SQL loses none."""
+weights shift the split, the fast lane overtakes batch chunks already on the broker,
+dispatchers killed mid-release (two at once) lose and double nothing, a broker restart while
+chunks wait in SQL loses none, and a terminated LISTEN connection is opened again."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from db.imports import get_or_create_deployment
 from db.models import Chunk, Detection, Job
 from db.projects import add_project, set_deployment_project
 from db.session import make_sessionmaker
-from tasks.dispatcher import Dispatcher, run_in_thread
+from tasks.dispatcher import CHANNEL, Dispatcher, run_in_thread
+from tasks.fast_lane import classify_images
+from tasks.pipeline import resolve_pipeline
 from tasks.settings import Settings
+from tasks.store import ready_session_factory
 from tests.fault_scenarios import redis_server
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
@@ -44,9 +48,11 @@ def settings_for(env: dict[str, str]) -> Settings:
     )
 
 
-def deployment_in(engine: Engine, name: str, project: str, cap: int | None = None) -> None:
+def deployment_in(
+    engine: Engine, name: str, project: str, cap: int | None = None, weight: float = 1.0
+) -> None:
     with make_sessionmaker(engine).begin() as s:
-        add_project(s, project, 1.0, cap)
+        add_project(s, project, weight, cap)
         get_or_create_deployment(s, name)
         set_deployment_project(s, name, project)
 
@@ -129,6 +135,96 @@ def test_a_small_job_finishes_while_a_large_one_runs_and_a_cap_is_never_exceeded
     assert peak == 2, "project `batch` (max in flight 2) had more chunks out"
     every_capture_once(clean_pg, jobs["small"])
     every_capture_once(clean_pg, jobs["large"])
+
+
+def test_weights_three_to_one_run_three_heavy_chunks_for_each_light_one(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+) -> None:
+    """Two projects with 30 chunks each, planned before the dispatcher starts: by the time
+    the weight-3 project's job is done, the weight-1 one has run about 10 (equal weights
+    would have run about 30 of each, strict priority none)."""
+    env = worker_env(service_env, TRAPQ_DISPATCH_WINDOW_MIN="2")
+    deployment_in(clean_pg, "heavy", "heavy", weight=3)
+    deployment_in(clean_pg, "light", "light")
+    heavy = job_over(clean_pg, tmp_path, "heavy", 30)
+    light = job_over(clean_pg, tmp_path, "light", 30)
+    worker_factory(env, concurrency=1).start()
+    with dispatching(settings_for(env)):
+        wait_for(lambda: job_state(clean_pg, heavy) == "done", 300, "the heavy job",
+                 on_timeout=lambda: str(chunk_states(clean_pg)))
+        wait_for(lambda: job_state(clean_pg, light) == "done", 300, "the light job")
+
+    with clean_pg.connect() as conn:
+        light_meanwhile = conn.scalar(text(
+            "SELECT count(*) FROM chunks WHERE job_id = :light AND finished_at <= "
+            "(SELECT finished_at FROM jobs WHERE id = :heavy)"
+        ), {"light": light, "heavy": heavy})
+    # 10 at 3:1; the window (a few chunks) may hold some back or have let some run ahead.
+    assert 6 <= light_meanwhile <= 15, light_meanwhile
+    every_capture_once(clean_pg, heavy)
+    every_capture_once(clean_pg, light)
+
+
+def test_the_fast_lane_overtakes_batch_chunks_already_on_the_broker(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+) -> None:
+    """A window deep enough to hold the whole backlog on the broker, one slot: the lane's
+    chunk starts next after the chunk the worker holds when it is released (prefetch 1),
+    ahead of every batch chunk that waited on the broker."""
+    env = worker_env(service_env, TRAPQ_DISPATCH_WINDOW_MIN="60")
+    settings = settings_for(env)
+    backlog = job_over(clean_pg, tmp_path, "backlog", 40)
+    (image,) = write_jpegs(tmp_path / "ask", 1, 64, 48)
+    # Recording the pipeline imports torch (seconds); done first, as `trapq enqueue` would.
+    resolve_pipeline(settings, ready_session_factory(settings), None)
+    worker_factory(env, concurrency=1).start()
+    with dispatching(settings):
+        wait_for(lambda: _done_chunks(clean_pg, backlog) >= 2, 120, "the backlog")
+        result = classify_images(settings, [str(image)], wait=True, timeout_s=240)
+        wait_for(lambda: job_state(clean_pg, backlog) == "done", 300, "the backlog")
+
+    assert result.images[0].state == "done", result
+    with clean_pg.connect() as conn:
+        ahead, behind = conn.execute(text(
+            "SELECT count(*) FILTER (WHERE b.started_at < lane.started_at), "
+            "count(*) FILTER (WHERE b.started_at > lane.started_at) "
+            "FROM chunks b, chunks lane WHERE lane.job_id = :lane AND b.job_id = :backlog "
+            "AND b.queued_at < lane.released_at AND b.started_at > lane.released_at"
+        ), {"lane": result.job_id, "backlog": backlog}).one()
+    assert behind >= 10, "the backlog's messages were on the broker, not yet run"
+    # The one the worker held when the lane's message went out; one more if a chunk ended
+    # between recording the lane chunk and publishing it.
+    assert ahead <= 2, (ahead, behind)
+
+
+def test_the_dispatcher_listens_again_after_its_connection_is_terminated(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+) -> None:
+    """Its LISTEN backend terminated mid-job (as a PostgreSQL restart would), with polling
+    too rare to finish the job: it listens again on a new backend and releases the rest on
+    the wake-ups."""
+    env = worker_env(service_env, TRAPQ_DISPATCH_WINDOW_MIN="2", TRAPQ_DISPATCH_POLL_S="3600")
+    job = job_over(clean_pg, tmp_path, "listened", 16)
+    worker_factory(env, concurrency=1).start()
+    with dispatching(settings_for(env)):
+        wait_for(lambda: _done_chunks(clean_pg, job) >= 2, 120, "two chunks done")
+        first = listen_backends(clean_pg)
+        with clean_pg.connect() as conn:
+            conn.execute(text("SELECT pg_terminate_backend(pid) FROM unnest(:pids) pid"),
+                         {"pids": list(first)})
+        wait_for(lambda: bool(listen_backends(clean_pg) - first), 60, "listening again")
+        wait_for(lambda: job_state(clean_pg, job) == "done", 300, "the job")
+
+    assert len(first) == 1
+    every_capture_once(clean_pg, job)
+
+
+def listen_backends(engine: Engine) -> set[int]:
+    with engine.connect() as conn:
+        return set(conn.scalars(text(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
+            "AND query = :listen"
+        ), {"listen": f"LISTEN {CHANNEL}"}))
 
 
 def start_dispatcher(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
