@@ -15,7 +15,7 @@ from datetime import datetime
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from db.models import Chunk, Deployment, Job, Project
+from db.models import Deployment, Job, Project
 from db.states import ChunkState
 
 DEFAULT_PROJECT = "default"
@@ -132,15 +132,3 @@ def list_projects(s: Session) -> list[ProjectRow]:
         )
         for p, n_deps, n_jobs in rows
     ]
-
-
-def in_flight_by_project(s: Session) -> dict[int, int]:
-    """Chunks out (queued on the broker or running) per project id."""
-    return dict(
-        s.execute(
-            select(Job.project_id, func.count())
-            .join(Chunk, Chunk.job_id == Job.id)
-            .where(Chunk.state.in_(IN_FLIGHT))
-            .group_by(Job.project_id)
-        ).all()
-    )

@@ -179,10 +179,6 @@ class ModelCache:
         with self._lock:
             return list(reversed(self._entries.values()))
 
-    def is_held(self, fingerprint: str) -> bool:
-        with self._lock:
-            return fingerprint in self._entries
-
     def nbytes(self) -> int:
         with self._lock:
             return sum(m.nbytes for m in self._models.values())

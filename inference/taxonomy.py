@@ -87,10 +87,6 @@ class Taxonomy:
         present = {t.rank for t in self.taxa}
         return [r for r in RANKS if r in present]
 
-    def labels_under(self, name: str, labels: Sequence[str]) -> list[str]:
-        """The labels that are `name` or lie under it, in the classifier's order."""
-        return [label for label in labels if any(t.name == name for t in self.lineage(label))]
-
     def names_at(self, rank: str) -> dict[str, str]:
         """Each taxon's scientific name at `rank`: its own ancestor (or itself) of that rank;
         a taxon above it, or on a branch without it, keeps its own name."""

@@ -21,7 +21,7 @@ memory is the night's output arrays (a few numbers per detection) plus the live 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Iterator, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import TypeVar
@@ -287,15 +287,3 @@ def label_vote(labels: Sequence[L], scores: Sequence[float]) -> tuple[L, float]:
         total[label] = total.get(label, 0.0) + score
     best = max(total, key=lambda k: total[k])
     return best, total[best] / len(labels)
-
-
-def iterate_nights(frames: Iterable[Frame], gap_s: float) -> Iterator[list[Frame]]:
-    """Groups a time-ordered stream of frames into nights, holding one night at a time."""
-    night: list[Frame] = []
-    for f in frames:
-        if night and f.taken_at - night[-1].taken_at > gap_s:
-            yield night
-            night = []
-        night.append(f)
-    if night:
-        yield night
