@@ -12,7 +12,8 @@ measured is trapq's own path, not a model. In one run:
       antenna`; captures/s from the first task handed out to the last answer accepted, and
       each task's latency from its delivery to its answer, against the ack wait;
   (c) the largest result POST and the registration POST, whose category map carries the
-      29,176 labels once; answers carry top-5 scores only.
+      29,176 labels once; each classification carries its top-5 scores at their positions
+      in that map, zeros elsewhere written `0` (Antenna reads scores by position).
 
     .venv/bin/python -m bench.antenna [--images 200] [--ack-wait 60] [--chunk-size 16]
 

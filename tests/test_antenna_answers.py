@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 from db.antenna import EndedTask
 from db.boxes import ClassificationRecord, DetectionRecord
 from db.states import ItemState
-from tasks.antenna.answers import ServedPipeline, answer, for_antenna, positions
-from tasks.antenna.schemas import PipelineResultsResponse, TaskResult
+from tasks.antenna.answers import ServedPipeline, answer, positions
+from tasks.antenna.schemas import POSITIONS, PipelineResultsResponse, TaskResult
 from tests.antenna_mock import read_as_antenna
 
 N_LABELS = 29_176
@@ -50,16 +50,17 @@ def test_stored_answers_keep_the_top_k_and_posted_ones_are_read_right_by_antenna
     [c] = stored["detections"][0]["classifications"]
     assert c["labels"] == [label for label, _ in TOPK] and len(c["scores"]) == 5
 
-    sent = TaskResult.model_validate(
-        {"reply_subject": "s", "result": for_antenna(stored, positions([pipeline]))})
+    wire = TaskResult.model_validate({"reply_subject": "s", "result": stored}).model_dump_json(
+        exclude_none=True, context={POSITIONS: positions([pipeline])})
+    sent = TaskResult.model_validate_json(wire)
     assert isinstance(sent.result, PipelineResultsResponse)
     saved, problems = read_as_antenna(sent.result, maps_of(pipeline))
     assert problems == []
     [read] = saved
     assert (read.taxon, read.score) == TOPK[0]
     assert read.top_n == TOPK[:3], "Classification.top_n shows trapq's top 3"
-    size = len(sent.model_dump_json(exclude_none=True))
-    assert size < 3 * N_LABELS, f"{size} bytes: zeros are written as 0, two bytes a label"
+    assert len(sent.result.detections[0].classifications[0].scores) == N_LABELS
+    assert len(wire) < 3 * N_LABELS, f"{len(wire)} bytes: zeros are written 0, 2 bytes a label"
 
 
 def test_top_k_scores_highest_first_would_be_read_as_the_first_labels_of_the_map() -> None:

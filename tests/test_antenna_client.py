@@ -76,7 +76,7 @@ def test_register_find_take_and_answer_pass_the_contract(mock: AntennaMock) -> N
     tasks, bad = client.take_tasks(job, 10)
     assert len(tasks) == 3 and bad == []
     report = client.post_results(job, [answer(t.reply_subject or "", t.image_id, 2)
-                                       for t in tasks])
+                                       for t in tasks], {})
     assert sorted(report.posted) == sorted(t.reply_subject for t in tasks)
     assert mock.finished(job) and mock.problems == []
     assert client.jobs(1, [SLUG]) == [], "a finished job is no longer listed"
@@ -101,7 +101,7 @@ def test_answers_are_split_under_the_post_limit(mock: AntennaMock) -> None:
     job = mock.add_job(1, SLUG, [(str(i), f"http://images/{i}.jpg") for i in range(12)])
     tasks, _ = client.take_tasks(job, 12)
     report = client.post_results(job, [answer(t.reply_subject or "", t.image_id, 20)
-                                       for t in tasks])
+                                       for t in tasks], {})
     assert len(report.posted) == 12
     posts = mock.result_posts()
     assert len(posts) > 1 and max(p.size for p in posts) <= limit
@@ -118,7 +118,7 @@ def test_a_413_splits_the_body_and_an_answer_too_large_alone_becomes_an_error(
     tasks, _ = client.take_tasks(job, 6)
     sizes = [2] * 5 + [200]  # the last one is over the proxy's limit on its own
     report = client.post_results(job, [answer(t.reply_subject or "", t.image_id, n)
-                                       for t, n in zip(tasks, sizes, strict=True)])
+                                       for t, n in zip(tasks, sizes, strict=True)], {})
     assert len(report.posted) == 6 and len(report.too_large) == 1
     statuses = [p.body is None for p in mock.result_posts()]
     assert statuses[0] is True, "the first, whole body was refused"
@@ -150,5 +150,5 @@ def test_queue_outage_and_unreachable_antenna_are_unavailable(mock: AntennaMock)
     gone = AntennaClient(f"http://127.0.0.1:{port}/api/v2", mock.token, timeout_s=2)
     with pytest.raises(AntennaUnavailable, match="cannot reach"):
         gone.jobs(1, [SLUG])
-    report = gone.post_results(job, [answer(tasks[0].reply_subject or "", "1", 1)])
+    report = gone.post_results(job, [answer(tasks[0].reply_subject or "", "1", 1)], {})
     assert report.not_sent == [tasks[0].reply_subject] and report.posted == []

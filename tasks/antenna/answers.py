@@ -10,9 +10,9 @@ get_or_create_taxon_for_classification: the rank of a new taxon from
 `category_map.data[argmax(scores)]`; ami/main/models.py Classification.top_n and
 predictions: taxa by score index), the taxon by the `classification` name, and `labels` only
 when no map is registered. So an answer is kept compact, its top-k as `labels` and `scores`
-(what the job store holds and what splits under the POST limit), and `for_antenna` turns it
-into what Antenna reads right just before it leaves: `scores` at the labels' positions in
-the map, zero elsewhere (written `0`: two bytes a label), no `labels`.
+(what the job store holds), and is serialized with the POSITIONS context (`positions`) into
+what Antenna reads right as it leaves: `scores` at the labels' positions in the map, zero
+elsewhere (written `0`: two bytes a label), no `labels` (schemas.ClassificationResponse).
 """
 
 from __future__ import annotations
@@ -120,7 +120,8 @@ def algorithm_key(model: dict[str, Any]) -> str:
 
 
 def positions(served: Sequence[ServedPipeline]) -> dict[str, dict[str, int]]:
-    """Each classifying algorithm's key -> the position of each label in its category map."""
+    """Each classifying algorithm's key -> the position of each label in its category map:
+    the POSITIONS context that answers are serialized with."""
     return {
         algorithm_key(model): {label: i for i, label in enumerate(model["labels"])}
         for p in served for role in ("filter", "classifier")
@@ -130,7 +131,7 @@ def positions(served: Sequence[ServedPipeline]) -> dict[str, dict[str, int]]:
 
 def classification(c: ClassificationRecord, ref: AlgorithmReference, terminal: bool,
                    at: datetime) -> ClassificationResponse:
-    """The compact form: the top-k labels and scores, highest first (see for_antenna)."""
+    """The compact form: the top-k labels and scores, highest first."""
     ranked = list(c.topk) or [(c.label, c.score)]
     return ClassificationResponse(
         classification=c.label, labels=[label for label, _ in ranked],
@@ -148,24 +149,6 @@ def detection(image_id: str, box: DetectionRecord, detector: AlgorithmReference,
         classifications=[classification(c, *classifiers[c.classifier], at)
                          for c in box.classifications if c.classifier in classifiers],
     )
-
-
-def for_antenna(result: dict[str, Any], maps: dict[str, dict[str, int]]) -> dict[str, Any]:
-    """A compact answer as Antenna reads it: each classification's scores at its labels'
-    positions in the registered category map, zero elsewhere, and no `labels` (Antenna
-    takes them for the whole map). An algorithm without a map keeps its top-k scores."""
-    for det in result.get("detections", ()):
-        for c in det.get("classifications", ()):
-            labels = c.pop("labels", None)
-            where = maps.get(c["algorithm"]["key"])
-            if labels is None or where is None:
-                continue
-            dense: list[float | int] = [0] * len(where)
-            for label, score in zip(labels, c["scores"], strict=True):
-                if label in where:
-                    dense[where[label]] = score
-            c["scores"] = dense
-    return result
 
 
 def answer(task: EndedTask, boxes: list[DetectionRecord], served: ServedPipeline,

@@ -47,7 +47,7 @@ from db.antenna import (
 )
 from db.jobs import create_job
 from db.models import AntennaTask
-from tasks.antenna.answers import ServedPipeline, answer, for_antenna, positions
+from tasks.antenna.answers import ServedPipeline, answer, positions
 from tasks.antenna.client import (
     AntennaAuthError,
     AntennaClient,
@@ -155,10 +155,9 @@ class Bridge:
                 with self.factory.begin() as session:
                     release(session, list(ids.values()))
                 continue
-            results = [TaskResult.model_validate({
-                "reply_subject": c.reply_subject, "result": for_antenna(c.answer, self.maps),
-            }) for c in items]
-            report = self.client.post_results(job_id, results)
+            results = [TaskResult.model_validate({"reply_subject": c.reply_subject,
+                                                  "result": c.answer}) for c in items]
+            report = self.client.post_results(job_id, results, self.maps)
             with self.factory.begin() as session:
                 mark_answered(session, [ids[s] for s in report.posted], datetime.now(UTC))
                 release(session, [ids[s] for s in report.not_sent])

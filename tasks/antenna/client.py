@@ -22,6 +22,7 @@ import httpx
 from pydantic import ValidationError
 
 from tasks.antenna.schemas import (
+    POSITIONS,
     ClientInfo,
     JobList,
     JobListItem,
@@ -134,15 +135,17 @@ class AntennaClient:
         resp = self._send("POST", f"/jobs/{job_id}/tasks/", json=body.model_dump(mode="json"))
         return split_tasks(self._parse(TasksResponse, resp).tasks)
 
-    def post_results(self, job_id: int, results: Sequence[TaskResult]) -> PostReport:
+    def post_results(self, job_id: int, results: Sequence[TaskResult],
+                     positions: dict[str, dict[str, int]]) -> PostReport:
         """POST the answers in bodies of at most max_post_bytes; a 413 splits a body in two.
+        Their scores go out at their labels' `positions` (schemas.ClassificationResponse).
 
         An answer too large to go alone is replaced by a PipelineResultsError saying so,
         so the task is still answered. After Antenna stops answering, the answers left are
         reported not sent, and the bridge keeps them for later.
         """
         report = PostReport()
-        encoded = [(r.reply_subject, _encode(r)) for r in results]
+        encoded = [(r.reply_subject, _encode(r, positions)) for r in results]
         pending = list(self._packs(encoded))
         while pending:
             pack = pending.pop(0)
@@ -155,7 +158,8 @@ class AntennaClient:
             elif outcome == "too_large" and pack[0][0] not in report.too_large:
                 subject, _ = pack[0]
                 report.too_large.append(subject)
-                pending.insert(0, [(subject, _encode(_too_large_answer(results, subject)))])
+                pending.insert(0, [(subject, _encode(_too_large_answer(results, subject),
+                                                     positions))])
             elif outcome == "too_large":
                 report.not_sent.append(pack[0][0])
                 report.error = "not sent: even a one-line error answer was refused with 413"
@@ -268,8 +272,8 @@ def split_tasks(raw: list[dict[str, Any]]) -> tuple[list[ProcessingTask], list[M
     return good, bad
 
 
-def _encode(result: TaskResult) -> bytes:
-    return result.model_dump_json(exclude_none=True).encode()
+def _encode(result: TaskResult, positions: dict[str, dict[str, int]]) -> bytes:
+    return result.model_dump_json(exclude_none=True, context={POSITIONS: positions}).encode()
 
 
 def _too_large_answer(results: Sequence[TaskResult], subject: str) -> TaskResult:

@@ -13,7 +13,16 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
+
+POSITIONS = "positions"  # serialization context: algorithm key -> {label: its index}
 
 
 class Sent(BaseModel):
@@ -60,15 +69,15 @@ class AlgorithmConfig(Sent):
 
 
 class ClassificationResponse(Sent):
-    """`classification` is the top-1 label. As sent, `scores` lie at their labels' positions
-    in the registered category map (Antenna reads them so), zero elsewhere, written as the
-    int 0 to keep them short, and `labels` is left out; trapq's stored, compact form has the
-    top-k in `labels` and `scores` instead (tasks.antenna.answers.for_antenna). `logits` are
-    left out, as trapq keeps none."""
+    """`classification` is the top-1 label. The model holds the compact top-k (`labels` and
+    `scores`, highest first), as the job store keeps it; serialized with a POSITIONS
+    context, it is what Antenna reads right: `scores` at their labels' positions in the
+    registered category map, zero elsewhere (written `0`, two bytes a label), and no
+    `labels` (tasks.antenna.answers says why). `logits` are left out, as trapq keeps none."""
 
     classification: str
     labels: list[str] | None = None
-    scores: list[float | int] = Field(default_factory=list)
+    scores: list[float] = Field(default_factory=list)
     logits: list[float] | None = None
     features: list[float] | None = None
     ood_score: float | None = None
@@ -76,6 +85,22 @@ class ClassificationResponse(Sent):
     algorithm: AlgorithmReference
     terminal: bool = True
     timestamp: datetime
+
+    @model_serializer(mode="wrap")
+    def _positional(self, handler: SerializerFunctionWrapHandler,
+                    info: SerializationInfo) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if not isinstance(info.context, dict) or POSITIONS not in info.context:
+            return out
+        out.pop("labels", None)
+        where = info.context[POSITIONS].get(self.algorithm.key)
+        if where is not None and self.labels is not None:
+            dense: list[float] = [0] * len(where)
+            for label, score in zip(self.labels, self.scores, strict=True):
+                if label in where:
+                    dense[where[label]] = score
+            out["scores"] = dense
+        return out
 
 
 class DetectionResponse(Sent):

@@ -31,8 +31,9 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from db.boxes import DetectionRecord
-from tasks.antenna.answers import ServedPipeline, detection, for_antenna, positions
+from tasks.antenna.answers import ServedPipeline, detection, positions
 from tasks.antenna.schemas import (
+    POSITIONS,
     AlgorithmConfig,
     AlgorithmReference,
     DetectionRequest,
@@ -155,8 +156,9 @@ def create_app(settings: Settings, serve: ServeSettings, served: Sequence[Served
             boxes={url: [box for box, _ in boxes] for url, boxes in given.items()},
         )
         response = answer(pipeline, body.source_images, result, given)
-        return JSONResponse(for_antenna(response.model_dump(mode="json", exclude_none=True),
-                                        maps))
+        return Response(response.model_dump_json(exclude_none=True,
+                                                 context={POSITIONS: maps}),
+                        media_type="application/json")
 
     return app
 
