@@ -292,8 +292,8 @@ def _plain(uri: str) -> str:
     return uri.removeprefix("file://")
 
 
-def _model_name(pipeline: StoredPipeline | None, role: str) -> str | None:
-    model = pipeline.model(role) if pipeline is not None else None
+def _model_name(pipeline: StoredPipeline, role: str) -> str | None:
+    model = pipeline.model(role)
     return model.name if model is not None else None
 
 

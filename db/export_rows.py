@@ -65,12 +65,10 @@ def job_context(session: Session, job_id: int) -> JobContext:
     if row is None:
         raise NoSuchJob(job_id)
     job, deployment = row
-    pipeline = job_pipeline(session, job_id)
-    assert pipeline is not None  # its job row was just read
     return JobContext(
         job_id=job.id,
         state=job.state,
-        pipeline=pipeline,
+        pipeline=job_pipeline(session, job_id),
         created_at=job.created_at,
         finished_at=job.finished_at,
         deployment=deployment,
@@ -145,8 +143,7 @@ def classifiers_of(session: Session, job_id: int) -> list[str]:
     found on the job's first detections, so a big job is not scanned whole to learn them.
     """
     pipeline = job_pipeline(session, job_id)
-    models = (pipeline.filter, pipeline.classifier) if pipeline is not None else ()
-    names = [model.name for model in models if model is not None]
+    names = [model.name for model in (pipeline.filter, pipeline.classifier) if model is not None]
     first = select(Detection.id).where(Detection.job_id == job_id).limit(SAMPLE_DETECTIONS)
     found = session.scalars(
         select(Classification.classifier)

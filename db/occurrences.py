@@ -77,16 +77,14 @@ class NewOccurrence:
 class JobToTrack:
     job_id: int
     deployment_id: int
-    species_classifier: str | None
+    species_classifier: str
 
 
 def job_to_track(s: Session, job_id: int) -> JobToTrack:
     deployment_id = s.scalar(select(Job.deployment_id).where(Job.id == job_id))
     if deployment_id is None:
         raise NoSuchJob(job_id)
-    pipeline = job_pipeline(s, job_id)
-    classifier = pipeline.classifier if pipeline is not None else None
-    return JobToTrack(job_id, deployment_id, classifier.name if classifier else None)
+    return JobToTrack(job_id, deployment_id, job_pipeline(s, job_id).classifier.name)
 
 
 def spans_of(factory: sessionmaker[Session], job_id: int, gap: timedelta

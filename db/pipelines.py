@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from db.errors import NoSuchJob
 from db.models import Job, Pipeline
 from db.states import JobState
 
@@ -45,6 +46,17 @@ class PipelineModel:
     sha256: str | None
     weights: str  # the location its bytes come from
 
+    @classmethod
+    def of(cls, part: dict[str, Any]) -> PipelineModel:
+        """From its part of PipelineSpec.to_dict()."""
+        sha = part.get("sha256")
+        return cls(
+            name=str(part["name"]),
+            labels=tuple(str(x) for x in part.get("labels") or ()),
+            sha256=str(sha) if sha else None,
+            weights=str(part.get("weights") or ""),
+        )
+
 
 @dataclass(frozen=True)
 class StoredPipeline:
@@ -58,33 +70,25 @@ class StoredPipeline:
     id: int | None = None
 
     def model(self, role: str) -> PipelineModel | None:
+        """The model of this role; None only for a filter, the one optional model."""
         part = self.spec.get(role)
-        if not isinstance(part, dict) or not part.get("name"):
-            return None
-        sha = part.get("sha256")
-        return PipelineModel(
-            name=str(part["name"]),
-            labels=tuple(str(x) for x in part.get("labels") or ()),
-            sha256=str(sha) if sha else None,
-            weights=str(part.get("weights") or ""),
-        )
+        return PipelineModel.of(part) if part else None
 
     @property
-    def detector(self) -> PipelineModel | None:
-        return self.model("detector")
+    def detector(self) -> PipelineModel:
+        return PipelineModel.of(self.spec["detector"])
 
     @property
-    def classifier(self) -> PipelineModel | None:
-        return self.model("classifier")
+    def classifier(self) -> PipelineModel:
+        return PipelineModel.of(self.spec["classifier"])
 
     @property
     def filter(self) -> PipelineModel | None:
         return self.model("filter")
 
     @property
-    def box_threshold(self) -> float | None:
-        value = self.spec.get("box_threshold")
-        return float(value) if value is not None else None
+    def box_threshold(self) -> float:
+        return float(self.spec["box_threshold"])
 
     @property
     def label(self) -> str:
@@ -123,9 +127,12 @@ def detector_fingerprint(spec: dict[str, Any]) -> str:
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()
 
 
-def job_pipeline(session: Session, job_id: int) -> StoredPipeline | None:
-    """The pipeline job `job_id` runs, or None if there is no such job."""
-    return job_pipelines(session, [job_id]).get(job_id)
+def job_pipeline(session: Session, job_id: int) -> StoredPipeline:
+    """The pipeline job `job_id` runs; NoSuchJob if there is no such job."""
+    found = job_pipelines(session, [job_id]).get(job_id)
+    if found is None:
+        raise NoSuchJob(job_id)
+    return found
 
 
 def job_pipelines(session: Session, job_ids: Sequence[int]) -> dict[int, StoredPipeline]:

@@ -38,7 +38,7 @@ def box_source_problem(
     if theirs == detector_fingerprint(pipeline):
         return None
     source = job_pipeline(session, job_id)
-    if source is not None and detector_fingerprint(
+    if detector_fingerprint(
         {**source.spec, "box_threshold": pipeline.get("box_threshold")}
     ) == detector_fingerprint(pipeline):
         return f"job {job_id} ran another box threshold than the one configured now"

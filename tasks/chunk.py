@@ -268,7 +268,6 @@ class _ChunkRun:
         assert claim.job_id is not None
         with self.rt.sessions.begin() as session:
             stored = job_pipeline(session, claim.job_id)
-        assert stored is not None  # the claim just read the job
         return self.rt.pipelines.use(stored, self.task.request.hostname or "unknown")
 
     def _start(self, claim: Claim) -> list[PendingItem]:

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.errors import NoSuchJob
 from db.models import Job
 from db.pipelines import job_pipeline
 from db.reapply import (
@@ -41,10 +40,8 @@ def reapply(factory: sessionmaker[Session], job_id: int) -> Reapplied:
     from inference.reapply import Reapplier
 
     with factory.begin() as session:
-        job = session.get(Job, job_id)
         stored = job_pipeline(session, job_id)
-        if job is None or stored is None:
-            raise NoSuchJob(job_id)
+        job = session.get_one(Job, job_id)
         if job.state not in JOB_ENDED:
             raise UserError(f"job {job_id} is {job.state}; re-apply a list once it has ended")
         spec = PipelineSpec.from_dict(stored.spec)

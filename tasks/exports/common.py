@@ -30,15 +30,15 @@ class ExportOptions:
 
 @dataclass(frozen=True)
 class JobModels:
-    """The models of a job's pipeline (db.pipelines) as exports name them. Jobs enqueued
-    before the spec carried labels have none: ids then follow first sight."""
+    """The models of a job's pipeline (db.pipelines) as exports name them. A model without
+    labels (random weights) gives its categories ids in the order first seen."""
 
     detector: str
     detector_labels: tuple[str, ...]
-    classifier: str | None
+    classifier: str
     classifier_labels: tuple[str, ...]
     filter: str | None
-    box_threshold: float | None
+    box_threshold: float
 
     pipeline: str  # NAME@VERSION, or "" for a job whose pipeline has no name
     fingerprint: str
@@ -48,10 +48,10 @@ class JobModels:
     def of(cls, pipeline: StoredPipeline) -> JobModels:
         detector, classifier, flt = pipeline.detector, pipeline.classifier, pipeline.filter
         return cls(
-            detector=detector.name if detector else "detector",
-            detector_labels=detector.labels if detector else (),
-            classifier=classifier.name if classifier else None,
-            classifier_labels=classifier.labels if classifier else (),
+            detector=detector.name,
+            detector_labels=detector.labels,
+            classifier=classifier.name,
+            classifier_labels=classifier.labels,
             filter=flt.name if flt else None,
             box_threshold=pipeline.box_threshold,
             pipeline=pipeline.label,
@@ -70,10 +70,7 @@ class JobModels:
     def species(self, detection: DetectionRecord) -> ClassificationRecord | None:
         """The species classifier's result for this box; None if it gave none (e.g. the
         filter sent the crop away)."""
-        if self.classifier is not None:
-            return detection.classification(self.classifier)
-        others = [k for k in detection.classifications if k.classifier != self.filter]
-        return others[0] if others else None
+        return detection.classification(self.classifier)
 
     def names(self) -> str:
         return " + ".join(n for n in (self.detector, self.filter, self.classifier) if n)

@@ -39,8 +39,7 @@ def write_megadetector(
         n_failed += record.state == ItemState.FAILED.value
     out.write("\n]")
     out.write(', "detection_categories": ' + json.dumps(_table(detection_ids)))
-    if models.classifier is not None or classification_ids.items():
-        out.write(', "classification_categories": ' + json.dumps(_table(classification_ids)))
+    out.write(', "classification_categories": ' + json.dumps(_table(classification_ids)))
     out.write("}\n")
     return f"{n_images} images ({n_failed} failed)"
 
@@ -50,12 +49,10 @@ def _info(ctx: JobContext, models: JobModels) -> dict[str, Any]:
     finished = ctx.finished_at.strftime(TIME_FORMAT) if ctx.finished_at else None
     if finished:
         info["detection_completion_time"] = finished
-    if models.classifier:
-        info["classifier"] = models.classifier
-        if finished:
-            info["classification_completion_time"] = finished
-    if models.box_threshold is not None:
-        info["detector_metadata"] = {"typical_detection_threshold": models.box_threshold}
+    info["classifier"] = models.classifier
+    if finished:
+        info["classification_completion_time"] = finished
+    info["detector_metadata"] = {"typical_detection_threshold": models.box_threshold}
     info["trapq"] = {"job": ctx.job_id, "pipeline": models.pipeline,
                      "pipeline_fingerprint": models.fingerprint}
     return info

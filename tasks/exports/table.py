@@ -81,10 +81,7 @@ def _detections(session: Session, job_id: int) -> Iterator[tuple[CaptureRecord, 
 
 def _pipeline(session: Session, job_id: int) -> dict[str, str]:
     stored = job_pipeline(session, job_id)
-    return {
-        "pipeline": stored.label if stored else "",
-        "pipeline_fingerprint": stored.fingerprint if stored else "",
-    }
+    return {"pipeline": stored.label, "pipeline_fingerprint": stored.fingerprint}
 
 
 def _iso(t: datetime | None) -> str:
