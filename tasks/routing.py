@@ -5,9 +5,9 @@ runs a pipeline's first chunk starts consuming its queue (Celery's own add_consu
 control, sent to that worker alone), and stops when it evicts the pipeline (cancel_consumer);
 DRAIN_AFTER_S later, when the producer's answer of who consumes what has expired, it moves
 whatever is left in that queue to the common one (Celery's contrib.migrate.move), unless it
-holds the pipeline again by then (tasks.worker.pipelines). The producer sends
-a chunk to its pipeline's queue when some live worker consumes it (Celery's inspect
-active_queues, asked at most once per AFFINITY_TTL_S), else to the common queue, which every
+holds the pipeline again by then (tasks.worker.pipelines). The producer sends a chunk to its
+pipeline's queue when some live worker consumes it (Celery's inspect active_queues, asked
+again in the background once AFFINITY_TTL_S old), else to the common queue, which every
 worker consumes: a worker that holds nothing useful takes any chunk and loads what it needs.
 
 The Redis transport polls a worker's queues in sorted order (queue_order_strategy "sorted"),
@@ -34,14 +34,15 @@ from kombu import Exchange, Queue
 
 log = logging.getLogger("trapq.routing")
 
-AFFINITY_TTL_S = 5.0  # how long the producer trusts its answer of who consumes what
+AFFINITY_TTL_S = 5.0  # age at which the producer asks again who consumes what
 INSPECT_TIMEOUT_S = 1.0  # a loaded machine's workers answer a broadcast within about this
-DRAIN_AFTER_S = AFFINITY_TTL_S + 1.0  # after a cancel: no producer still routes there
+STALE_FOR_S = AFFINITY_TTL_S + INSPECT_TIMEOUT_S  # oldest answer used, while asked again
+DRAIN_AFTER_S = STALE_FOR_S + 1.0  # after a cancel: no producer still routes there
 QUEUE_ORDER = "sorted"  # Kombu's Redis queue_order_strategy: poll queues in name order
 
 _lock = threading.Lock()
-_consumed: dict[str, tuple[float, frozenset[str]]] = {}  # broker URL -> (when, queues)
-
+_consumed: dict[str, tuple[float, frozenset[str]]] = {}  # broker URL -> (when asked, queues)
+_asking: set[str] = set()  # broker URLs asked again in the background now
 
 
 def routes(broker_url: str) -> bool:
@@ -49,13 +50,28 @@ def routes(broker_url: str) -> bool:
 
 
 def consumed_queues(app: Celery) -> frozenset[str]:
-    """The queues live workers consume now (cached for AFFINITY_TTL_S per broker)."""
+    """The queues live workers consume now, per broker.
+
+    An answer older than AFFINITY_TTL_S is asked again in a background thread while callers
+    go on with it, for at most INSPECT_TIMEOUT_S more: a broadcast waits out its whole
+    timeout, and a dispatcher round that waited for it left the slots without chunks for a
+    second every few seconds (bench.fairness). Without an answer that young, the caller asks.
+    """
     url = str(app.conf.broker_url)
-    now = time.monotonic()
     with _lock:
         cached = _consumed.get(url)
-        if cached is not None and now - cached[0] < AFFINITY_TTL_S:
+        age = time.monotonic() - cached[0] if cached is not None else STALE_FOR_S
+        if cached is not None and age < STALE_FOR_S:
+            if age >= AFFINITY_TTL_S and url not in _asking:
+                _asking.add(url)
+                threading.Thread(target=_ask, args=(app, url), name="trapq-routing-ask",
+                                 daemon=True).start()
             return cached[1]
+    return _ask(app, url)
+
+
+def _ask(app: Celery, url: str) -> frozenset[str]:
+    asked = time.monotonic()
     try:
         replies = app.control.inspect(timeout=INSPECT_TIMEOUT_S).active_queues() or {}
     except Exception as e:  # routing is an optimization: the common queue always works
@@ -63,7 +79,8 @@ def consumed_queues(app: Celery) -> frozenset[str]:
         replies = {}
     queues = frozenset(q["name"] for qs in replies.values() for q in qs or () if "name" in q)
     with _lock:
-        _consumed[url] = (now, queues)
+        _consumed[url] = (asked, queues)
+        _asking.discard(url)
     return queues
 
 
