@@ -12,12 +12,19 @@ on two cores. Measured in one run:
       FIFO's;
   (b) two busy projects weighted 3:1: the split of chunk seconds while both had work;
   (c) the slots' idle fraction while chunks waited (sampled every 20 ms in (a)), fair and
-      FIFO: a slot between two chunks (ack, next message, claim) counts as idle in both;
+      FIFO, split by whether a chunk's message was on the broker at the time: idle with one
+      there is the worker's own gap between two chunks (ack, next message, claim), the same in
+      both; idle with none there is the dispatcher's, its window run dry or a release not yet
+      published;
   (d) `classify_images` of one image, 20 times, while a backlog runs: p50 and p95 latency
       against the batch time (a backlog chunk's mean wall time), and against FIFO's wait
       behind the backlog (the chunks queued ahead over the chunk rate: estimated, not run).
 
     .venv/bin/python -m bench.fairness [--chunks 8] [--chunk-size 8] [--tries 20]
+                                       [--depth-rounds N]
+
+--depth-rounds 0 runs the dispatcher with the window of 2 x live slots alone, as before its
+depth (tasks.dispatcher.DEPTH_ROUNDS) was added: run both for a side-by-side figure.
 
 Environment: TRAPQ_TEST_PG_URL and TRAPQ_TEST_REDIS_URL, as the tests use.
 """
@@ -42,21 +49,26 @@ from datetime import datetime
 
 from sqlalchemy import Engine, text
 
+import tasks.dispatcher
 from db.imports import get_or_create_deployment
 from db.projects import add_project, set_deployment_project
 from db.session import make_engine, make_sessionmaker
-from tasks.dispatcher import run_in_thread
+from tasks.dispatcher import Dispatcher, run_in_thread
 from tasks.fast_lane import classify_images
 from tasks.pipeline import resolve_pipeline
 from tasks.producer import send_chunks
 from tasks.settings import Settings
 from tasks.store import ready_session_factory
 from tests.services import REDIS_URL, service_env, temporary_database, temporary_queue
-from tests.worker_jobs import make_job, write_jpegs
+from tests.worker_jobs import env_pipeline, make_job, write_jpegs
 from tests.worker_process import WorkerProcess, wait_for
 
 WORKERS = 2
 SMALL = "BCDEF"
+# A fast-lane answer's steps, from the call: images recorded and the job planned; the
+# dispatcher wakes and records the chunk; its message published; a worker takes it (after the
+# chunk it runs); the chunk runs; the caller, polling, sees the job ended.
+LANE_STEPS = ("plan", "release", "publish", "to a worker", "run", "noticed")
 
 
 def load1() -> str:
@@ -73,6 +85,7 @@ class Lab:
             _env_file=None,  # type: ignore[call-arg]
             **{k[6:].lower(): v for k, v in env.items() if k.startswith("TRAPQ_")},
         )
+        self.spec = env_pipeline(env)  # the workers' zero-cost models
         self.n = 0
 
     def job(self, project: str, n_chunks: int, weight: float = 1.0) -> int:
@@ -85,7 +98,7 @@ class Lab:
             set_deployment_project(s, name, project)
         paths = write_jpegs(self.folder / name, n_chunks * self.chunk_size, 32, 24)
         return make_job(self.engine, [p.as_uri() for p in paths], chunk_size=self.chunk_size,
-                        deployment=name).job_id
+                        deployment=name, spec=self.spec).job_id
 
     def scalar(self, sql: str, **params: object) -> object:
         with self.engine.connect() as conn:
@@ -110,38 +123,59 @@ class Lab:
             "WHERE job_id = ANY(:jobs)", jobs=jobs)
         return n / (last - first).total_seconds(), float(wall)
 
+    def lane_steps(self, job_id: int, asked: datetime, answered: datetime) -> tuple[float, ...]:
+        """Seconds of each of LANE_STEPS for a fast-lane job of one chunk."""
+        created, released, queued, started, finished = self._one(
+            "SELECT j.created_at, c.released_at, c.queued_at, c.started_at, c.finished_at "
+            "FROM jobs j JOIN chunks c ON c.job_id = j.id WHERE j.id = :j", j=job_id)
+        marks = [asked, created, released, queued, started, finished, answered]
+        return tuple((b - a).total_seconds() for a, b in zip(marks, marks[1:], strict=False))
+
     def _one(self, sql: str, **params: object) -> tuple:  # type: ignore[type-arg]
         with self.engine.connect() as conn:
             return tuple(conn.execute(text(sql), params).one())
 
 
 @contextmanager
-def dispatching(lab: Lab) -> Iterator[None]:
+def dispatching(lab: Lab) -> Iterator[Dispatcher]:
     dispatcher, thread = run_in_thread(lab.settings)
     try:
-        yield
+        yield dispatcher
     finally:
         dispatcher.stop.set()
         thread.join(30)
 
 
-def sample_idle(lab: Lab, stop: threading.Event, out: list[float]) -> None:
-    """Idle slots / slots, sampled while any chunk waits pending or queued."""
+def sample_idle(lab: Lab, stop: threading.Event, out: list[tuple[float, bool]]) -> None:
+    """(idle slots / slots, whether a chunk's message was on the broker), sampled while any
+    chunk waits pending or queued (a chunk recorded but not yet published is not on it)."""
     while not stop.is_set():
-        running, waiting = lab._one(
+        running, pending, queued = lab._one(
             "SELECT count(*) FILTER (WHERE state = 'running'), "
-            "count(*) FILTER (WHERE state IN ('pending', 'queued')) FROM chunks")
-        if waiting:
-            out.append(max(0, WORKERS - running) / WORKERS)
+            "count(*) FILTER (WHERE state = 'pending' OR state = 'queued' AND queued_at IS NULL), "
+            "count(*) FILTER (WHERE state = 'queued' AND queued_at IS NOT NULL) FROM chunks")
+        if pending or queued:
+            out.append((max(0, WORKERS - running) / WORKERS, bool(queued)))
         stop.wait(0.02)
 
 
-def small_after_large(lab: Lab, n: int, fair: bool, idle: list[float]) -> dict[str, float]:
+def idle_split(samples: list[tuple[float, bool]]) -> tuple[float, float, float]:
+    """(idle fraction, of it with a message on the broker, of it with none)."""
+    n = len(samples) or 1
+    gap = sum(idle for idle, queued in samples if queued) / n
+    dry = sum(idle for idle, queued in samples if not queued) / n
+    return gap + dry, gap, dry
+
+
+def small_after_large(
+    lab: Lab, n: int, fair: bool, idle: list[tuple[float, bool]]
+) -> dict[str, float]:
     """(a): the large job, then five small ones once it runs; their completion times."""
     large = lab.job("A", 20 * n)
     stop = threading.Event()
     sampler = threading.Thread(target=sample_idle, args=(lab, stop, idle))
-    with dispatching(lab) if fair else _nothing():
+    window = 0
+    with dispatching(lab) if fair else _nothing() as dispatcher:
         start = lab.now()
         if not fair:
             send_all(lab, [large])
@@ -156,6 +190,11 @@ def small_after_large(lab: Lab, n: int, fair: bool, idle: list[float]) -> dict[s
                  every=0.1)
         stop.set()
         sampler.join()
+        if dispatcher is not None:
+            window = dispatcher.window  # as deep as it grew (the rate spans the last 10 s)
+            print(f"    dispatcher: window {window} for {dispatcher.slots} slots, "
+                  f"round {dispatcher.round_s * 1000:.0f} ms, {dispatcher.rate:.1f} chunks/s "
+                  f"released", flush=True)
     rate, wall = lab.chunk_rate([large, *smalls])
     makespan = max(lab.job_span(j, start) for j in [large, *smalls])
     return {
@@ -164,12 +203,13 @@ def small_after_large(lab: Lab, n: int, fair: bool, idle: list[float]) -> dict[s
         "ideal_s": (1 + len(SMALL)) * n / rate,
         "throughput": (20 + len(SMALL)) * n / makespan,
         "chunk_s": wall,
+        "window": window,
     }
 
 
 @contextmanager
 def _nothing() -> Iterator[None]:
-    yield
+    yield None
 
 
 def send_all(lab: Lab, jobs: list[int]) -> None:
@@ -182,9 +222,11 @@ def send_all(lab: Lab, jobs: list[int]) -> None:
 
 
 def weighted_split(lab: Lab, n: int) -> float:
-    """(b): chunk seconds of a weight-3 project over a weight-1 one, while both had work."""
+    """(b): chunk seconds of a weight-3 project over a weight-1 one, while both had work:
+    both jobs are planned before the dispatcher starts (planning one takes seconds here,
+    which the first would otherwise have had to itself)."""
+    heavy, light = lab.job("heavy", 20 * n, weight=3), lab.job("light", 20 * n, weight=1)
     with dispatching(lab):
-        heavy, light = lab.job("heavy", 20 * n, weight=3), lab.job("light", 20 * n, weight=1)
         wait_for(lambda: lab.ended(heavy) or lab.ended(light), 900, "a project to run dry",
                  every=0.1)
         first_end = lab.scalar("SELECT min(finished_at) FROM jobs WHERE id IN (:h, :l)",
@@ -208,6 +250,7 @@ def classify_latency(lab: Lab, n: int, tries: int) -> dict[str, float]:
     resolve_pipeline(lab.settings, ready_session_factory(lab.settings), None)
     backlog = lab.job("backlog", 40 * n)
     latencies: list[float] = []
+    steps: list[tuple[float, ...]] = []
     ahead: list[int] = []
     with dispatching(lab):
         wait_for(lambda: lab.scalar("SELECT count(*) FROM chunks WHERE job_id = :j "
@@ -217,14 +260,19 @@ def classify_latency(lab: Lab, n: int, tries: int) -> dict[str, float]:
                 break
             ahead.append(int(lab.scalar("SELECT count(*) FROM chunks WHERE job_id = :j AND "
                                         "state IN ('pending', 'queued')", j=backlog) or 0))
-            t0 = time.perf_counter()
+            t0, asked = time.perf_counter(), lab.now()
             result = classify_images(lab.settings, [str(image)], wait=True, timeout_s=300)
             latencies.append(time.perf_counter() - t0)
             assert result.images[0].state == "done", result
+            assert result.job_id is not None
+            steps.append(lab.lane_steps(result.job_id, asked, lab.now()))
         wait_for(lambda: lab.ended(backlog), 900, "the backlog")
     rate, wall = lab.chunk_rate([backlog])
     q = statistics.quantiles(latencies, n=20) if len(latencies) >= 2 else latencies * 19
     print("    latencies (s): " + " ".join(f"{t:.2f}" for t in latencies), flush=True)
+    print("    where it went, median ms: " + ", ".join(
+        f"{name} {statistics.median(step[k] for step in steps) * 1000:.0f}"
+        for k, name in enumerate(LANE_STEPS)), flush=True)
     return {"p50": statistics.median(latencies), "p95": q[18], "batch_s": wall,
             "fifo_wait_s": statistics.mean(ahead) / rate, "tries": len(latencies)}
 
@@ -234,7 +282,10 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=6, help="chunks of a small job")
     parser.add_argument("--chunk-size", type=int, default=24)
     parser.add_argument("--tries", type=int, default=20)
+    parser.add_argument("--depth-rounds", type=int, default=tasks.dispatcher.DEPTH_ROUNDS,
+                        help="rounds of release rate the window adds (0: 2 x slots alone)")
     args = parser.parse_args()
+    tasks.dispatcher.DEPTH_ROUNDS = args.depth_rounds
     with (
         temporary_database("trapq_bench") as url,
         temporary_queue("trapq-bench") as queue,
@@ -263,24 +314,27 @@ def main() -> None:
 def run(lab: Lab, args: argparse.Namespace) -> None:
     n = args.chunks
     print(f"load average at start: {load1()}; {WORKERS} workers x 1 slot, chunks of "
-          f"{args.chunk_size} images, small jobs of {n} chunks, the large one {20 * n}",
+          f"{args.chunk_size} images, small jobs of {n} chunks, the large one {20 * n}; "
+          f"window depth {args.depth_rounds} rounds",
           flush=True)
-    idle: list[float] = []
+    idle: list[tuple[float, bool]] = []
     fair = small_after_large(lab, n, fair=True, idle=idle)
     print(f"(a) fair: small jobs done {fair['small_s']:.1f} s after enqueue (slowest "
           f"{fair['small_max_s']:.1f} s), ideal {fair['ideal_s']:.1f} s: "
           f"{fair['small_max_s'] / fair['ideal_s']:.2f}x; {fair['throughput']:.2f} chunks/s; "
           f"load1 {load1()}", flush=True)
-    idle_fifo: list[float] = []
+    idle_fifo: list[tuple[float, bool]] = []
     fifo = small_after_large(lab, n, fair=False, idle=idle_fifo)
     print(f"(a) FIFO: small jobs done {fifo['small_s']:.1f} s after enqueue; "
           f"{fifo['throughput']:.2f} chunks/s; load1 {load1()}", flush=True)
     split = weighted_split(lab, n)
     print(f"(b) weights 3:1: chunk seconds split {split:.2f}:1; load1 {load1()}", flush=True)
-    idle_fraction = statistics.mean(idle) if idle else 0.0
-    fifo_idle = statistics.mean(idle_fifo) if idle_fifo else 0.0
-    print(f"(c) idle slots while chunks waited: {idle_fraction:.1%} of {len(idle)} samples "
-          f"(FIFO, the same measure: {fifo_idle:.1%}); load1 {load1()}", flush=True)
+    idle_fraction, gap, dry = idle_split(idle)
+    fifo_idle, fifo_gap, _ = idle_split(idle_fifo)
+    print(f"(c) idle slots while chunks waited: {idle_fraction:.1%} of {len(idle)} samples: "
+          f"{gap:.1%} with a message on the broker (the worker's own gap), {dry:.1%} with none "
+          f"(the dispatcher's; window {fair['window']:.0f}); FIFO {fifo_idle:.1%} "
+          f"({fifo_gap:.1%} with one on the broker); load1 {load1()}", flush=True)
     lat = classify_latency(lab, n, args.tries)
     print(f"(d) classify x{lat['tries']}: p50 {lat['p50']:.2f} s, p95 {lat['p95']:.2f} s; "
           f"batch time {lat['batch_s']:.2f} s (p95 = {lat['p95'] / lat['batch_s']:.1f} batch "
@@ -291,7 +345,7 @@ def run(lab: Lab, args: argparse.Namespace) -> None:
         f"fifo_vs_fair={fifo['small_s'] / fair['small_s']:.1f} "
         f"throughput_vs_fifo={fair['throughput'] / fifo['throughput']:.2f} "
         f"split_3_to_1={split:.2f} idle_fraction={idle_fraction:.3f} "
-        f"fifo_idle_fraction={fifo_idle:.3f} "
+        f"idle_window_dry={dry:.3f} fifo_idle_fraction={fifo_idle:.3f} "
         f"classify_p50_s={lat['p50']:.2f} classify_p95_s={lat['p95']:.2f} "
         f"p95_batch_times={lat['p95'] / lat['batch_s']:.1f} "
         f"fifo_classify_wait_s={lat['fifo_wait_s']:.1f} load1={load1()}"
