@@ -28,7 +28,7 @@ import resource
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import psutil
@@ -151,6 +151,10 @@ def run(args: argparse.Namespace, r: redis.Redis, url: str, queue: str) -> None:
         f"send {send_s:.1f} s = {result.sent / send_s:,.0f} messages/s); "
         f"{on_queue} messages on Redis, {result.failed} failed"
     )
+    steps = m["send_steps"]
+    publish_s = send_s - sum(steps.values())
+    print("send: " + ", ".join(f"{name} {t:.1f} s" for name, t in steps.items())
+          + f", publishing (and the rest) {publish_s:.1f} s")
     print(
         f"cpu: {own_cpu:.1f} s in the enqueue process, {pg_cpu:.1f} s in its PostgreSQL backends; "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
@@ -185,6 +189,11 @@ def enqueue_in_this_process(url: str, queue: str, chunk_size: int) -> None:
         return send_chunks(*a, **kw)
 
     producer.send_chunks = timed_send  # type: ignore[assignment]
+    # The send's steps in SQL (the task-id fence: record before, confirm after each batch);
+    # the rest of the send is publishing.
+    steps = {name: 0.0 for name in SEND_STEPS}
+    for name in SEND_STEPS:
+        setattr(producer, name, _timed(getattr(producer, name), steps, name))
     sampler = RssSampler()
     start_rss = sampler.peak
     sampler.start()
@@ -204,7 +213,23 @@ def enqueue_in_this_process(url: str, queue: str, chunk_size: int) -> None:
         "cpu_s": cpu_seconds() - cpu_before[0], "pg_cpu_s": pg_cpu, "start_rss": start_rss,
         "peak_rss": peak,
         "torch": "torch" in sys.modules,
+        "send_steps": steps,
     }))
+
+
+SEND_STEPS = ("assign_task_ids", "chunk_places", "confirm_sent")
+
+
+def _timed(
+    f: Callable[..., object], into: dict[str, float], name: str
+) -> Callable[..., object]:
+    def timed(*a: object, **kw: object) -> object:
+        t0 = time.perf_counter()
+        try:
+            return f(*a, **kw)
+        finally:
+            into[name] += time.perf_counter() - t0
+    return timed
 
 
 if __name__ == "__main__":
