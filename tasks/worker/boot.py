@@ -33,7 +33,7 @@ from celery.worker import state as worker_state
 from sqlalchemy.orm import Session, sessionmaker
 
 from tasks.celery_app import app
-from tasks.pipeline import model_sources, settings_answers
+from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings, get_settings
 from tasks.store import session_factory
 from tasks.worker.exits import DEVICE_FAULT_EXIT, LOAD_FAILED_EXIT, MEMORY_RESTART_EXIT
@@ -112,18 +112,19 @@ def engine_config(s: Settings) -> EngineConfig:
 
 
 def load_models(s: Settings) -> Pipeline:
-    """The models the TRAPQ_* settings name, loaded; precision is resolved here, once."""
+    """The pipeline the TRAPQ_* settings describe, built from the spec `trapq enqueue` records
+    for them (tasks.pipeline.pipeline_spec) and loaded; precision is resolved here, once."""
     from inference.registry import load_pipeline as load
 
-    detector, classifier, flt = model_sources(s)
+    spec = pipeline_spec(s)
     return load(
-        detector,
-        classifier,
-        flt,
-        box_threshold=s.box_threshold,
-        top_k=s.top_k,
-        filter_negative_label=s.filter_negative,
-        answers=settings_answers(s, classifier.labels),
+        spec.detector,
+        spec.classifier,
+        spec.filter,
+        box_threshold=spec.box_threshold,
+        top_k=spec.top_k,
+        filter_negative_label=spec.filter_negative_label,
+        answers=spec.answers,
         device=s.device,
         precision=s.precision,
         cache_dir=s.weights_cache_dir,
