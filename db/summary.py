@@ -3,23 +3,12 @@ to draw."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from db.boxes import ClassificationRecord, DetectionRecord
 from db.models import Capture, Classification, Detection, JobCapture
 from db.states import ItemState
-
-
-@dataclass(frozen=True)
-class DrawnBox:
-    x1: float
-    y1: float
-    x2: float
-    y2: float
-    label: str
-    score: float
 
 
 def answer_counts(
@@ -56,8 +45,10 @@ def busiest_captures(session: Session, job_id: int, n: int) -> list[tuple[int, s
     return [(cid, uri) for cid, uri in rows]
 
 
-def boxes_of(session: Session, job_id: int, capture_id: int, classifier: str) -> list[DrawnBox]:
-    """A capture's boxes with the classifier's label and score (detector's where unclassified)."""
+def boxes_of(
+    session: Session, job_id: int, capture_id: int, classifier: str
+) -> list[DetectionRecord]:
+    """A capture's boxes, each with the classifier's answer if it gave one."""
     rows = session.execute(
         select(Detection, Classification.label, Classification.score)
         .outerjoin(
@@ -69,6 +60,7 @@ def boxes_of(session: Session, job_id: int, capture_id: int, classifier: str) ->
         .order_by(Detection.id)
     )
     return [
-        DrawnBox(d.x1, d.y1, d.x2, d.y2, label or d.label, score if score is not None else d.score)
+        DetectionRecord(d.x1, d.y1, d.x2, d.y2, d.score, d.label, id=d.id, classifications=[
+            ClassificationRecord(classifier, label, score)] if label is not None else [])
         for d, label, score in rows
     ]

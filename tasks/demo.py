@@ -20,11 +20,12 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from sqlalchemy import select
 
+from db.boxes import DetectionRecord
 from db.models import Job
 from db.occurrences import occurrence_counts
 from db.states import ItemState
 from db.status import JobStatus, job_status
-from db.summary import DrawnBox, answer_counts, boxes_of, busiest_captures
+from db.summary import answer_counts, boxes_of, busiest_captures
 from db.taxa import set_taxa_list
 from synthetic.nights import NightBehaviour, generate_tracked_night
 from tasks.dispatcher import run_in_thread
@@ -136,8 +137,9 @@ def wait_for_tracking(settings: Settings, job_id: int, timeout_s: float) -> None
     track_job(factory, job_id, settings)
 
 
-def annotate(path: Path, boxes: list[DrawnBox], out: Path) -> None:
-    """Draw boxes with kind and score on a copy of the capture, labels readable at 4K too."""
+def annotate(path: Path, boxes: list[DetectionRecord], out: Path) -> None:
+    """Draw boxes with kind and score (the classifier's, else the detector's) on a copy of the
+    capture, labels readable at 4K too."""
     with Image.open(path) as im:
         image = ImageOps.exif_transpose(im).convert("RGB")
     draw = ImageDraw.Draw(image)
@@ -145,7 +147,8 @@ def annotate(path: Path, boxes: list[DrawnBox], out: Path) -> None:
     font = ImageFont.load_default(size=max(14, image.width // 80))
     for b in boxes:
         draw.rectangle((b.x1, b.y1, b.x2, b.y2), outline=(220, 20, 60), width=width)
-        text = f"{b.label} {b.score:.2f}"
+        shown = b.classifications[0] if b.classifications else b
+        text = f"{shown.label} {shown.score:.2f}"
         left, top, right, bottom = draw.textbbox((b.x1, b.y1), text, font=font, anchor="lb")
         draw.rectangle((left - 2, top - 2, right + 2, bottom), fill=(220, 20, 60))
         draw.text((b.x1, b.y1), text, fill="white", font=font, anchor="lb")
