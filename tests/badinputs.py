@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
@@ -40,10 +41,14 @@ class Case:
     size: tuple[int, int] | None = None  # expected upright (width, height) of a done item
 
 
+HOLD_LIMIT_S = 120.0  # a held request is answered after this long even if never released
+
+
 class ImageServer:
     """A threaded HTTP server on 127.0.0.1 with the network misbehaviours of the corpus.
 
-    /img/<n>.jpg    a small valid JPEG (seeded by n), after `delay` seconds (query ?delay=)
+    /img/<n>.jpg    a small valid JPEG (seeded by n), after `delay` seconds (query ?delay=);
+                    held until `release()` while `hold(...)` selects n (see hold)
     /status/<code>  that HTTP status, empty body
     /stall          sleeps STALL_S before answering (past the read timeout)
     /loop           redirects to itself
@@ -57,13 +62,50 @@ class ImageServer:
         self.requests = 0
         self.hosts: list[str] = []  # Host header of every request
         self.url = ""  # set while serving
+        self.held = 0  # requests held since the last hold()
+        self._held_images: set[int] = set()
+        self._held_event = threading.Event()
+        self._selects: Callable[[int], bool] | None = None
+        self._gate = threading.Event()
+        self._lock = threading.Lock()
         self._stack = ExitStack()
+
+    def hold(self, selects: Callable[[int], bool]) -> None:
+        """From now on, hold the request for /img/<n>.jpg with selects(n) until release():
+        a client caught at a known point (say the last image of each chunk), for as long as
+        the test needs, where a per-image delay only makes that point likely. Each image is
+        held once at most: a client that asks for it again (a redelivered chunk) is answered
+        at once, so work resumed after a fault runs to its end."""
+        with self._lock:
+            self._gate = threading.Event()
+            self._selects, self.held = selects, 0
+            self._held_event.clear()
+
+    def release(self) -> None:
+        """Answer the held requests, and hold no more."""
+        with self._lock:
+            self._selects = None
+            self._gate.set()
+
+    def wait_held(self, timeout: float) -> bool:
+        """True once a request is held (since the last hold())."""
+        return self._held_event.wait(timeout)
+
+    def _gate_for(self, n: int) -> threading.Event | None:
+        with self._lock:
+            if self._selects is None or n in self._held_images or not self._selects(n):
+                return None
+            self._held_images.add(n)
+            self.held += 1
+            self._held_event.set()
+            return self._gate
 
     def __enter__(self) -> ImageServer:
         self.url = self._stack.enter_context(serving(self._handler()))
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self.release()
         self._stack.close()
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
@@ -84,6 +126,9 @@ class ImageServer:
                 path = parts.path
                 if path.startswith("/img/"):
                     seed = int(path.rsplit("/", 1)[1].split(".")[0])
+                    gate = outer._gate_for(seed)
+                    if gate is not None:
+                        gate.wait(HOLD_LIMIT_S)
                     time.sleep(float(query.get("delay", [outer.delay_s])[0]))
                     self.send_body(200, jpeg_bytes(160, 120, seed=seed), "image/jpeg")
                 elif path.startswith("/status/"):

@@ -3,9 +3,10 @@
 Each scenario runs an undisturbed reference job over a deployment's captures, then a second
 job over the same captures while it injects one fault, recovers, and audits the second job:
 every work item ended exactly once (done, or failed with a reason), no detection row twice,
-and results equal to the reference job's. The captures come from a local HTTP server whose
-per-image delay makes a chunk last long enough to be hit mid-way; the detector is the
-zero-cost `constant_boxes`, because the model is not what is under test.
+and results equal to the reference job's. The captures come from a local HTTP server that
+holds each chunk's last image until the scenario releases it (hold_last_images), so the
+fault lands mid-chunk for certain, however loaded the machine; the detector is the zero-cost
+`constant_boxes`, because the model is not what is under test.
 
 Every wait is bounded; every process a scenario starts is killed (by process group) when it
 ends, whichever way it ends.
@@ -183,15 +184,21 @@ def _reference_then_job(
     n: int, chunk_size: int, deployment: str,
 ) -> tuple[int, MadeJob]:
     """Run an undisturbed job to its end with `worker`, then plan (not send) the job under test."""
-    server.delay_s = 0.0
     reference = make_job(lab.engine, _captures(server, n), chunk_size=chunk_size,
                          deployment=deployment)
     send(env, lab.engine, reference.chunk_ids)
     if wait_job_end(lab.engine, reference.job_id, worker) != "done":
         raise AssertionError(f"reference job ended {job_state(lab.engine, reference.job_id)}")
-    server.delay_s = IMAGE_DELAY_S
     return reference.job_id, make_job(lab.engine, [], chunk_size=chunk_size,
                                       deployment=deployment)
+
+
+def hold_last_images(server: ImageServer, chunk_size: int) -> None:
+    """Hold the fetch of each chunk's last image (a job's captures are chunked in order)
+    until server.release(): a running chunk then has its first write batch (TRAPQ_WRITE_BATCH_SIZE
+    4, worker_env) written and its last capture pending, i.e. it is mid_chunk, and stays so."""
+    assert chunk_size > 4, "a chunk must outlast one write batch"
+    server.hold(lambda i: i % chunk_size == chunk_size - 1)
 
 
 def mid_chunk(engine: Engine, job_id: int, worker: WorkerProcess) -> bool:
@@ -220,6 +227,8 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
 
     A restarted worker takes queued chunks at once, and its sweep (every second here) puts
     back on the queue the killed deliveries once they are older than the visibility timeout.
+    Each worker is caught on a chunk's held last image (hold_last_images), killed, and only
+    then is the image answered (into a closed socket).
     """
     env = fault_env(lab.env, TRAPQ_MAX_DELIVERIES="30")
     ok = 0
@@ -227,6 +236,7 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
     with ImageServer() as server:
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "kill")
+        hold_last_images(server, chunk_size)
         send(env, lab.engine, job.chunk_ids)
         for trial in range(trials):
             try:
@@ -236,7 +246,10 @@ def sigkill_restart(lab: Lab, trials: int = 10, n: int = 60, chunk_size: int = 6
                 break
             worker.kill()
             ok += 1
+            server.release()
+            hold_last_images(server, chunk_size)
             worker = lab.workers(env).start()
+        server.release()
         state = wait_job_end(lab.engine, job.job_id, worker)
         worker.stop()
     with lab.engine.connect() as conn:
@@ -286,6 +299,7 @@ def supervisor_kill(lab: Lab, trials: int = 3, n: int = 48, chunk_size: int = 6)
     with ImageServer() as server:
         supervisor = trapq_worker(lab, env).start()
         ref_id, job = _reference_then_job(lab, env, server, supervisor, n, chunk_size, "orphan")
+        hold_last_images(server, chunk_size)
         send(env, lab.engine, job.chunk_ids)
         for trial in range(trials):
             try:
@@ -296,6 +310,7 @@ def supervisor_kill(lab: Lab, trials: int = 3, n: int = 48, chunk_size: int = 6)
             in_flight = _running_chunks(lab.engine, job.job_id)
             children = psutil.Process(supervisor.pid).children(recursive=True)
             os.kill(supervisor.pid, signal.SIGKILL)
+            server.release()  # the orphaned child may finish its chunk in its warm shutdown
             supervisor.wait(30)
             killed_at = time.monotonic()
             while alive(children) and time.monotonic() - killed_at < ORPHAN_LIMIT_S:
@@ -312,7 +327,9 @@ def supervisor_kill(lab: Lab, trials: int = 3, n: int = 48, chunk_size: int = 6)
             finished += done
             redelivered += len(in_flight) - done
             ok += not left
+            hold_last_images(server, chunk_size)
             supervisor = trapq_worker(lab, env).start()
+        server.release()
         state = wait_job_end(lab.engine, job.job_id, supervisor)
         supervisor.stop()
     notes.append(
@@ -402,9 +419,10 @@ def redelivery(lab: Lab, n: int = 20) -> Outcome:
     """How long a SIGKILLed worker's chunk takes to reach an idle worker of the same queue on
     Redis, against the bound of tasks.visibility (visibility timeout + sweep period)."""
     env = fault_env(lab.env)
-    with ImageServer(delay_s=IMAGE_DELAY_S) as server:
+    with ImageServer() as server:
         job = make_job(lab.engine, _captures(server, n), chunk_size=n, deployment="redelivery")
         pair = [lab.workers(env, concurrency=1).start() for _ in range(2)]
+        hold_last_images(server, n)
         send(env, lab.engine, job.chunk_ids)
         busy = wait_for(lambda: [w for w in pair if mid_chunk(lab.engine, job.job_id, w)], 60,
                         "a chunk half done", every=0.05, on_timeout=pair[0].tail)
@@ -412,6 +430,7 @@ def redelivery(lab: Lab, n: int = 20) -> Outcome:
         (idle,) = [w for w in pair if w is not first]
         first.kill()
         killed_at = time.monotonic()
+        server.release()
         wait_for(lambda: chunk_rows(lab.engine, job.job_id)[0].deliveries >= 2, 180,
                  "the killed chunk delivered again", every=0.1, on_timeout=idle.tail)
         returned_s = time.monotonic() - killed_at
@@ -466,12 +485,13 @@ def partition(lab: Lab, n: int = 24) -> Outcome:
         send(here, lab.engine, reference.chunk_ids)
         if wait_job_end(lab.engine, reference.job_id, cut_off) != "done":
             raise AssertionError("the reference job through the veth pair did not end done")
-        server.delay_s = IMAGE_DELAY_S
         job = make_job(lab.engine, [], chunk_size=n, deployment="partition")
+        hold_last_images(server, n)
         send(here, lab.engine, job.chunk_ids)
         wait_mid_chunk(lab, job, cut_off)
         ns.partition()
         cut_at = time.monotonic()
+        server.release()  # its answer is lost beyond the cut
         other = lab.workers(here, concurrency=1).start()
         state = wait_job_end(lab.engine, job.job_id, other)
         recovery_s = time.monotonic() - cut_at
@@ -587,10 +607,12 @@ def redis_restart(
         env = fault_env(lab.env, TRAPQ_BROKER_URL=broker.url, TRAPQ_RESULT_BACKEND=broker.url)
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "redis")
+        hold_last_images(server, chunk_size)
         send(env, lab.engine, job.chunk_ids)
         wait_mid_chunk(lab, job, worker)
         broker.stop(sig)
-        time.sleep(down_s)
+        server.release()  # the chunks in flight end while the broker is down
+        time.sleep(down_s)  # the outage itself, not a wait for anything
         broker.start()
         state = wait_job_end(lab.engine, job.job_id, worker)
         alive = worker.proc is not None and worker.proc.poll() is None
@@ -611,9 +633,11 @@ def redis_data_lost(lab: Lab, n: int = 48, chunk_size: int = 6) -> Outcome:
         env = fault_env(lab.env, TRAPQ_BROKER_URL=broker.url, TRAPQ_RESULT_BACKEND=broker.url)
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "lost")
+        hold_last_images(server, chunk_size)
         send(env, lab.engine, job.chunk_ids)
         wait_mid_chunk(lab, job, worker)
         broker.stop(signal.SIGKILL)
+        server.release()
         broker.start()
         wait_for(lambda: not _running_chunks(lab.engine, job.job_id), 60,
                  "the chunks in flight to end", on_timeout=worker.tail)
@@ -684,6 +708,7 @@ def pg_terminate(lab: Lab, kills: int = 6, n: int = 72, chunk_size: int = 6) -> 
     with ImageServer() as server:
         worker = lab.workers(env).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "pg")
+        server.delay_s = IMAGE_DELAY_S  # with the slow writes, a job long enough for `kills`
         terminated = 0
         with slow_detection_writes(lab.engine, 0.6):
             send(env, lab.engine, job.chunk_ids)
@@ -720,12 +745,14 @@ def sigterm_warm(lab: Lab, n: int = 48, chunk_size: int = 8) -> Outcome:
     with ImageServer() as server:
         worker = lab.workers(env, concurrency=2).start()
         ref_id, job = _reference_then_job(lab, env, server, worker, n, chunk_size, "term")
+        hold_last_images(server, chunk_size)
         send(env, lab.engine, job.chunk_ids)
         wait_for(lambda: len(_running_chunks(lab.engine, job.job_id)) == 2
                  and mid_chunk(lab.engine, job.job_id, worker), 60, "two chunks in flight",
                  every=0.05, on_timeout=worker.tail)
         in_flight = _running_chunks(lab.engine, job.job_id)
         worker.signal(signal.SIGTERM)
+        server.release()
         try:
             code: int | None = worker.wait(60)
         except subprocess.TimeoutExpired:

@@ -40,13 +40,15 @@ def test_the_same_chunk_sent_again_while_it_runs_is_done_exactly_once(
 ) -> None:
     env = fs.fault_env(service_env)
     n = 24
-    with ImageServer(delay_s=fs.IMAGE_DELAY_S) as server:
+    with ImageServer() as server:
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
         pair = [worker_factory(env, concurrency=1).start() for _ in range(2)]
+        fs.hold_last_images(server, n)
         send(env, clean_pg, job.chunk_ids)
         (first,) = wait_for(lambda: _busy(clean_pg, job.job_id, pair), 60, "a chunk half done",
                             every=0.05, on_timeout=pair[0].tail)  # type: ignore[misc]
         send(env, clean_pg, job.chunk_ids)  # the idle worker starts it too
+        server.release()  # the first run goes on, into the second one's claim
         wait_for(lambda: chunk_rows(clean_pg, job.job_id)[0].state == "done", 120,
                  "the chunk done", on_timeout=pair[1].tail)
         (second,) = [w for w in pair if w is not first]
@@ -101,15 +103,18 @@ def test_a_chunk_whose_worker_dies_on_it_every_time_fails_after_its_delivery_bud
 ) -> None:
     env = fs.fault_env(service_env, TRAPQ_MAX_DELIVERIES="2")
     n = 24
-    with ImageServer(delay_s=fs.IMAGE_DELAY_S) as server:
+    with ImageServer() as server:
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
         send(env, clean_pg, job.chunk_ids)
-        for delivery in (1, 2):
+        for delivery, held in ((1, 11), (2, 19)):
+            # Each delivery writes captures up to image `held`, whose fetch holds it there.
+            server.hold(lambda i, held=held: i == held)  # type: ignore[misc]
             # Each new worker's sweep puts the killed delivery back once past the timeout.
             worker = worker_factory(env, concurrency=1).start()
             wait_for(lambda w=worker: fs.mid_chunk(clean_pg, job.job_id, w), 60,  # type: ignore[misc]
                      f"delivery {delivery} half done", every=0.05, on_timeout=worker.tail)
             worker.kill()  # dies on the chunk, as one out of memory would
+            server.release()
         last = worker_factory(env, concurrency=1).start()
         wait_for(lambda: job_state(clean_pg, job.job_id) == "failed", 60, "the job failed",
                  on_timeout=last.tail)

@@ -61,14 +61,15 @@ def test_trapq_worker_restarts_a_child_killed_by_sigkill_and_its_chunk_is_done_o
     env = dict(lab_env, TRAPQ_WORKER_CRASH_PAUSE_S="1")
     n = 24
     with ImageServer() as server:
-        server.delay_s = fs.IMAGE_DELAY_S
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
         supervisor = _supervisor(worker_factory, env).start()
+        fs.hold_last_images(server, n)
         send(env, clean_pg, job.chunk_ids)
         wait_for(lambda: fs.mid_chunk(clean_pg, job.job_id, supervisor), 60, "mid-chunk",
                  every=0.05, on_timeout=supervisor.tail)
         (child,) = _children(supervisor)
         child.kill()  # what the kernel's OOM killer does too
+        server.release()
         wait_for(lambda: [c for c in _children(supervisor) if c.pid != child.pid], 60,
                  "a new child", on_timeout=supervisor.tail)
         # The new child sweeps the killed delivery back once the visibility timeout passed.
@@ -105,11 +106,11 @@ def test_trapq_worker_does_not_restart_a_child_whose_models_fail_to_load(
 def test_a_second_signal_turns_the_warm_shutdown_cold_and_the_chunk_goes_back_to_the_queue(
     lab_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
-    n = 40  # 0.12 s each through one fetch thread: the chunk outlasts the two signals
+    n = 24
     with ImageServer() as server:
-        server.delay_s = fs.IMAGE_DELAY_S
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
         supervisor = _supervisor(worker_factory, lab_env).start()
+        fs.hold_last_images(server, n)  # the chunk outlasts the two signals
         send(lab_env, clean_pg, job.chunk_ids)
         wait_for(lambda: fs.mid_chunk(clean_pg, job.job_id, supervisor), 60, "mid-chunk",
                  every=0.05, on_timeout=supervisor.tail)
