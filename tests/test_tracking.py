@@ -26,7 +26,6 @@ from inference.tracking import (
 from inference.types import Classification, ItemResult
 from inference.types import Detection as Det
 from synthetic.nights import generate_tracked_night, outline_box, plan_night
-from tasks.pipeline import pipeline_spec
 from tasks.settings import Settings
 from tasks.tracking import track_job
 from tests.fault_scenarios import wait_job_end
@@ -37,8 +36,8 @@ from tests.worker_jobs import (
     make_job,
     plan_job,
     send,
-    settings_of,
     worker_env,
+    worker_pipeline,
     write_jpegs,
 )
 from tests.worker_process import wait_for
@@ -216,8 +215,7 @@ def test_a_job_that_ends_failed_is_tracked_too(
 ) -> None:
     """Its last chunk fails (the job's classifier weights are gone, so its pipeline cannot
     load): the failure path sends the tracking task as the success path does."""
-    settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
-    spec = pipeline_spec(settings)
+    spec = worker_pipeline()
     gone = dataclasses.replace(spec.classifier, weights=str(tmp_path / "gone.pt"), sha256="0" * 64)
     paths = write_jpegs(tmp_path / "images", 2)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2,

@@ -2,7 +2,8 @@
 threshold loads the job's pipeline into its model cache and serves it; the same weights' bytes
 at another path are the same pipeline (no load).
 
-The job's spec is built by tasks.pipeline.pipeline_spec, the function `trapq enqueue` uses.
+The job's spec is built by tasks.pipeline.pipeline_spec, the function `trapq enqueue` uses
+(tests.worker_jobs.env_pipeline).
 """
 
 from __future__ import annotations
@@ -15,17 +16,16 @@ import torch
 from sqlalchemy import Engine
 
 from inference.registry import REGISTRY
-from tasks.pipeline import pipeline_spec
 from tests.fault_scenarios import wait_job_end
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
     chunk_rows,
     detections_per_capture,
+    env_pipeline,
     item_states,
     make_job,
     send,
-    settings_of,
     worker_env,
     write_jpegs,
 )
@@ -58,8 +58,7 @@ def test_a_worker_started_with_other_settings_serves_the_jobs_own_pipeline(
 ) -> None:
     assert DEMO_CLASSIFIER.is_file(), "the demo checkpoints are committed"
     paths = write_jpegs(tmp_path / "images", 2)
-    settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
-    spec = pipeline_spec(settings)
+    spec = env_pipeline(_env(service_env))
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2, spec=spec)
     if worker_settings.get("TRAPQ_CLASSIFIER_WEIGHTS") == "other":
         worker_settings = {"TRAPQ_CLASSIFIER_WEIGHTS": str(_other_weights(tmp_path / "b.pt"))}
@@ -81,8 +80,8 @@ def test_the_same_weights_at_another_path_run_the_job(
     """The fingerprint names the bytes, not where a machine keeps them."""
     assert DEMO_CLASSIFIER.is_file(), "the demo checkpoints are committed"
     paths = write_jpegs(tmp_path / "images", 2)
-    settings = settings_of(service_env).model_copy(update={"detector": "constant_boxes"})
-    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2, spec=pipeline_spec(settings))
+    job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2,
+                   spec=env_pipeline(_env(service_env)))
     copy = shutil.copy(DEMO_CLASSIFIER, tmp_path / "elsewhere.pt")
     env = _env(service_env, TRAPQ_CLASSIFIER_WEIGHTS=str(copy))
     worker = worker_factory(env).start()
