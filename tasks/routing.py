@@ -36,7 +36,9 @@ log = logging.getLogger("trapq.routing")
 
 AFFINITY_TTL_S = 5.0  # age at which the producer asks again who consumes what
 INSPECT_TIMEOUT_S = 1.0  # a loaded machine's workers answer a broadcast within about this
-STALE_FOR_S = AFFINITY_TTL_S + INSPECT_TIMEOUT_S  # oldest answer used, while asked again
+# Oldest answer used while it is asked again: an ask waits out its timeout, plus connecting
+# and collecting on a loaded machine (at 1 s more, rounds still waited on most asks).
+STALE_FOR_S = AFFINITY_TTL_S + 3 * INSPECT_TIMEOUT_S
 DRAIN_AFTER_S = STALE_FOR_S + 1.0  # after a cancel: no producer still routes there
 QUEUE_ORDER = "sorted"  # Kombu's Redis queue_order_strategy: poll queues in name order
 
@@ -53,9 +55,9 @@ def consumed_queues(app: Celery) -> frozenset[str]:
     """The queues live workers consume now, per broker.
 
     An answer older than AFFINITY_TTL_S is asked again in a background thread while callers
-    go on with it, for at most INSPECT_TIMEOUT_S more: a broadcast waits out its whole
-    timeout, and a dispatcher round that waited for it left the slots without chunks for a
-    second every few seconds (bench.fairness). Without an answer that young, the caller asks.
+    go on with it, until it is STALE_FOR_S old: a broadcast waits out its whole timeout, and a
+    dispatcher round that waited for it left the slots without chunks for a second every few
+    seconds (bench.fairness). Without an answer that young, the caller asks.
     """
     url = str(app.conf.broker_url)
     with _lock:
