@@ -59,12 +59,12 @@ def _msgpack_call(chunk_id: int) -> bytes:
 
 
 def test_yaml_and_msgpack_task_bodies_are_refused_and_no_chunk_runs(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
-    redis_url: str, queue_name: str,
+    tmp_path: Path, clean_pg: Engine, shared_worker, redis_url: str,
 ) -> None:
     job = make_job(clean_pg, [str(p) for p in write_jpegs(tmp_path / "images", 2)], chunk_size=2)
-    env = worker_env(service_env)
-    worker = worker_factory(env).start()
+    worker = shared_worker()
+    env, queue_name = worker.env, worker.queue
+    logged = len(worker.log_text())  # the log of a shared worker: earlier tests' lines too
     marker = tmp_path / "yaml-ran"
     chunk_id = job.chunk_ids[0]
     yaml_body = (
@@ -75,7 +75,8 @@ def test_yaml_and_msgpack_task_bodies_are_refused_and_no_chunk_runs(
     _publish_raw(redis_url, queue_name, _msgpack_call(chunk_id), "application/x-msgpack")
 
     refusal = "Refusing to deserialize untrusted content of type {}"
-    wait_for(lambda: all(refusal.format(t) in worker.log_text() for t in ("yaml", "msgpack")),
+    wait_for(lambda: all(refusal.format(t) in worker.log_text()[logged:]
+                         for t in ("yaml", "msgpack")),
              30, "both refusals", on_timeout=worker.tail)
     client = redis.Redis.from_url(redis_url)
     assert client.llen(queue_name) == 0

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, func, select, text
 
 from db.models import Detection, JobCapture
 from tasks.celery_app import PROCESS_CHUNK, make_app
+from tests.badinputs import ImageServer
 from tests.local_http import QuietHandler, serving
 from tests.trapq_cli import trapq
 from tests.worker_jobs import (
@@ -66,29 +67,33 @@ def slow_image_server() -> Iterator[str]:
 
 
 def test_worker_killed_mid_chunk_then_restarted_loses_and_doubles_nothing(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory, slow_image_server: str,
+    service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
     env = kill_trial_env(service_env)
     n = 12
-    job = make_job(clean_pg, [f"{slow_image_server}/img{i}.jpg" for i in range(n)], chunk_size=n)
-    first = worker_factory(env, concurrency=1).start()
-    send(env, clean_pg, job.chunk_ids)
-    wait_for(lambda: item_states(clean_pg, job.job_id).get("done", 0) >= 4, 60,
-             "some captures done", on_timeout=first.tail)
-    progress = _progress(env, chunk_rows(clean_pg, job.job_id)[0].task_id)
-    first.kill()
-    killed_at = time.monotonic()
-    done_at_kill = item_states(clean_pg, job.job_id).get("done", 0)
-    assert done_at_kill < n, "the chunk ended before the kill; slow the server down"
+    with ImageServer() as server:
+        job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
+        first = worker_factory(env, concurrency=1).start()
+        server.hold(lambda i: i == n // 2)  # the run stops there until killed
+        send(env, clean_pg, job.chunk_ids)
+        wait_for(lambda: item_states(clean_pg, job.job_id).get("done", 0) >= 4, 60,
+                 "some captures done", on_timeout=first.tail)
+        progress = _progress(env, chunk_rows(clean_pg, job.job_id)[0].task_id)
+        state, info = progress.state, progress.info  # read now: the backend's state moves on
+        first.kill()
+        killed_at = time.monotonic()
+        done_at_kill = item_states(clean_pg, job.job_id).get("done", 0)
+        server.release()
+        second = worker_factory(env, concurrency=1).start()
+        # Redis hands the killed delivery out again once past the visibility timeout.
+        assert _wait_job_end(clean_pg, job.job_id, second) == "done"
+    assert done_at_kill < n, "the chunk ended before the kill"
 
-    assert progress.state == "PROGRESS", progress.state
-    assert progress.info["total"] == n and progress.info["chunk_id"] == job.chunk_ids[0]
-    assert 0 < progress.info["done"] < n
+    assert state == "PROGRESS", state
+    assert info["total"] == n and info["chunk_id"] == job.chunk_ids[0]
+    assert 0 < info["done"] < n
     assert "progress not reported" not in first.log_text()
 
-    # Redis hands the killed delivery out again once past the visibility timeout.
-    second = worker_factory(env, concurrency=1).start()
-    assert _wait_job_end(clean_pg, job.job_id, second) == "done"
     assert time.monotonic() - killed_at >= VISIBILITY_S
 
     _assert_every_capture_once(clean_pg, job.job_id, n)
@@ -176,7 +181,7 @@ def test_chunk_failing_past_its_retries_is_failed_then_requeued_to_done(
 
 
 def test_corrupt_and_missing_images_fail_alone_while_their_chunk_is_done(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+    tmp_path: Path, clean_pg: Engine, shared_worker,
 ) -> None:
     good = write_jpegs(tmp_path / "images", 4)
     truncated = tmp_path / "images" / "truncated.jpg"
@@ -188,9 +193,8 @@ def test_corrupt_and_missing_images_fail_alone_while_their_chunk_is_done(
     missing = tmp_path / "images" / "missing.jpg"
     bad = [truncated, text_file, empty, missing]
     job = make_job(clean_pg, [str(p) for p in good + bad], chunk_size=8)
-    env = worker_env(service_env)
-    worker = worker_factory(env).start()
-    send(env, clean_pg, job.chunk_ids)
+    worker = shared_worker()
+    send(worker.env, clean_pg, job.chunk_ids)
 
     assert _wait_job_end(clean_pg, job.job_id, worker) == "done"
     (chunk,) = chunk_rows(clean_pg, job.job_id)
@@ -224,13 +228,13 @@ class _RunsOnUnpickle:
 
 
 def test_task_message_with_a_pickle_body_is_refused(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
-    redis_url: str, queue_name: str,
+    tmp_path: Path, clean_pg: Engine, shared_worker, redis_url: str,
 ) -> None:
     paths = write_jpegs(tmp_path / "images", 2)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
-    env = worker_env(service_env)
-    worker = worker_factory(env).start()
+    worker = shared_worker()
+    env, queue_name = worker.env, worker.queue
+    logged = len(worker.log_text())  # the log of a shared worker: earlier tests' lines too
     marker = tmp_path / "unpickled"
     task_id = str(uuid.uuid4())
     body = pickle.dumps(([job.chunk_ids[0], _RunsOnUnpickle(marker)], {}, {}))
@@ -246,7 +250,7 @@ def test_task_message_with_a_pickle_body_is_refused(
             headers={"lang": "py", "task": PROCESS_CHUNK, "id": task_id, "root_id": task_id,
                      "retries": 0, "argsrepr": "", "kwargsrepr": ""},
         )
-    wait_for(lambda: "untrusted content" in worker.log_text(), 30, "the refusal",
+    wait_for(lambda: "untrusted content" in worker.log_text()[logged:], 30, "the refusal",
              on_timeout=worker.tail)
     client = redis.Redis.from_url(redis_url)
     assert client.llen(queue_name) == 0
