@@ -140,9 +140,10 @@ def test_gpus_option_plans_one_pinned_worker_per_gpu_without_touching_cuda() -> 
 def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on_ctrl_c(
     tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
 ) -> None:
-    paths = write_jpegs(tmp_path / "images", 6)
+    paths = write_jpegs(tmp_path / "images", 4)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2)
-    # Any real worker is past 1 MB, so each one stops after its first chunk.
+    # Any real worker is past 1 MB, so each one stops after its first chunk: two chunks, two
+    # restarts (the second once the job is done).
     env = worker_env(service_env, TRAPQ_MAX_MEMORY_MB="1")
     argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
     supervisor = worker_factory(env, argv=argv)
@@ -152,7 +153,8 @@ def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on
         wait_for(lambda: job_state(clean_pg, job.job_id) in ENDED, 180, "job end",
                  on_timeout=supervisor.tail)
         assert job_state(clean_pg, job.job_id) == "done"
-        assert supervisor.log_text().count("memory guard; starting it again") >= 2
+        wait_for(lambda: supervisor.log_text().count("memory guard; starting it again") >= 2,
+                 60, "the second restart", on_timeout=supervisor.tail)
         assert "cpu@" in supervisor.log_text()
 
         supervisor.signal(signal.SIGINT)
