@@ -30,6 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from tasks.antenna.schemas import (
     PipelineRegistrationRequest,
@@ -50,7 +51,7 @@ class MockTask:
     deliveries: int = 0
     subject: str | None = None
     deadline: float = 0.0
-    answers: list[dict[str, Any]] = field(default_factory=list)  # accepted (acknowledging)
+    answers: list[Any] = field(default_factory=list)  # accepted (acknowledging), as parsed
     dead: bool = False  # delivered max_deliveries times, never answered
     first_delivered: float | None = None  # time.monotonic()
     answered: float | None = None
@@ -76,7 +77,15 @@ class SavedClassification:
     algorithm_key: str
     taxon: str
     score: float
-    top_n: list[tuple[str, float]]  # (label, score), as Classification.top_n(3) shows
+    scores: list[float]
+    labels: list[str]  # the registered category map's
+
+    @property
+    def top_n(self) -> list[tuple[str, float]]:
+        """(label, score) as Classification.top_n(3) shows them: its
+        sorted(enumerate(scores), ...)[:3], without sorting 29k scores."""
+        ranked = heapq.nlargest(3, range(len(self.scores)), key=self.scores.__getitem__)
+        return [(self.labels[i], self.scores[i]) for i in ranked]
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,8 @@ class AntennaMock:
     def answers(self, job_id: int) -> dict[str, list[dict[str, Any]]]:
         """Accepted answers by task id."""
         with self._lock:
-            return {t.raw["id"]: list(t.answers) for t in self.jobs[job_id].tasks}
+            return {t.raw["id"]: [a.model_dump(mode="json", exclude_unset=True)
+                                  for a in t.answers] for t in self.jobs[job_id].tasks}
 
     def finished(self, job_id: int) -> bool:
         with self._lock:
@@ -244,25 +254,32 @@ class AntennaMock:
 
         @app.post("/api/v2/jobs/{job_id}/result/")
         async def result(job_id: int, request: Request) -> Response:
-            raw = await request.body()
-            if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
-                with self._lock:
-                    self.posts.append(RecordedPost(request.url.path, len(raw), None))
-                return JSONResponse({"detail": "Request Entity Too Large"}, status_code=413)
-            body = self._parse(request, raw, ResultsRequest)
-            with self._lock:
-                self.posts.append(RecordedPost(request.url.path, len(raw), body))
-                if body is None:
-                    return JSONResponse({"results": ["invalid"]}, status_code=400)
-                job = self.jobs.get(job_id)
-                if job is None:
-                    return JSONResponse({"detail": "Not found."}, status_code=404)
-                for item in body.results:
-                    self._accept(job, item.reply_subject, item.result)
-            return JSONResponse({"status": "accepted", "job_id": job_id,
-                                 "results_queued": len(body.results), "tasks": []})
+            # Parsing megabytes of scores off the event loop, so that task requests go on.
+            return await run_in_threadpool(self._result, job_id, request, await request.body())
 
         return app
+
+    def _result(self, job_id: int, request: Request, raw: bytes) -> Response:
+        if self.max_body_bytes is not None and len(raw) > self.max_body_bytes:
+            with self._lock:
+                self.posts.append(RecordedPost(request.url.path, len(raw), None))
+            return JSONResponse({"detail": "Request Entity Too Large"}, status_code=413)
+        body = self._parse(request, raw, ResultsRequest)
+        job = self.jobs.get(job_id)
+        # Read as Antenna saves them before taking the lock, which task requests wait on.
+        read = [self._read(job, item.result) for item in body.results] if body and job else []
+        with self._lock:
+            self.posts.append(RecordedPost(request.url.path, len(raw), body))
+            if body is None:
+                return JSONResponse({"results": ["invalid"]}, status_code=400)
+            if job is None:
+                return JSONResponse({"detail": "Not found."}, status_code=404)
+            for item, (saved, problems) in zip(body.results, read, strict=True):
+                if self._accept(job, item.reply_subject, item.result):
+                    self.saved += saved
+                    self.problems += problems
+        return JSONResponse({"status": "accepted", "job_id": job_id,
+                             "results_queued": len(body.results), "tasks": []})
 
     async def _validated(self, request: Request, model: Any) -> Any:
         return self._parse(request, await request.body(), model)
@@ -299,12 +316,13 @@ class AntennaMock:
             handed.append({**t.raw, "reply_subject": t.subject})
         return handed
 
-    def _accept(self, job: MockJob, subject: str, result: Any) -> None:
+    def _accept(self, job: MockJob, subject: str, result: Any) -> bool:
+        """Whether the answer acknowledged its task."""
         self._expire(time.monotonic())
         task = next((t for t in job.tasks if t.subject == subject), None)
         if task is None:
             self.stale_answers.append(subject)
-            return
+            return False
         image_id = str(task.raw.get("image_id"))
         if isinstance(result, PipelineResultsError):
             if result.image_id not in (None, image_id):
@@ -316,10 +334,10 @@ class AntennaMock:
             if any(d.source_image_id != image_id for d in result.detections):
                 self._problem(f"task of image {image_id} answered with others' detections")
             self._check_keys(job, result)
-            self._save(job, result)
-        task.answers.append(result.model_dump(mode="json", exclude_unset=True))  # as sent
+        task.answers.append(result)
         task.answered = task.answered or time.monotonic()
         task.subject = None
+        return True
 
     def _check_keys(self, job: MockJob, result: Any) -> None:
         known = {
@@ -334,17 +352,16 @@ class AntennaMock:
         if used - known:
             self._problem(f"algorithm keys {sorted(used - known)} were never registered")
 
-    def _save(self, job: MockJob, result: Any) -> None:
+    def _read(self, job: MockJob, result: Any) -> tuple[list[SavedClassification], list[str]]:
+        if isinstance(result, PipelineResultsError):
+            return [], []
         maps = {
             a.key: a.category_map.labels
             for reg in self.registered.get(job.project_id, [])
             for p in reg.pipelines if p.slug == job.pipeline_slug
             for a in p.algorithms if a.category_map is not None
         }
-        saved, problems = read_as_antenna(result, maps)
-        self.saved += saved
-        for problem in problems:
-            self._problem(problem)
+        return read_as_antenna(result, maps)
 
 
 class Images(QuietHandler):
@@ -385,10 +402,6 @@ def read_as_antenna(result: PipelineResultsResponse, maps: dict[str, list[str]]
                 problems.append(f"{c.algorithm.key}: scores name position {best}, "
                                 f"classification says {c.classification!r}")
                 continue
-            # Classification.top_n's sorted(enumerate(scores), ...)[:3], without sorting 29k
-            ranked = heapq.nlargest(3, range(len(c.scores)), key=c.scores.__getitem__)
-            saved.append(SavedClassification(
-                d.source_image_id, c.algorithm.key, c.classification, max(c.scores),
-                [(labels[i], c.scores[i]) for i in ranked],
-            ))
+            saved.append(SavedClassification(d.source_image_id, c.algorithm.key,
+                                             c.classification, max(c.scores), c.scores, labels))
     return saved, problems

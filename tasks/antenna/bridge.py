@@ -2,13 +2,13 @@
 out. Everything it knows is in the job store, so it can be SIGKILLed at any point and
 several can run at once.
 
-One round: answers of ended work items are built from SQL and stored (ready); ready answers
-are claimed and posted, split under the POST limit; then, if the pool has room, tasks are
-taken from every unfinished Antenna job in turn. Taken tasks become captures of a deployment
-per Antenna project (in a trapq project of the same name, unless an operator moved it) and
-one trapq job per batch on the pipeline the Antenna job asks for, released by the dispatcher,
-so fair share, Flower, requeue and exactly-once writes apply; an image this pipeline already
-processed is answered from SQL without a job.
+One round: answers of ended work items are built from SQL and stored (ready); then, if the
+pool has room, tasks are taken from every unfinished Antenna job in turn. Meanwhile a thread
+of its own claims ready answers and posts them, split under the POST limit. Taken tasks
+become captures of a deployment per Antenna project (in a trapq project of the same name,
+unless an operator moved it) and one trapq job per batch on the pipeline the Antenna job
+asks for, released by the dispatcher, so fair share, Flower, requeue and exactly-once writes
+apply; an image this pipeline already processed is answered from SQL without a job.
 
 Room: the pool should answer every task it holds within `answer_within` of Antenna's ack
 wait. Its rate is measured over that horizon (captures its chunks ended); the bridge holds at
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
@@ -79,6 +79,7 @@ class Bridge:
         self.horizon = self.ack_wait * antenna.answer_within
         self._turn = 0
         self._registered = False
+        self._posts_failing = threading.Event()
 
     def register(self) -> None:
         configs = [p.config() for p in self.by_slug.values()]
@@ -88,11 +89,43 @@ class Bridge:
                      ", ".join(self.by_slug), project, len(done.pipelines_created))
 
     def run(self, stop: threading.Event) -> None:
-        """Rounds until `stop`; Antenna unavailable: back off, holding no more tasks."""
+        """Rounds until `stop`. Answers are posted by a thread of their own, so a POST that
+        Antenna is slow to take (megabytes of positional scores) never keeps the pool from
+        its next tasks. Antenna unavailable: each thread backs off, and no more tasks are
+        taken while posts fail; a refused token stops both."""
+        refused: list[AntennaAuthError] = []
+
+        def post_round() -> bool:
+            if not self._registered:
+                return False
+            try:
+                posted = self.post_ready()
+            except AntennaUnavailable:
+                self._posts_failing.set()
+                raise
+            except AntennaAuthError as e:
+                refused.append(e)
+                stop.set()
+                return False
+            self._posts_failing.clear()
+            return posted > 0
+
+        poster = threading.Thread(target=self._loop, args=(stop, post_round),
+                                  name="antenna-post", daemon=True)
+        poster.start()
+        try:
+            self._loop(stop, self.step)
+        finally:
+            stop.set()
+            poster.join()
+        if refused:
+            raise refused[0]
+
+    def _loop(self, stop: threading.Event, one_round: Callable[[], bool]) -> None:
         backoff = 0.0
         while not stop.is_set():
             try:
-                busy = self.step()
+                busy = one_round()
                 backoff = 0.0
             except AntennaUnavailable as e:
                 backoff = min(max(2 * backoff, 1.0), self.antenna.backoff_max_s)
@@ -103,16 +136,15 @@ class Bridge:
                 stop.wait(self.antenna.poll_s)
 
     def step(self) -> bool:
-        """One round; True when anything was answered or taken. The first registers the
-        pipelines."""
+        """One round of the main thread; True when anything was answered or taken. The first
+        registers the pipelines. No tasks are taken while posts fail."""
         if not self._registered:
             self.register()
             self._registered = True
         answered = self.answer_ended()
         self.resend_stuck()
-        posted = self.post_ready()
-        taken = self.take_work()
-        return bool(answered or posted or taken)
+        taken = 0 if self._posts_failing.is_set() else self.take_work()
+        return bool(answered or taken)
 
     def answer_ended(self) -> int:
         now = datetime.now(UTC)
@@ -174,6 +206,9 @@ class Bridge:
         return len(claimed)
 
     def take_work(self) -> int:
+        with self.factory() as session:  # no room: Antenna is not even asked for its jobs
+            if self.room(load(session, self.host, datetime.now(UTC), self.horizon)) <= 0:
+                return 0
         slugs = list(self.by_slug)
         jobs = [(project, job) for project in self.antenna.projects
                 for job in self.client.jobs(project, slugs)]
