@@ -211,7 +211,7 @@ def test_occurrences_of_an_untracked_or_unknown_job_is_one_line_saying_what_to_d
 
 
 def test_a_job_that_ends_failed_is_tracked_too(
-    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+    tmp_path: Path, clean_pg: Engine, shared_worker,
 ) -> None:
     """Its last chunk fails (the job's classifier weights are gone, so its pipeline cannot
     load): the failure path sends the tracking task as the success path does."""
@@ -220,9 +220,8 @@ def test_a_job_that_ends_failed_is_tracked_too(
     paths = write_jpegs(tmp_path / "images", 2)
     job = make_job(clean_pg, [str(p) for p in paths], chunk_size=2,
                    spec=dataclasses.replace(spec, classifier=gone))
-    env = worker_env(service_env)
-    worker = worker_factory(env).start()
-    send(env, clean_pg, job.chunk_ids)
+    worker = shared_worker()
+    send(worker.env, clean_pg, job.chunk_ids)
     assert wait_job_end(clean_pg, job.job_id, worker) == "failed"
 
     def tracked() -> bool:
