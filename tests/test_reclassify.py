@@ -129,11 +129,10 @@ def test_reclassification_reuses_stored_boxes_and_compare_pairs_them_by_source(
     assert {d[3]: labels_again[d[0]] for d in copies} == labels_full  # same classifier
     with clean_pg.connect() as conn:
         assert conn.scalar(select(Job.boxes_from_job_id).where(Job.id == again)) == full
-    first.stop()
 
+    # The same worker runs the retrained job: a worker serves each job's own pipeline.
     weak = weak_classifier(tmp_path / "weak_classifier.pt")
     weak_env = demo_env(service_env, TRAPQ_CLASSIFIER_WEIGHTS=str(weak))
-    worker_factory(weak_env).start()
     retrained = trapq(weak_env, "enqueue", "night", "--chunk-size", "2", "--reuse-detections")
     assert f", boxes of job {again}" in retrained.stderr  # the newest done job: itself a copy
     retrained_id = int(retrained.stdout.strip())
