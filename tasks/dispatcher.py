@@ -155,9 +155,8 @@ class Dispatcher:
         wake = _Wakeup(self.sessions.kw["bind"], self.settings.dispatch_poll_s)
         try:
             while not self.stop.is_set():
-                try:
-                    while self.round() and not self.stop.is_set():
-                        pass
+                try:  # one round per wake-up: chunks that end during it wake the next at once
+                    self.round()
                 except Exception as e:  # the database or broker is away: try again later
                     log.warning("dispatch round failed: %s", e)
                     self.stop.wait(self.settings.dispatch_poll_s)
