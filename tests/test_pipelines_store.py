@@ -79,13 +79,14 @@ def test_two_adds_of_one_name_in_concurrent_transactions_get_two_versions(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
                 "'trapq-second-add' AND wait_event_type = 'Lock'"
             )).scalar()
+            probe.rollback()  # pg_stat_activity is read once per transaction
             if waiting:
                 break
             time.sleep(0.05)
-    assert waiting, "the second add never waited on the first one's version"
     a.commit()
     a.close()
     thread.join(30)
+    assert waiting, "the second add never waited on the first one's version"
     assert outcome == {"label": "uk@2", "created": True}
     with factory.begin() as s:
         assert [(r.pipeline.version, r.pipeline.fingerprint) for r in list_pipelines(s)] == [
