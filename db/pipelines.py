@@ -91,6 +91,11 @@ class StoredPipeline:
         return float(self.spec["box_threshold"])
 
     @property
+    def taxonomy(self) -> list[dict[str, Any]]:
+        """The rows of the taxonomy its answers roll up through (inference.taxonomy), or []."""
+        return (self.spec.get("answers") or {}).get("taxonomy") or []
+
+    @property
     def label(self) -> str:
         """NAME@VERSION, as commands and exports name it; "" for a job whose pipeline has no
         name (removed, or the job was made without one)."""

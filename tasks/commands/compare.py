@@ -68,11 +68,10 @@ def names_at_rank(session: Session, jobs: Sequence[int], rank: str) -> dict[int,
         raise UserError(f"--rank {rank!r}: use one of {', '.join(RANKS)}")
     out = {}
     for job, stored in job_pipelines(session, list(jobs)).items():
-        answers = stored.spec.get("answers") or {}
-        if not answers.get("taxonomy"):
+        if not stored.taxonomy:
             raise UserError(f"job {job} ran without a taxonomy, so --rank has nothing to roll "
                             "up to; enqueue with TRAPQ_CLASSIFIER_TAXONOMY (README: Taxonomy)")
-        out[job] = Taxonomy.from_list(answers["taxonomy"]).names_at(rank)
+        out[job] = Taxonomy.from_list(stored.taxonomy).names_at(rank)
     return out
 
 

@@ -6,7 +6,6 @@ import os
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
@@ -56,7 +55,7 @@ class JobModels:
             box_threshold=pipeline.box_threshold,
             pipeline=pipeline.label,
             fingerprint=pipeline.fingerprint,
-            taxonomy=_taxonomy(pipeline.spec),
+            taxonomy=Taxonomy.from_list(pipeline.taxonomy) if pipeline.taxonomy else None,
         )
 
     def taxon(self, label: str) -> Taxon | None:
@@ -74,12 +73,6 @@ class JobModels:
 
     def names(self) -> str:
         return " + ".join(n for n in (self.detector, self.filter, self.classifier) if n)
-
-
-def _taxonomy(spec: dict[str, Any]) -> Taxonomy | None:
-    answers = spec.get("answers")
-    rows = answers.get("taxonomy") if isinstance(answers, dict) else None
-    return Taxonomy.from_list(rows) if rows else None
 
 
 class LabelIds:
