@@ -64,8 +64,9 @@ def make_job(engine: Engine, name: str, n_detections: int) -> int:
             "FROM generate_series(1, :n) AS i"), {"dep": dep, "name": name, "n": n_captures})
         job = conn.scalar(text(
             "INSERT INTO jobs (deployment_id, state, pipeline, chunk_size, n_captures, n_chunks, "
-            "created_at, finished_at, fingerprint, detector_fingerprint) VALUES (:dep, 'done', "
-            ":pipeline, :n, :n, 1, now(), now(), :fp, :detector) RETURNING id"),
+            "created_at, finished_at, fingerprint, detector_fingerprint, project_id) SELECT :dep, "
+            "'done', :pipeline, :n, :n, 1, now(), now(), :fp, :detector, id FROM projects "
+            "WHERE name = 'default' RETURNING id"),
             {"dep": dep, "pipeline": json.dumps(PIPELINE), "n": n_captures, "fp": "ab" * 32,
              "detector": detector_fingerprint(PIPELINE)})
         chunk = conn.scalar(text(
