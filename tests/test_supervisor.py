@@ -118,6 +118,9 @@ def test_a_second_signal_turns_the_warm_shutdown_cold_and_the_chunk_goes_back_to
         wait_for(lambda: "warm shutdown of 1 worker" in supervisor.log_text(), 30,
                  "the warm shutdown", on_timeout=supervisor.tail)
         supervisor.signal(signal.SIGTERM)
+        wait_for(lambda: "stopped: cold shutdown" in supervisor.log_text(), 30,
+                 "the chunk cut short", on_timeout=supervisor.tail)
+        server.release()  # else the child's exit waits on its fetch thread's read timeout
         assert supervisor.wait(60) == 0, supervisor.tail()
         assert "cold shutdown of 1 worker" in supervisor.log_text()
         assert item_states(clean_pg, job.job_id).get("pending", 0) > 0, "the chunk had ended"
