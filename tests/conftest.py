@@ -26,6 +26,13 @@ How to write a test here (read before adding one; the suite must stay fast):
   go below the settings' 10 s floors): a killed worker's chunk is back in about 8 s.
 - Leftovers. Databases, queues and processes of a run carry its pid (tests/leftovers.py):
   a killed run's are removed when the next run starts, this run's when it ends.
+- Parallel. `make test` runs on pytest-xdist workers (`-n 4 --dist loadgroup`), each a run
+  of its own (its database, queues, processes), so nothing may be global: take ports from
+  services.free_port, names from services.queue_name, files from tmp_path. A test that
+  measures a time bound says `@pytest.mark.serial` (no two such tests run at once); the
+  `shared_worker` tests share one xdist worker, hence one pool (tests/tiers.py).
+- Images. fault_scenarios.hold_last_images / ImageServer.hold keep a fetch waiting until the
+  test releases it: a worker is caught mid-chunk for certain, not probably.
 """
 
 from __future__ import annotations
