@@ -54,7 +54,7 @@ from tests.worker_jobs import (
     worker_env,
     write_jpegs,
 )
-from tests.worker_process import WorkerProcess, wait_for
+from tests.worker_process import WorkerProcess, start_all, wait_for
 
 JOB_END_TIMEOUT_S = 180.0
 IMAGE_DELAY_S = 0.12
@@ -421,7 +421,7 @@ def redelivery(lab: Lab, n: int = 20) -> Outcome:
     env = fault_env(lab.env)
     with ImageServer() as server:
         job = make_job(lab.engine, _captures(server, n), chunk_size=n, deployment="redelivery")
-        pair = [lab.workers(env, concurrency=1).start() for _ in range(2)]
+        pair = start_all([lab.workers(env, concurrency=1) for _ in range(2)])
         hold_last_images(server, n)
         send(env, lab.engine, job.chunk_ids)
         busy = wait_for(lambda: [w for w in pair if mid_chunk(lab.engine, job.job_id, w)], 60,

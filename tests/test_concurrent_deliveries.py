@@ -21,7 +21,7 @@ from tests.worker_jobs import (
     make_job,
     send,
 )
-from tests.worker_process import WorkerProcess, wait_for
+from tests.worker_process import WorkerProcess, start_all, wait_for
 
 
 def _assert_every_capture_once(engine: Engine, job_id: int, n: int) -> None:
@@ -42,7 +42,7 @@ def test_the_same_chunk_sent_again_while_it_runs_is_done_exactly_once(
     n = 24
     with ImageServer() as server:
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
-        pair = [worker_factory(env, concurrency=1).start() for _ in range(2)]
+        pair = start_all([worker_factory(env, concurrency=1) for _ in range(2)])
         fs.hold_last_images(server, n)
         send(env, clean_pg, job.chunk_ids)
         (first,) = wait_for(lambda: _busy(clean_pg, job.job_id, pair), 60, "a chunk half done",
@@ -69,7 +69,7 @@ def test_two_chunks_of_one_job_ending_together_end_the_job_once(
     env = fs.fault_env(service_env)
     with ImageServer(delay_s=0.5) as server:
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(8)], chunk_size=4)
-        pair = [worker_factory(env, concurrency=1).start() for _ in range(2)]
+        pair = start_all([worker_factory(env, concurrency=1) for _ in range(2)])
         send(env, clean_pg, job.chunk_ids)
         wait_for(lambda: [c.state for c in chunk_rows(clean_pg, job.job_id)] == ["running"] * 2,
                  60, "both chunks running", every=0.05, on_timeout=pair[0].tail)

@@ -46,6 +46,7 @@ class WorkerProcess:
             env["TRAPQ_QUEUE"], self.node, pool=pool, concurrency=concurrency
         ) + ([] if peers else ["--without-mingle", "--without-gossip"])
         self.proc: subprocess.Popen[bytes] | None = None
+        self._offset = 0  # the log's size when the process was launched
 
     @property
     def pid(self) -> int:
@@ -54,15 +55,23 @@ class WorkerProcess:
 
     def start(self, ready: str = " ready.") -> WorkerProcess:
         """Start and wait until the log says `ready`, i.e. models loaded and consuming."""
-        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        return self.launch().wait_ready(ready)
+
+    def launch(self) -> WorkerProcess:
+        """Start the process, not waiting for it (start_all starts several at once)."""
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        return self
+
+    def wait_ready(self, ready: str = " ready.") -> WorkerProcess:
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if ready in self.log_text()[offset:]:
+            if ready in self.log_text()[self._offset:]:
                 return self
             if self.proc.poll() is not None:
                 raise RuntimeError(f"worker exited {self.proc.returncode}:\n{self.tail()}")
@@ -107,6 +116,11 @@ class WorkerProcess:
 
     def rss_mb(self) -> float:
         return psutil.Process(self.pid).memory_info().rss / 2**20
+
+
+def start_all(workers: list[WorkerProcess]) -> list[WorkerProcess]:
+    """Start workers side by side (their imports overlap) and wait until all are ready."""
+    return [w.wait_ready() for w in [w.launch() for w in workers]]
 
 
 @pytest.fixture
