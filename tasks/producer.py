@@ -141,7 +141,12 @@ def send_assigned(
     app = producer_app(settings) if app is None else app
     with database_errors(settings), session_factory.begin() as session:
         places = chunk_places(session, [a.chunk_id for a in assigned])
-    queues = _affine_queues(settings, app, places)
+    # Fast-lane chunks go to the lane whoever holds their pipeline: they never wait for the
+    # workers' answer of who consumes what (a broadcast of a second, tasks.routing).
+    lane_ids = {a.chunk_id for a in assigned if a.lane}
+    queues = _affine_queues(
+        settings, app, {cid: p for cid, p in places.items() if cid not in lane_ids}
+    )
     lane = lane_queue(settings.queue)
     n_sent = n_failed = in_a_row = 0
     error = ""
