@@ -296,3 +296,16 @@ def _oldest_pending(s: Session, job_id: int, n: int) -> list[int]:
             .with_for_update(skip_locked=True)
         )
     )
+
+
+def fingerprints_out(s: Session) -> set[str]:
+    """The pipelines of the chunks out (queued or running): the pipeline queues their
+    messages can be in (tasks.dispatcher looks there for messages nobody consumes)."""
+    return set(
+        s.scalars(
+            select(Job.fingerprint)
+            .join(Chunk, Chunk.job_id == Job.id)
+            .where(Chunk.state.in_(IN_FLIGHT))
+            .distinct()
+        )
+    )

@@ -19,6 +19,12 @@ LISTEN connection that breaks (PostgreSQL restarted, the backend terminated) is 
 at the next wait, followed by a round for what was missed meanwhile.
 Any number may run at once (`trapq dispatch`, `trapq worker`, `trapq demo`): a round locks
 every project row first, so they take turns, and each chunk is released once.
+
+It also looks, every STRAYS_EVERY_S, for messages of chunks out left in a pipeline queue that
+no live worker consumes (the only consumer died and the broker restored what it held): a
+queue found so at two looks in a row (the workers' answer of who consumes what is fresh by
+the second) is moved to the common queue, so a killed worker's chunk runs again whoever
+holds its pipeline now.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.dispatch import DISPATCHER_SESSION, recover_in_doubt, release
+from db.dispatch import DISPATCHER_SESSION, fingerprints_out, recover_in_doubt, release
+from tasks import routing
 from tasks.producer import producer_app, send_assigned
+from tasks.queues import pipeline_queue
 from tasks.settings import Settings, get_settings
 from tasks.store import ready_session_factory
 
@@ -52,6 +60,7 @@ DEPTH_ROUNDS = 4  # a replacement takes up to two rounds; twice that against jit
 RATE_SPAN_S = 10.0  # the release rate is the chunks released over this span
 ROUND_EWMA = 0.2  # weight of the newest round in the round-time average
 STOP_CHECK_S = 1.0  # longest a wait for a wake-up goes without looking at `stop`
+STRAYS_EVERY_S = 10.0  # longer than routing's answer may be old (so the second look is fresh)
 
 
 def live_slots(app: Celery, queue: str) -> int:
@@ -152,6 +161,10 @@ class Dispatcher:
             target=self._watch_slots, name="trapq-dispatch-slots", daemon=True
         )
         slots_thread.start()
+        if self.settings.affinity and routing.routes(self.settings.broker_url):
+            threading.Thread(
+                target=self._watch_strays, name="trapq-dispatch-strays", daemon=True
+            ).start()
         wake = _Wakeup(self.sessions.kw["bind"], self.settings.dispatch_poll_s)
         try:
             while not self.stop.is_set():
@@ -172,6 +185,27 @@ class Dispatcher:
             except Exception as e:
                 log.warning("cannot count live worker slots: %s", e)
             self.stop.wait(SLOTS_EVERY_S)
+
+    def _watch_strays(self) -> None:
+        seen: set[str] = set()
+        while not self.stop.wait(STRAYS_EVERY_S):
+            try:
+                seen = self.move_strays(seen)
+            except Exception as e:
+                log.warning("cannot look for messages no worker consumes: %s", e)
+
+    def move_strays(self, seen: set[str]) -> set[str]:
+        """Move to the common queue the pipeline queues found unconsumed with messages now and
+        in `seen` (the previous look); returns what this look found."""
+        base = self.settings.queue
+        with self.sessions() as session:
+            queues = {pipeline_queue(base, fp) for fp in fingerprints_out(session)}
+        stray = routing.waiting(self.app, queues - routing.consumed_queues(self.app))
+        for queue in stray & seen:
+            moved = routing.drain(self.app, queue, base)
+            log.warning("moved %d message(s) from %s, which no live worker consumes, to %s",
+                        moved, queue, base)
+        return stray
 
 
 class _Wakeup:

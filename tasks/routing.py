@@ -17,9 +17,10 @@ it holds before it takes a chunk that makes it load another.
 Only the Redis broker routes so: the embedded broker has no broadcast, and sends every chunk
 to the common queue.
 
-A chunk restored to a pipeline queue after the only worker consuming it died waits until a
-worker runs that pipeline again (its next chunk comes through the common queue); `trapq
-requeue --stuck-after` sends it anew.
+A message left in a pipeline queue that no live worker consumes (its only consumer died, and
+the broker restored the message it held or had prefetched) is moved to the common queue by
+the dispatcher (tasks.dispatcher, `waiting` and `drain` here); with no dispatcher running,
+`trapq requeue --stuck-after` sends its chunk anew.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import time
 from celery import Celery
 from celery.contrib.migrate import move
 from kombu import Exchange, Queue
+from kombu.exceptions import ChannelError
 
 log = logging.getLogger("trapq.routing")
 
@@ -45,7 +47,6 @@ QUEUE_ORDER = "sorted"  # Kombu's Redis queue_order_strategy: poll queues in nam
 _lock = threading.Lock()
 _consumed: dict[str, tuple[float, frozenset[str]]] = {}  # broker URL -> (when asked, queues)
 _asking: set[str] = set()  # broker URLs asked again in the background now
-
 
 def routes(broker_url: str) -> bool:
     return broker_url.startswith(("redis://", "rediss://"))
@@ -111,3 +112,18 @@ def drain(app: Celery, queue: str, base: str) -> int:
         callback=lambda state, body, message: moved.append(message.delivery_tag),
     )
     return len(moved)
+
+
+def waiting(app: Celery, queues: set[str]) -> set[str]:
+    """Those of `queues` that hold messages (a passive declare: an empty queue is no key in
+    Redis, and is not created by asking)."""
+    found: set[str] = set()
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for queue in queues:
+            try:
+                if channel.queue_declare(queue=queue, passive=True).message_count:
+                    found.add(queue)
+            except ChannelError:  # no such queue: nothing in it
+                pass
+    return found

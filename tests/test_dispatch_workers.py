@@ -1,7 +1,8 @@
 """The dispatcher with real workers: a small job is not stuck behind a large one, caps hold,
 weights shift the split, the fast lane overtakes batch chunks already on the broker,
 dispatchers killed mid-release (two at once) lose and double nothing, a broker restart while
-chunks wait in SQL loses none, and a terminated LISTEN connection is opened again."""
+chunks wait in SQL loses none, a terminated LISTEN connection is opened again, and a message
+left in a pipeline queue that no live worker consumes is moved to the common queue and runs."""
 
 from __future__ import annotations
 
@@ -13,18 +14,24 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, func, select, text
 
+from db.dispatch import assign_task_ids
 from db.imports import get_or_create_deployment
 from db.models import Chunk, Detection, Job
 from db.projects import add_project, set_deployment_project
 from db.session import make_sessionmaker
+from tasks import routing
+from tasks.celery_app import PROCESS_CHUNK
 from tasks.dispatcher import CHANNEL, Dispatcher, run_in_thread
 from tasks.fast_lane import classify_images
 from tasks.pipeline import resolve_pipeline
+from tasks.producer import producer_app
+from tasks.queues import pipeline_queue
 from tasks.settings import Settings
 from tasks.store import ready_session_factory
 from tests.fault_scenarios import redis_server
@@ -215,6 +222,37 @@ def test_the_dispatcher_listens_again_after_its_connection_is_terminated(
         wait_for(lambda: job_state(clean_pg, job) == "done", 300, "the job")
 
     assert len(first) == 1
+    every_capture_once(clean_pg, job)
+
+
+def test_a_message_left_in_a_pipeline_queue_nobody_consumes_is_moved_and_runs(
+    tmp_path: Path, service_env: dict[str, str], clean_pg: Engine, worker_factory,
+) -> None:
+    """A chunk's message in its pipeline's queue whose only consumer is gone (as the broker
+    restores a killed worker's message there), and a fresh worker that consumes the common
+    queue alone: the dispatcher's first look only notes the queue, the second moves the
+    message, and the chunk runs once."""
+    env = worker_env(service_env)
+    settings = settings_for(env)
+    job = job_over(clean_pg, tmp_path, "stray", 1)
+    with make_sessionmaker(clean_pg).begin() as s:
+        (chunk,) = s.scalars(select(Chunk.id).where(Chunk.job_id == job))
+        (assigned,) = assign_task_ids(s, [chunk], datetime.now(UTC))
+        fingerprint = s.scalar(select(Job.fingerprint).where(Job.id == job))
+    stray = pipeline_queue(settings.queue, fingerprint)
+    producer_app(settings).send_task(PROCESS_CHUNK, args=[chunk], queue=stray,
+                                     task_id=assigned.task_id)
+    worker = worker_factory(env, concurrency=1).start()
+    dispatcher = Dispatcher.build(settings)
+    routing.forget_consumed()
+
+    seen = dispatcher.move_strays(set())
+    assert seen == {stray}
+    assert job_state(clean_pg, job) == "pending", "nobody consumes the pipeline queue"
+    dispatcher.move_strays(seen)
+    wait_for(lambda: job_state(clean_pg, job) == "done", 120, "the stray chunk",
+             on_timeout=worker.tail)
+    assert dispatcher.move_strays(set()) == set()
     every_capture_once(clean_pg, job)
 
 
