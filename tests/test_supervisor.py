@@ -24,7 +24,6 @@ from tests.worker_jobs import (
     detections_per_capture,
     item_states,
     make_job,
-    send,
 )
 from tests.worker_process import WorkerProcess, wait_for
 
@@ -62,9 +61,8 @@ def test_trapq_worker_restarts_a_child_killed_by_sigkill_and_its_chunk_is_done_o
     n = 24
     with ImageServer() as server:
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
-        supervisor = _supervisor(worker_factory, env).start()
         fs.hold_last_images(server, n)
-        send(env, clean_pg, job.chunk_ids)
+        supervisor = _supervisor(worker_factory, env).start()  # its dispatcher sends the chunk
         wait_for(lambda: fs.mid_chunk(clean_pg, job.job_id, supervisor), 60, "mid-chunk",
                  every=0.05, on_timeout=supervisor.tail)
         (child,) = _children(supervisor)
@@ -109,9 +107,8 @@ def test_a_second_signal_turns_the_warm_shutdown_cold_and_the_chunk_goes_back_to
     n = 24
     with ImageServer() as server:
         job = make_job(clean_pg, [f"{server.url}/img/{i}.jpg" for i in range(n)], chunk_size=n)
-        supervisor = _supervisor(worker_factory, lab_env).start()
         fs.hold_last_images(server, n)  # the chunk outlasts the two signals
-        send(lab_env, clean_pg, job.chunk_ids)
+        supervisor = _supervisor(worker_factory, lab_env).start()  # its dispatcher sends it
         wait_for(lambda: fs.mid_chunk(clean_pg, job.job_id, supervisor), 60, "mid-chunk",
                  every=0.05, on_timeout=supervisor.tail)
         supervisor.signal(signal.SIGTERM)
