@@ -39,9 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import psycopg
 from celery import Celery
-from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.dispatch import DISPATCHER_SESSION, fingerprints_out, recover_in_doubt, release
@@ -50,16 +48,15 @@ from tasks.producer import producer_app, send_assigned
 from tasks.queues import pipeline_queue
 from tasks.settings import Settings, get_settings
 from tasks.store import ready_session_factory
+from tasks.wakeups import Wakeup
 
 log = logging.getLogger("trapq.dispatcher")
 
-CHANNEL = "trapq_dispatch"
 SLOTS_EVERY_S = 10.0  # how often live worker slots are asked for (a broadcast costs ~1 s)
 INSPECT_TIMEOUT_S = 1.0
 DEPTH_ROUNDS = 4  # a replacement takes up to two rounds; twice that against jitter
 RATE_SPAN_S = 10.0  # the release rate is the chunks released over this span
 ROUND_EWMA = 0.2  # weight of the newest round in the round-time average
-STOP_CHECK_S = 1.0  # longest a wait for a wake-up goes without looking at `stop`
 STRAYS_EVERY_S = 10.0  # longer than routing's answer may be old (so the second look is fresh)
 
 
@@ -165,7 +162,7 @@ class Dispatcher:
             threading.Thread(
                 target=self._watch_strays, name="trapq-dispatch-strays", daemon=True
             ).start()
-        wake = _Wakeup(self.sessions.kw["bind"], self.settings.dispatch_poll_s)
+        wake = Wakeup(self.sessions.kw["bind"], self.settings.dispatch_poll_s)
         try:
             while not self.stop.is_set():
                 try:  # one round per wake-up: chunks that end during it wake the next at once
@@ -206,55 +203,6 @@ class Dispatcher:
             log.warning("moved %d message(s) from %s, which no live worker consumes, to %s",
                         moved, queue, base)
         return stray
-
-
-class _Wakeup:
-    """Waits for a NOTIFY on the dispatch channel (PostgreSQL) or the poll interval."""
-
-    def __init__(self, engine: Engine, poll_s: float) -> None:
-        self.poll_s = poll_s
-        self.conn: psycopg.Connection[object] | None = None
-        # A connection of its own, outside the pool: LISTEN needs autocommit, which must not
-        # follow a pooled connection back to the sessions.
-        self.url = (
-            engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-            if engine.dialect.name == "postgresql" else None
-        )
-        self._listen()
-
-    def _listen(self) -> None:
-        if self.url is None:
-            return
-        try:
-            self.conn = psycopg.connect(self.url, autocommit=True)
-            self.conn.execute(f"LISTEN {CHANNEL}")
-        except psycopg.Error as e:  # the database is away: poll, and try again next time
-            log.warning("cannot listen for dispatch wake-ups (%s); polling", e)
-            self.close()
-
-    def wait(self, stop: threading.Event) -> None:
-        if self.url is None:
-            stop.wait(self.poll_s)
-            return
-        if self.conn is None:  # lost: listen again, then return for a round at once, as
-            self._listen()  # notifications sent meanwhile are gone
-            if self.conn is None:
-                stop.wait(self.poll_s)
-            return
-        deadline = time.monotonic() + self.poll_s
-        try:  # in slices, so that a stop is seen within STOP_CHECK_S
-            while not stop.is_set() and (left := deadline - time.monotonic()) > 0:
-                if any(True for _ in self.conn.notifies(timeout=min(left, STOP_CHECK_S),
-                                                        stop_after=1)):
-                    return
-        except psycopg.Error as e:  # the connection broke: listen again at the next wait
-            log.warning("dispatch wake-ups lost (%s); listening again", e)
-            self.close()
-
-    def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
 
 
 def run_in_thread(settings: Settings) -> tuple[Dispatcher, threading.Thread]:

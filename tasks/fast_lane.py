@@ -26,6 +26,7 @@ classify them. An image without given boxes is detected as usual.
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from urllib.parse import urlparse
 
 from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from db.boxes import ClassificationRecord, DetectionRecord
 from db.imports import get_or_create_deployment, insert_captures
@@ -48,10 +49,11 @@ from tasks.errors import UserError
 from tasks.pipeline import resolve_pipeline
 from tasks.settings import Settings
 from tasks.store import database_errors, ready_session_factory
+from tasks.wakeups import Wakeup
 
 SCRATCH_DEPLOYMENT = "interactive"
 LANE_CHUNK_SIZE = 4  # images per fast-lane chunk: several slots share a larger request
-POLL_S = 0.1
+POLL_S = 0.1  # without a NOTIFY (SQLite, one missed): how often the job is looked at
 
 
 @dataclass(frozen=True)
@@ -133,13 +135,7 @@ def classify_images(
         )
     by_uri: dict[str, tuple[str, str | None, list[DetectionRecord]]] = {}
     if wait:
-        deadline = started + timeout_s
-        while time.monotonic() < deadline:
-            with database_errors(settings), factory() as session:
-                state = session.scalar(select(Job.state).where(Job.id == plan.job_id))
-            if state in JOB_ENDED:
-                break
-            time.sleep(POLL_S)
+        _wait_for_end(settings, factory, plan.job_id, started + timeout_s)
         with database_errors(settings), factory() as session:
             by_uri = _results(session, plan.job_id)
     results = []
@@ -150,6 +146,22 @@ def classify_images(
         state, error, boxes = by_uri.get(uris[image], (ItemState.PENDING.value, None, []))
         results.append(ImageResult(image, state, error, boxes))
     return FastLaneResult(plan.job_id, results, time.monotonic() - started)
+
+
+def _wait_for_end(settings: Settings, factory: sessionmaker[Session], job_id: int,
+                  deadline: float) -> None:
+    """Until the job ended or the deadline: looked at again on each chunk's end (NOTIFY,
+    tasks.wakeups) and at least every POLL_S."""
+    wake = Wakeup(factory.kw["bind"], POLL_S)
+    never = threading.Event()
+    try:
+        while time.monotonic() < deadline:
+            with database_errors(settings), factory() as session:
+                if session.scalar(select(Job.state).where(Job.id == job_id)) in JOB_ENDED:
+                    return
+            wake.wait(never)
+    finally:
+        wake.close()
 
 
 def _record(session: Session, uris: list[str]) -> tuple[int, dict[str, int]]:

@@ -27,13 +27,14 @@ from db.projects import add_project, set_deployment_project
 from db.session import make_sessionmaker
 from tasks import routing
 from tasks.celery_app import PROCESS_CHUNK
-from tasks.dispatcher import CHANNEL, Dispatcher, run_in_thread
+from tasks.dispatcher import Dispatcher, run_in_thread
 from tasks.fast_lane import classify_images
 from tasks.pipeline import resolve_pipeline
 from tasks.producer import producer_app
 from tasks.queues import pipeline_queue
 from tasks.settings import Settings
 from tasks.store import ready_session_factory
+from tasks.wakeups import CHANNEL
 from tests.fault_scenarios import redis_server
 from tests.worker_jobs import (
     BOXES_PER_IMAGE,
