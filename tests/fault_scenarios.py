@@ -265,8 +265,11 @@ ORPHAN_LIMIT_S = 10.0
 
 
 def trapq_worker(lab: Lab, env: dict[str, str], *extra: str) -> WorkerProcess:
-    """`trapq worker --gpus cpu` (one supervised Celery worker, node cpu@host), not started."""
-    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1", *extra]
+    """`trapq worker --gpus cpu` (one supervised Celery worker, node cpu@host), not started.
+    No dispatcher: the scenarios send their chunks themselves, and one beside them would send
+    each again under a new task id."""
+    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1", "--no-dispatch",
+            *extra]
     return lab.workers(env, argv=argv, node="cpu@%h")
 
 

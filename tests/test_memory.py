@@ -169,7 +169,9 @@ def supervised(
 
     def make(env: dict[str, str], *options: str) -> WorkerProcess:
         trapq = str(Path(sys.executable).with_name("trapq"))
-        argv = [trapq, "worker", "--gpus", "cpu", *options]
+        # No dispatcher: the tests send their chunks themselves (tests.worker_jobs.send), and
+        # one beside them would send each again under a new task id.
+        argv = [trapq, "worker", "--gpus", "cpu", "--no-dispatch", *options]
         worker = worker_factory(env, argv=argv)
         made.append(worker)
         return worker
