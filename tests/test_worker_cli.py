@@ -145,7 +145,8 @@ def test_trapq_worker_restarts_a_worker_stopped_by_the_memory_guard_and_stops_on
     # Any real worker is past 1 MB, so each one stops after its first chunk: two chunks, two
     # restarts (the second once the job is done).
     env = worker_env(service_env, TRAPQ_MAX_MEMORY_MB="1")
-    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
+    # No dispatcher: the test sends the chunks, and one would send each again.
+    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1", "--no-dispatch"]
     supervisor = worker_factory(env, argv=argv)
     try:
         supervisor.start()

@@ -101,7 +101,8 @@ def test_a_sticky_cuda_error_restarts_the_worker_and_its_chunk_is_redone_with_no
         TRAPQ_WORKER_CRASH_PAUSE_S="0.5",
     )
     job = make_job(clean_pg, uris, chunk_size=4, spec=env_pipeline(env))
-    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1"]
+    # No dispatcher: the test sends the chunks, and one would send each again.
+    argv = [str(TRAPQ), "worker", "--gpus", "cpu", "--concurrency", "1", "--no-dispatch"]
     supervisor = worker_factory(env, argv=argv)
     try:
         supervisor.start()
