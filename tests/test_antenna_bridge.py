@@ -15,10 +15,11 @@ from sqlalchemy import Engine, func, select
 
 from db.models import AntennaTask, Chunk, Classification, Job, Project
 from tests.antenna_mock import AntennaMock, Images
+from tests.badinputs import ImageServer
 from tests.local_http import serving
 from tests.trapq_cli import TRAPQ, one_line_error, trapq
 from tests.worker_jobs import BOXES_PER_IMAGE, kill_trial_env, worker_env
-from tests.worker_process import wait_for, worker_factory  # noqa: F401
+from tests.worker_process import wait_for
 
 SLUG = "trapq-default-v1"
 
@@ -27,6 +28,13 @@ SLUG = "trapq-default-v1"
 def images() -> Iterator[str]:
     with serving(Images) as url:
         yield url
+
+
+@pytest.fixture
+def held_images() -> Iterator[ImageServer]:
+    """An image host whose requests a test can hold (tests.badinputs.ImageServer)."""
+    with ImageServer() as server:
+        yield server
 
 
 @pytest.fixture
@@ -50,11 +58,11 @@ def bridge_env(env: dict[str, str], mock: AntennaMock, **overrides: str) -> dict
     return out
 
 
-def start_bridge(worker_factory, env: dict[str, str]):  # noqa: F811
+def start_bridge(worker_factory, env: dict[str, str]):
     return worker_factory(env, argv=[str(TRAPQ), "antenna"]).start(ready="registered ")
 
 
-def start_pool(worker_factory, env: dict[str, str]):  # noqa: F811
+def start_pool(worker_factory, env: dict[str, str]):
     """A worker, and the dispatcher that releases the bridge's pending chunks to it."""
     worker = worker_factory(env).start()
     worker_factory(env, argv=[sys.executable, "-m", "tasks.dispatcher"]).start(
@@ -70,7 +78,7 @@ def assert_answered_once(mock: AntennaMock, job_id: int) -> dict[str, dict]:
 
 
 def test_mixed_good_and_bad_images_are_answered_completely_and_once(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,
     images: str,
 ) -> None:
     good = [(str(i), f"{images}/img/{i}.jpg") for i in range(6)]
@@ -131,13 +139,16 @@ def test_mixed_good_and_bad_images_are_answered_completely_and_once(
 
 @pytest.mark.slow
 def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
-    images: str,
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,
+    held_images: ImageServer,
 ) -> None:
+    """The last image is held by its server until the worker is killed, so a chunk is
+    running then however fast the others went."""
     # Above what a killed worker's chunk takes to come back on a loaded 2-core machine: a new
     # worker's start (55 s seen) plus the 12 s visibility timeout.
     mock.ack_wait_s = 90
-    job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(24)])
+    held_images.hold(lambda n: n == 23)
+    job = mock.add_job(1, SLUG, [(str(i), f"{held_images.url}/img/{i}.jpg") for i in range(24)])
     env = bridge_env(kill_trial_env(service_env), mock, TRAPQ_ANTENNA_FIRST_BATCH="8")
     worker = start_pool(worker_factory, env)
     bridge = start_bridge(worker_factory, env)
@@ -153,9 +164,11 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
         with clean_pg.connect() as conn:
             return bool(conn.scalar(select(func.count()).where(Chunk.state == "running")))
 
-    wait_for(running, 60, "a chunk running", every=0.05, on_timeout=worker.tail)
+    wait_for(lambda: running() and held_images.wait_held(0), 60, "a chunk running",
+             every=0.05, on_timeout=worker.tail)
     worker.signal(signal.SIGKILL)
     worker.kill()
+    held_images.release()
     worker_factory(env).start()
 
     wait_for(lambda: mock.finished(job), 360, "every task answered",
@@ -172,7 +185,7 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
 
 @pytest.mark.slow
 def test_jobs_of_very_different_sizes_with_two_bridges_get_no_redelivery(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,
     images: str,
 ) -> None:
     """ami-data-companion #143 (10/10/100/100/500/500 images), scaled down for a CPU."""
@@ -202,7 +215,7 @@ def test_a_refused_token_stops_the_bridge_with_one_line(
 
 @pytest.mark.slow
 def test_antenna_unavailable_the_bridge_holds_no_more_tasks_and_loses_no_answer(
-    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,  # noqa: F811
+    service_env: dict[str, str], clean_pg: Engine, worker_factory, mock: AntennaMock,
     images: str,
 ) -> None:
     job = mock.add_job(1, SLUG, [(str(i), f"{images}/img/{i}.jpg") for i in range(12)])

@@ -30,7 +30,6 @@ from tests.antenna_mock import Images, read_as_antenna
 from tests.local_http import serving
 from tests.trapq_cli import TRAPQ
 from tests.worker_jobs import BOXES_PER_IMAGE, settings_of, worker_env
-from tests.worker_process import worker_factory  # noqa: F401
 
 SLUG = "trapq-default-v1"
 
@@ -143,7 +142,7 @@ def test_allowed_hosts_and_roots_open_exactly_what_they_name(tmp_path: Path) -> 
 
 @pytest.mark.slow
 def test_process_answers_through_the_fast_lane_with_every_image_accounted_for(
-    tmp_path: Path, service_env: dict[str, str], worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], worker_factory,
 ) -> None:
     """A real worker and dispatcher: good images are listed with their boxes, a missing one
     is named in `errors` and not listed (it was not processed)."""
@@ -204,7 +203,7 @@ def free_port() -> int:
 
 @pytest.mark.slow
 def test_process_classifies_request_detections_and_refuses_redirects_at_every_hop(
-    tmp_path: Path, service_env: dict[str, str], worker_factory,  # noqa: F811
+    tmp_path: Path, service_env: dict[str, str], worker_factory,
 ) -> None:
     """`trapq serve` over real HTTP, a worker and a dispatcher, the demo classifier's own
     weights (a registered category map): an image sent with boxes gets exactly those boxes
