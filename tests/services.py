@@ -14,6 +14,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from sqlalchemy import create_engine, text
@@ -24,7 +25,24 @@ import migrations
 PG_ADMIN_URL = os.environ.get(
     "TRAPQ_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 )
-REDIS_URL = os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+
+
+def _session_redis_url(url: str) -> str:
+    """One Redis database per pytest-xdist worker (gw0 the given one, gw1 the next, ...):
+    Celery's remote control is a broadcast to every worker on the broker's database, and node
+    names such as `trapq worker`'s `cpu@host` repeat across sessions, so a command meant for
+    one session's worker (add_consumer, tasks.routing) would reach another's."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return url
+    parts = urlsplit(url)
+    db = int(parts.path.strip("/") or 0) + int(worker[2:])
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+REDIS_URL = _session_redis_url(
+    os.environ.get("TRAPQ_TEST_REDIS_URL", "redis://127.0.0.1:6379/1")
+)
 
 
 def free_port() -> int:
