@@ -164,8 +164,9 @@ def test_sigkill_of_bridge_and_worker_still_answers_every_task_once(
         with clean_pg.connect() as conn:
             return bool(conn.scalar(select(func.count()).where(Chunk.state == "running")))
 
-    wait_for(lambda: running() and held_images.wait_held(0), 60, "a chunk running",
-             every=0.05, on_timeout=worker.tail)
+    # Tasks the killed bridge took but had not recorded come back after the ack wait.
+    wait_for(lambda: running() and held_images.wait_held(0), mock.ack_wait_s + 60,
+             "a chunk running", every=0.05, on_timeout=worker.tail)
     worker.signal(signal.SIGKILL)
     worker.kill()
     held_images.release()

@@ -6,7 +6,6 @@ detections are classified without detecting, over real HTTP with real workers.""
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from tasks.settings import Settings
 from tasks.store import ready_session_factory
 from tests.antenna_mock import Images, read_as_antenna
 from tests.local_http import serving
+from tests.services import free_port
 from tests.trapq_cli import TRAPQ
 from tests.worker_jobs import BOXES_PER_IMAGE, settings_of, worker_env
 
@@ -193,12 +193,6 @@ def test_a_redirect_never_leads_a_worker_from_a_public_host_inward(
             with pytest.raises(ItemFailure) as refused:
                 fetcher.fetch(f"{images}/redirect?to={target}")
             assert refused.value.kind == ErrorKind.FORBIDDEN and phrase in refused.value.message
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.mark.slow
