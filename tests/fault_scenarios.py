@@ -46,6 +46,7 @@ from tests.worker_jobs import (
     VISIBILITY_S,
     MadeJob,
     chunk_rows,
+    item_states,
     job_state,
     jpeg_bytes,
     make_job,
@@ -492,6 +493,14 @@ def partition(lab: Lab, n: int = 24) -> Outcome:
         hold_last_images(server, n)
         send(here, lab.engine, job.chunk_ids)
         wait_mid_chunk(lab, job, cut_off)
+        # Cut while the worker waits for its held last image, every write before it committed:
+        # its PostgreSQL connection runs through a forwarder that stays up, so a cut inside a
+        # COPY would leave the backend waiting on it, and the chunk's row locks held, for good
+        # (a real partition is ended by TCP keepalives; noted as an issue).
+        wait_for(lambda: server.wait_held(0)
+                 and item_states(lab.engine, job.job_id).get("done", 0) == n - 1, 60,
+                 "every capture but the held one written", every=0.05,
+                 on_timeout=cut_off.tail)
         ns.partition()
         cut_at = time.monotonic()
         server.release()  # its answer is lost beyond the cut
