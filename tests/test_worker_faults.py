@@ -267,15 +267,24 @@ def test_task_message_with_a_pickle_body_is_refused(
 
 @pytest.fixture
 def flaky_image_server() -> Iterator[tuple[str, threading.Event]]:
-    """HTTP server that answers 500 to everything until the returned event is set."""
+    """HTTP server that answers 500 to its first three requests (a three-image chunk's first
+    attempt: the host is down), then holds each request until the returned event is set, so
+    the retry is caught with its captures pending however soon it starts."""
     body = jpeg_bytes(160, 120)
     healthy = threading.Event()
+    lock = threading.Lock()
+    served = 0
 
     class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802
-            if not healthy.is_set():
+            nonlocal served
+            with lock:
+                served += 1
+                down = served <= 3
+            if down:
                 self.send_error(500, "host down")
                 return
+            healthy.wait(60)
             self.send_body(200, body, "image/jpeg")
 
     with serving(Handler) as base:
