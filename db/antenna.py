@@ -14,20 +14,17 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, tuple_, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from db.boxes import ClassificationRecord, DetectionRecord
 from db.imports import get_or_create_deployment, insert_captures
 from db.models import (
     AntennaImage,
     AntennaTask,
     Capture,
     Chunk,
-    Classification,
     Deployment,
-    Detection,
     Job,
     JobCapture,
 )
@@ -236,32 +233,6 @@ def stuck_chunks(session: Session, antenna: str, before: datetime) -> list[int]:
             *quiet,
         ).order_by(Chunk.id)
     ))
-
-
-def boxes_of(
-    session: Session, items: Sequence[tuple[int, int]]
-) -> dict[tuple[int, int], list[DetectionRecord]]:
-    """Detections and classifications of (job id, capture id) items, in detection order."""
-    found: dict[tuple[int, int], list[DetectionRecord]] = {item: [] for item in items}
-    if not items:
-        return found
-    d, k = Detection, Classification
-    rows = session.execute(
-        select(d.job_id, d.capture_id, d.id, d.x1, d.y1, d.x2, d.y2, d.score, d.label,
-               k.classifier, k.label, k.score, k.topk)
-        .outerjoin(k, k.detection_id == d.id)
-        .where(tuple_(d.job_id, d.capture_id).in_(list(items)))
-        .order_by(d.id, k.id)
-    )
-    last: DetectionRecord | None = None
-    for job_id, cap_id, det_id, x1, y1, x2, y2, score, label, name, k_label, k_score, topk in rows:
-        if last is None or last.id != det_id:
-            last = DetectionRecord(x1, y1, x2, y2, score, label, id=det_id)
-            found[(job_id, cap_id)].append(last)
-        if name is not None:
-            ranked = tuple((str(lbl), float(sc)) for lbl, sc in topk or ())
-            last.classifications.append(ClassificationRecord(name, k_label, k_score, ranked))
-    return found
 
 
 def store_answers(session: Session, answers: dict[int, dict[str, Any]], now: datetime) -> None:

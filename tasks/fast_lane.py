@@ -37,10 +37,10 @@ from PIL import Image, UnidentifiedImageError
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from db.boxes import ClassificationRecord, DetectionRecord
+from db.boxes import DetectionRecord, item_boxes
 from db.imports import get_or_create_deployment, insert_captures
 from db.jobs import create_job
-from db.models import Capture, Classification, Detection, Job, JobCapture
+from db.models import Capture, Job, JobCapture
 from db.pipelines import StoredPipeline
 from db.projects import INTERACTIVE_PROJECT, get_or_create_project, set_deployment_project
 from db.results import finish_chunk, write_results
@@ -223,24 +223,8 @@ def _results(session: Session,
         .join(Capture, Capture.id == JobCapture.capture_id)
         .where(JobCapture.job_id == job_id)
     ).all()
-    boxes: dict[int, list[DetectionRecord]] = {}
-    labels: dict[int, list[ClassificationRecord]] = {}
-    for det_id, classifier, label, score, topk in session.execute(
-        select(Classification.detection_id, Classification.classifier, Classification.label,
-               Classification.score, Classification.topk)
-        .join(Detection, Detection.id == Classification.detection_id)
-        .where(Detection.job_id == job_id)
-        .order_by(Classification.id)
-    ):
-        ranked = tuple((str(lbl), float(sc)) for lbl, sc in topk or ())
-        labels.setdefault(det_id, []).append(ClassificationRecord(classifier, label, score, ranked))
-    for d in session.scalars(
-        select(Detection).where(Detection.job_id == job_id).order_by(Detection.id)
-    ):
-        boxes.setdefault(d.capture_id, []).append(DetectionRecord(
-            d.x1, d.y1, d.x2, d.y2, d.score, d.label, labels.get(d.id, []), id=d.id,
-        ))
+    boxes = item_boxes(session, [(job_id, capture_id) for capture_id, _, _, _ in items])
     return {
-        uri: (state, error, boxes.get(capture_id, []))
+        uri: (state, error, boxes[(job_id, capture_id)])
         for capture_id, uri, state, error in items
     }

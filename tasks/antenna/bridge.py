@@ -31,7 +31,6 @@ from db.antenna import (
     Claimed,
     Delivery,
     Load,
-    boxes_of,
     claim_ready,
     ended_tasks,
     image_captures,
@@ -45,6 +44,7 @@ from db.antenna import (
     store_answers,
     stuck_chunks,
 )
+from db.boxes import item_boxes
 from db.jobs import create_job
 from db.models import AntennaTask
 from tasks.antenna.answers import ServedPipeline, answer, positions
@@ -150,7 +150,7 @@ class Bridge:
         now = datetime.now(UTC)
         with self.factory.begin() as session:
             ended = ended_tasks(session, self.host, list(self.by_slug), ROUND_LIMIT)
-            boxes = boxes_of(session, [(t.job_id, t.capture_id) for t in ended])
+            boxes = item_boxes(session, [(t.job_id, t.capture_id) for t in ended])
             store_answers(session, {
                 t.id: answer(t, boxes[(t.job_id, t.capture_id)], self.by_slug[t.pipeline_slug], now)
                 for t in ended
